@@ -1,0 +1,10 @@
+"""Calibration algorithms (SPEC §3). Pure tensor code: nothing here knows about
+transformers, record files or processes."""
+from .common import FLT_EPSILON, factors_from_clip
+from .ifmr import ifmr_factors, ifmr_initial_bounds
+from .hfmg import HistogramState, hfmg_factors, histc_per_channel, merge_histograms
+
+__all__ = [
+    "FLT_EPSILON", "factors_from_clip", "ifmr_factors", "ifmr_initial_bounds",
+    "HistogramState", "hfmg_factors", "histc_per_channel", "merge_histograms",
+]

@@ -1,0 +1,200 @@
+"""HFMG (SPEC §3.2), batched over channels.
+
+Histograms, merges and the candidate walk follow AMCT's arithmetic (float32 bin
+edges, ``torch.histc`` binning) so that the histograms are identical. The L2 loss
+of a candidate is the integral of ``density * (x - centre(x))^2`` over the source
+histogram, where ``centre(x)`` is the centre of the destination bin holding ``x``
+(the two outer destination bins extend to infinity: that is the clamping of the
+reference formula). Instead of visiting every source bin per candidate (O(bins)),
+it is summed per destination bin: whole source bins from prefix sums of
+``h, h*i, h*i^2``, the at most 255 source bins cut by a destination edge one by one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .common import FLT_EPSILON, factors_from_clip
+
+__all__ = ["HistogramState", "histc_per_channel", "merge_histograms", "search_ranges",
+           "hfmg_losses", "hfmg_factors", "DST_BINS"]
+
+DST_BINS = 256
+
+
+def histc_per_channel(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
+    """``torch.histc(x[:, c], bins, lo[c], hi[c])`` for every column c at once ([C, bins], float64).
+
+    Same float32 arithmetic as the CPU histc kernel, including its widening of an
+    empty range to [lo - 1, hi + 1]."""
+    x = x.to(torch.float32)
+    n, c = x.shape
+    lo = lo.to(torch.float32)
+    hi = hi.to(torch.float32)
+    same = lo == hi
+    lo_e = torch.where(same, lo - 1.0, lo)
+    hi_e = torch.where(same, hi + 1.0, hi)
+    pos = ((x - lo_e) * bins) / (hi_e - lo_e)
+    inside = (x >= lo_e) & (x <= hi_e)
+    idx = pos.to(torch.int64).clamp_(0, bins - 1)
+    idx += torch.arange(c, device=x.device) * bins
+    counts = torch.bincount(idx[inside] if not bool(inside.all()) else idx.reshape(-1),
+                            minlength=c * bins)
+    return counts.reshape(c, bins).to(torch.float64)
+
+
+def _isclose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # math.isclose(a, b, abs_tol=FLT_EPSILON), as AMCT tests for an unchanged range
+    a, b = a.double(), b.double()
+    return (a - b).abs() <= torch.maximum(1e-9 * torch.maximum(a.abs(), b.abs()),
+                                          torch.full_like(a, FLT_EPSILON))
+
+
+def merge_histograms(hist, lo, hi, new_hist, new_lo, new_hi) -> torch.Tensor:
+    """Counts of ``hist`` on [lo, hi] moved onto [new_lo, new_hi] and added to ``new_hist``."""
+    c, bins = hist.shape
+    dev = hist.device
+    i = torch.arange(bins, device=dev, dtype=torch.float32)[None, :]
+    w = ((hi - lo) / bins)[:, None]
+    nlo = new_lo[:, None]
+    nw = ((new_hi - new_lo) / bins)[:, None]
+    lower = lo[:, None] + i * w
+    upper = lo[:, None] + (i + 1) * w
+    i_lo = torch.div(lower - nlo, nw, rounding_mode="floor")
+    i_hi = torch.div(upper - nlo, nw, rounding_mode="floor")
+    i_lo = torch.nan_to_num(i_lo, nan=0.0).clamp(0, bins - 1).to(torch.int64)
+    i_hi = torch.nan_to_num(i_hi, nan=0.0).clamp(0, bins - 1).to(torch.int64)
+    frac = (nlo + (i_lo + 1).to(torch.float32) * nw - lower) / (upper - lower)
+    part = torch.trunc(hist.to(torch.float32) * frac).to(torch.float64)
+    split = i_lo != i_hi
+    to_lo = torch.where(split, part, hist)
+    to_hi = torch.where(split, hist - part, torch.zeros_like(hist))
+    moved = torch.zeros_like(hist)
+    moved.scatter_add_(1, i_lo, to_lo).scatter_add_(1, i_hi, to_hi)
+    same = (_isclose(new_lo, lo) & _isclose(new_hi, hi))[:, None]
+    return new_hist + torch.where(same, hist, moved)
+
+
+@dataclass
+class HistogramState:
+    """Per-channel histograms merged batch by batch exactly as AMCT merges them."""
+    hist: torch.Tensor  # [C, bins] float64 counts
+    lo: torch.Tensor    # [C] float32
+    hi: torch.Tensor    # [C] float32
+
+    @classmethod
+    def from_batch(cls, x: torch.Tensor, bins: int) -> "HistogramState":
+        x = x.to(torch.float32)
+        lo, hi = x.amin(0), x.amax(0)
+        return cls(histc_per_channel(x, lo, hi, bins), lo, hi)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.to(torch.float32)
+        new_lo = torch.minimum(self.lo, x.amin(0))
+        new_hi = torch.maximum(self.hi, x.amax(0))
+        new_hist = histc_per_channel(x, new_lo, new_hi, self.hist.shape[1])
+        self.hist = merge_histograms(self.hist, self.lo, self.hi, new_hist, new_lo, new_hi)
+        self.lo, self.hi = new_lo, new_hi
+
+
+def search_ranges(hist: torch.Tensor):
+    """Candidate (left, right) bin ranges of every channel ([C, K] each) and a validity mask."""
+    c, bins = hist.shape
+    dev = hist.device
+    prefix = torch.cat([torch.zeros(c, 1, dtype=torch.float64, device=dev), hist.cumsum(1)], 1)
+    total = prefix[:, -1]
+    step = torch.clamp(torch.ceil(total / 100000.0), min=1.0)[:, None]
+    min_bins = math.ceil(bins / 4)
+    left = torch.zeros(c, 1, dtype=torch.int64, device=dev)
+    right = torch.full((c, 1), bins - 1, dtype=torch.int64, device=dev)
+    lefts, rights, valids = [], [], []
+    while True:
+        active = (right - left) > min_bins
+        if not bool(active.any()):
+            break
+        target = prefix.gather(1, left) + step
+        tl = torch.minimum(torch.searchsorted(prefix, target, side="left"), right)
+        target = prefix.gather(1, right + 1) - step
+        u = torch.searchsorted(prefix, target, side="right") - 1
+        tr = torch.maximum(u - 1, tl)
+        move_right = (right - tr) >= (tl - left)
+        right = torch.where(active & move_right, tr, right)
+        left = torch.where(active & ~move_right, tl, left)
+        lefts.append(left)
+        rights.append(right)
+        valids.append(active)
+    return torch.cat(lefts, 1), torch.cat(rights, 1), torch.cat(valids, 1)
+
+
+def _cube_piece(h, b, e, centre):
+    return h * ((e - centre) ** 3 - (b - centre) ** 3) / 3.0
+
+
+def hfmg_losses(hist: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """L2 loss of every candidate ([C, K], float64, in units of source-bin width squared)."""
+    c, bins = hist.shape
+    dev = hist.device
+    i = torch.arange(bins, device=dev, dtype=torch.float64)
+    zero = torch.zeros(c, 1, dtype=torch.float64, device=dev)
+    q0 = torch.cat([zero, hist.cumsum(1)], 1)
+    q1 = torch.cat([zero, (hist * i).cumsum(1)], 1)
+    q2 = torch.cat([zero, (hist * i * i).cumsum(1)], 1)
+    k_all = torch.arange(DST_BINS + 1, device=dev, dtype=torch.float64)
+    L = left.to(torch.float64)[..., None]
+    n = (right - left + 1).to(torch.float64)[..., None]
+    D = n / DST_BINS
+    pos = L + k_all * D  # [C, K, 257] destination edges in source-bin units, exact
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=dev)
+    pos_ext = pos.clone()
+    pos_ext[..., 0] = -inf
+    pos_ext[..., -1] = inf
+    centre = L + (k_all[:-1] + 0.5) * D  # [C, K, 256]
+
+    # whole source bins of each destination bin
+    lo_full = torch.ceil(pos_ext[..., :-1]).clamp(0, bins)
+    hi_full = torch.floor(pos_ext[..., 1:]).clamp(0, bins)
+    hi_full = torch.maximum(hi_full, lo_full)
+    lo_i = lo_full.to(torch.int64).reshape(c, -1)
+    hi_i = hi_full.to(torch.int64).reshape(c, -1)
+    shape = centre.shape
+    s0 = (q0.gather(1, hi_i) - q0.gather(1, lo_i)).reshape(shape)
+    s1 = (q1.gather(1, hi_i) - q1.gather(1, lo_i)).reshape(shape)
+    s2 = (q2.gather(1, hi_i) - q2.gather(1, lo_i)).reshape(shape)
+    mu = centre - 0.5
+    loss = (s2 - 2.0 * mu * s1 + mu * mu * s0 + s0 / 12.0).sum(-1)
+
+    # source bins cut by an inner destination edge k (1..255)
+    p = pos[..., 1:-1]
+    f = torch.floor(p)
+    cut = p != f
+    h_f = hist.gather(1, f.clamp(0, bins - 1).to(torch.int64).reshape(c, -1)).reshape(p.shape)
+    h_f = torch.where(cut, h_f, torch.zeros_like(h_f))
+    prev_edge = pos_ext[..., :-2]
+    next_edge = pos_ext[..., 2:]
+    left_begin = torch.maximum(f, prev_edge)
+    loss = loss + _cube_piece(h_f, left_begin, p, centre[..., :-1]).sum(-1)
+    own_right = next_edge >= f + 1.0  # else the next edge's left piece covers it
+    right_part = _cube_piece(h_f, p, f + 1.0, centre[..., 1:])
+    loss = loss + torch.where(own_right, right_part, torch.zeros_like(right_part)).sum(-1)
+    return loss
+
+
+def hfmg_factors(state: HistogramState, asymmetric: bool = True, candidate_chunk: int = 64):
+    """HFMG scales (float32 [C]) and offsets (int64 [C]) from accumulated histograms."""
+    hist, lo, hi = state.hist, state.lo, state.hi
+    bins = hist.shape[1]
+    left, right, valid = search_ranges(hist)
+    losses = torch.cat([hfmg_losses(hist, left[:, j:j + candidate_chunk], right[:, j:j + candidate_chunk])
+                        for j in range(0, left.shape[1], candidate_chunk)], 1)
+    w = (hi - lo) / bins
+    dst_w = w[:, None] * (right - left + 1).to(torch.float32) / DST_BINS
+    losses = torch.where(dst_w < FLT_EPSILON, torch.zeros_like(losses), losses)
+    losses = torch.where(valid, losses, torch.full_like(losses, float("inf")))
+    best_loss = losses.min(1, keepdim=True).values
+    best = (losses <= best_loss * (1 + 1e-12)).to(torch.int8).argmax(1, keepdim=True)
+    bl, br = left.gather(1, best)[:, 0], right.gather(1, best)[:, 0]
+    clip_min = lo + bl.to(torch.float32) * w
+    clip_max = lo + (br + 1).to(torch.float32) * w
+    return factors_from_clip(clip_max, clip_min, asymmetric)

@@ -1,0 +1,120 @@
+"""IFMR (SPEC §3.1), exact, batched over channels.
+
+The reference evaluates every candidate clip by quantizing every value: O(N) work
+per candidate and channel. Here each channel is sorted once; a candidate's loss is
+then a sum over at most ~257 quantization buckets, each bucket's
+``sum((q - x)^2) = n q^2 - 2 q S1 + S2`` read from float64 prefix sums of the sorted
+values. Values that land exactly on a bucket boundary contribute ``(s/2)^2`` on
+either side, so the boundary search needs no exact tie handling.
+"""
+from __future__ import annotations
+
+import torch
+
+from .common import FLT_EPSILON, order_statistic_k
+
+__all__ = ["ifmr_factors", "ifmr_initial_bounds", "ifmr_candidates", "ifmr_losses_sorted", "TIE_RTOL"]
+
+# Losses closer than this (relative to mean(x^2)) are ties: the first candidate
+# wins, as with the reference's argmin. Well above float64 noise, far below the
+# gaps between distinct candidates.
+TIE_RTOL = 1e-11
+
+
+def ifmr_initial_bounds(sorted_data: torch.Tensor, max_percentile: float, min_percentile: float):
+    """max0/min0 of SPEC §3.1 step 1 from data sorted along the last dim ([C, N])."""
+    n = sorted_data.shape[-1]
+    max0 = sorted_data[:, n - order_statistic_k(n, max_percentile)]
+    min0 = sorted_data[:, order_statistic_k(n, min_percentile) - 1]
+    return torch.clamp(max0, min=0.0), torch.clamp(min0, max=0.0)
+
+
+def ifmr_candidates(max0: torch.Tensor, min0: torch.Tensor, asymmetric: bool,
+                    search_range=(0.7, 1.3), search_step=0.01):
+    """Candidate clips and scales ([C, R] each), float32 exactly as the reference computes them.
+
+    Returns (clip_hi, clip_lo, scales, min0) where min0 is the asymmetric lower
+    bound (unused for symmetric)."""
+    ratios = torch.arange(search_range[0], search_range[1], search_step,
+                          dtype=torch.float32, device=max0.device)
+    if asymmetric:
+        hi = ratios[None, :] * max0[:, None]
+        scales = (hi - min0[:, None]) / 255.0
+        lo = min0[:, None].expand_as(hi)
+    else:
+        neg = max0.abs() < min0.abs()
+        m = torch.maximum(max0.abs(), min0.abs())
+        hi = ratios[None, :] * m[:, None]
+        div = torch.where(neg, 128.0, 127.0).to(torch.float32)[:, None]
+        scales = hi / div
+        lo = -hi
+    scales = torch.where(scales < FLT_EPSILON, torch.ones_like(scales), scales)
+    return hi, lo, scales
+
+
+def ifmr_losses_sorted(sorted_data: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor,
+                       scales: torch.Tensor, prefix=None) -> torch.Tensor:
+    """Sum of squared quantization errors for every candidate ([C, R], float64).
+
+    ``sorted_data`` is [C, N] float32, sorted along N."""
+    c, n = sorted_data.shape
+    if prefix is None:
+        prefix = _prefix_sums(sorted_data)
+    p1, p2 = prefix
+    # bucket indices of the clip ends, computed as the reference rounds them
+    j_lo = torch.round(lo / scales)
+    j_hi = torch.round(hi / scales)
+    nb = int((j_hi - j_lo).max().item()) + 1  # buckets per candidate, <= ~257
+    k = torch.arange(nb, device=sorted_data.device, dtype=torch.float32)
+    j = j_lo[..., None] + k  # [C, R, nb]
+    valid_edge = j < j_hi[..., None]
+    # upper edge of bucket j, searched in the float32 data
+    edges = ((j + 0.5) * scales[..., None]).reshape(c, -1).contiguous()
+    idx = torch.searchsorted(sorted_data, edges).reshape(j.shape)
+    idx = torch.where(valid_edge, idx, torch.full_like(idx, n))
+    start = torch.cat([torch.zeros_like(idx[..., :1]), idx[..., :-1]], dim=-1)
+    flat_s, flat_e = start.reshape(c, -1), idx.reshape(c, -1)
+    cnt = (idx - start).to(torch.float64)
+    s1 = (p1.gather(1, flat_e) - p1.gather(1, flat_s)).reshape(j.shape)
+    s2 = (p2.gather(1, flat_e) - p2.gather(1, flat_s)).reshape(j.shape)
+    # q in float32, as round(x / s) * s is in the reference
+    q = (j * scales[..., None]).to(torch.float64)
+    per_bucket = cnt * q * q - 2.0 * q * s1 + s2
+    return per_bucket.clamp_min(0.0).sum(-1)
+
+
+def _prefix_sums(sorted_data: torch.Tensor):
+    x = sorted_data.to(torch.float64)
+    zero = torch.zeros_like(x[:, :1])
+    return torch.cat([zero, x.cumsum(1)], 1), torch.cat([zero, (x * x).cumsum(1)], 1)
+
+
+def ifmr_factors(data: torch.Tensor, asymmetric: bool = True, max_percentile: float = 0.999999,
+                 min_percentile: float = 0.999999, search_range=(0.7, 1.3), search_step: float = 0.01,
+                 candidate_chunk: int = 16):
+    """IFMR scales (float32 [C]) and offsets (int64 [C]) for ``data`` of shape [N, C].
+
+    Each column is one channel (per-tensor callers pass [N, 1])."""
+    sorted_data = data.to(torch.float32).t().contiguous().sort(dim=1).values
+    del data
+    max0, min0 = ifmr_initial_bounds(sorted_data, max_percentile, min_percentile)
+    hi, lo, scales = ifmr_candidates(max0, min0, asymmetric, search_range, search_step)
+    prefix = _prefix_sums(sorted_data)
+    losses = torch.cat([
+        ifmr_losses_sorted(sorted_data, hi[:, i:i + candidate_chunk], lo[:, i:i + candidate_chunk],
+                           scales[:, i:i + candidate_chunk], prefix)
+        for i in range(0, hi.shape[1], candidate_chunk)], dim=1)
+    best = first_min(losses, prefix[1][:, -1])
+    scale = scales.gather(1, best[:, None])[:, 0]
+    if asymmetric:
+        offset = (-torch.round(min0 / scale) - 128.0).to(torch.int64)
+    else:
+        offset = torch.zeros_like(scale, dtype=torch.int64)
+    return scale, offset
+
+
+def first_min(losses: torch.Tensor, sum_sq: torch.Tensor) -> torch.Tensor:
+    """Index of the first loss within the tie tolerance (relative to sum(x^2)) of the row minimum."""
+    tol = TIE_RTOL * sum_sq.to(torch.float64)[:, None]
+    is_min = losses <= losses.min(dim=1, keepdim=True).values + tol
+    return is_min.to(torch.int8).argmax(dim=1)

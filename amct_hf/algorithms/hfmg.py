@@ -64,6 +64,7 @@ def merge_histograms(hist, lo, hi, new_hist, new_lo, new_hi) -> torch.Tensor:
     upper = lo[:, None] + (i + 1) * w
     i_lo = torch.div(lower - nlo, nw, rounding_mode="floor")
     i_hi = torch.div(upper - nlo, nw, rounding_mode="floor")
+    # clamped: AMCT indexes past the end for a zero-width old bin on the new maximum
     i_lo = torch.nan_to_num(i_lo, nan=0.0).clamp(0, bins - 1).to(torch.int64)
     i_hi = torch.nan_to_num(i_hi, nan=0.0).clamp(0, bins - 1).to(torch.int64)
     frac = (nlo + (i_lo + 1).to(torch.float32) * nw - lower) / (upper - lower)

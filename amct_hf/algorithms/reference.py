@@ -84,7 +84,9 @@ def reference_merge(hist, lo, hi, new_hist, new_lo, new_hi):
             continue
         lower = lo + i * w
         upper = lo + (i + 1) * w
-        i_lo = int((lower - new_lo) // new_w)
+        # AMCT indexes past the last bin here when an old bin of zero width sits on
+        # the new maximum (a constant first batch); such a bin belongs to the last bin
+        i_lo = min(int((lower - new_lo) // new_w), bins - 1)
         i_hi = min(int((upper - new_lo) // new_w), bins - 1)
         if i_lo == i_hi:
             merged[i_lo] += count

@@ -1,0 +1,396 @@
+"""Record file (SPEC §4): format, incremental merge, foreign entries, errors, concurrency, kills."""
+import logging
+import os
+import random
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from amct_hf.record import (
+    RecordFileError,
+    RecordOverwriteWarning,
+    format_record,
+    parse_record_text,
+    read_kv_factors,
+    write_kv_factors,
+)
+
+RECORD_PY = Path(__file__).resolve().parents[1] / "amct_hf" / "record.py"
+K0 = "model.layers.0.self_attn.k_proj"
+SPEC_EXAMPLE = """\
+record {
+  key: "model.layers.0.self_attn.k_proj"
+  kv_cache_value {
+    scale: 0.027280478
+    scale: 0.032344416
+    scale: 0.031658996
+    scale: 0.033162832
+    offset: -18
+    offset: -46
+    offset: -55
+    offset: -69
+  }
+}
+"""
+SPEC_SCALES = [0.027280478, 0.032344416, 0.031658996, 0.033162832]
+SPEC_OFFSETS = [-18, -46, -55, -69]
+
+
+def f32(xs):
+    return [struct.unpack("f", struct.pack("f", x))[0] for x in xs]
+
+
+# --------------------------------------------------------------------------- format / round trip
+def test_format_matches_spec_example(tmp_path):
+    assert format_record({K0: (SPEC_SCALES, SPEC_OFFSETS)}) == SPEC_EXAMPLE
+    p = tmp_path / "kv_cache.txt"
+    # float64 inputs that are not float32 values are stored as float32 and printed shortest.
+    scales64 = [s + 1e-12 for s in SPEC_SCALES]
+    assert write_kv_factors(p, {K0: (scales64, SPEC_OFFSETS)}) == []
+    assert p.read_text() == SPEC_EXAMPLE
+
+
+@pytest.mark.parametrize("scales,offsets", [
+    ([0.0123], [7]),                                                   # per-tensor
+    ([0.1 * (i + 1) for i in range(64)], [i - 32 for i in range(64)]),  # per-channel
+    ([1e-30, 3.4e38], [-(2 ** 31), 2 ** 31 - 1]),                     # float32 / int32 extremes
+])
+def test_round_trip(tmp_path, scales, offsets):
+    p = tmp_path / "r.txt"
+    write_kv_factors(p, {"a.k": (scales, offsets), "a.v": (scales[::-1], offsets[::-1])})
+    got = read_kv_factors(p)
+    assert got == {"a.k": (f32(scales), offsets), "a.v": (f32(scales[::-1]), offsets[::-1])}
+    assert parse_record_text(p.read_text()) == got
+
+
+def test_missing_and_empty_files(tmp_path):
+    assert read_kv_factors(tmp_path / "nope.txt") == {}
+    p = tmp_path / "empty.txt"
+    p.write_text("")
+    assert read_kv_factors(p) == {}
+    write_kv_factors(p, {K0: (SPEC_SCALES, SPEC_OFFSETS)})
+    assert p.read_text() == SPEC_EXAMPLE
+    # A new file in a not-yet-existing directory.
+    q = tmp_path / "sub" / "dir" / "r.txt"
+    write_kv_factors(q, {"x": ([0.5], [1])})
+    assert read_kv_factors(q) == {"x": ([0.5], [1])}
+
+
+# --------------------------------------------------------------------------- merge
+def test_merge_keeps_other_layers_and_appends_in_order(tmp_path):
+    p = tmp_path / "r.txt"
+    write_kv_factors(p, {"l0": ([0.5], [1]), "l1": ([0.25], [2])})
+    write_kv_factors(p, {"l2": ([0.125, 0.5], [3, 4])})
+    with pytest.warns(RecordOverwriteWarning, match="'l1'.*fields: scale$"):
+        assert write_kv_factors(p, {"l1": ([0.75], [2]), "l3": ([1.5], [0])}) == ["l1"]
+    got = read_kv_factors(p)
+    assert list(got) == ["l0", "l1", "l2", "l3"]
+    assert got == {"l0": ([0.5], [1]), "l1": ([0.75], [2]), "l2": ([0.125, 0.5], [3, 4]),
+                   "l3": ([1.5], [0])}
+    # Canonical input stays canonical: the merged file equals a fresh print.
+    assert p.read_text() == format_record(got)
+
+
+@pytest.mark.parametrize("new,fields", [
+    (([0.5, 0.25], [9, 2]), "overwritten fields: offset"),
+    (([0.5, 0.75], [1, 2]), "overwritten fields: scale"),
+    (([0.5], [1]), "overwritten fields: scale, offset"),
+    (([0.5, 0.25], [1, 2]), "overwritten fields: unchanged values"),
+])
+def test_overwrite_warns_with_layer_and_changed_fields(tmp_path, caplog, new, fields):
+    p = tmp_path / "kv_cache.txt"
+    write_kv_factors(p, {K0: ([0.5, 0.25], [1, 2]), "other": ([0.1], [0])})
+    with pytest.warns(RecordOverwriteWarning) as rec, caplog.at_level(logging.INFO, "amct_hf"):
+        assert write_kv_factors(p, {K0: new, "fresh": ([0.3], [3])}) == [K0]
+    msgs = [str(w.message) for w in rec if issubclass(w.category, RecordOverwriteWarning)]
+    assert len(msgs) == 1
+    msg = msgs[0]
+    assert f"layer '{K0}' already had kv_cache_value" in msg and str(p) in msg
+    assert msg.endswith(fields)
+    logged = [r.getMessage() for r in caplog.records if r.name == "amct_hf"]
+    assert logged == [msg]
+    assert read_kv_factors(p)[K0] == (f32(new[0]), new[1])
+    assert read_kv_factors(p)["other"] == (f32([0.1]), [0])
+
+
+def test_no_warning_for_new_layers(tmp_path):
+    p = tmp_path / "r.txt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert write_kv_factors(p, {"a": ([0.5], [0])}) == []
+        assert write_kv_factors(p, {"b": ([0.5], [0])}) == []
+
+
+# --------------------------------------------------------------------------- foreign content
+FOREIGN = """\
+# written by another tool; this comment must survive
+record {
+  key: "conv1"
+  value {
+    scale_d: 0.5
+    offset_d: 3
+    scale_w: 0.1
+    offset_w: 0
+  }
+}
+prune_record {
+}
+prune_record {
+  producer {
+    name: "conv1"
+    attr { name: "type" s: "Conv2d" }
+  }
+  consumer { name: "conv2" }
+  selective_prune { name: "conv1" attr { name: "mask" ints: [1, 0, 1] } }
+}
+record { key: "fc" value { scale_d: 0.25 offset_d: -1 future_field: 7 } }
+record {
+  key: "model.layers.0.self_attn.v_proj"
+  value {
+    scale_d: 0.125
+  }
+  kv_cache_value {
+    scale: 0.5
+    offset: 1
+  }
+}
+"""
+
+
+def test_foreign_entries_survive_merge(tmp_path):
+    p = tmp_path / "r.txt"
+    p.write_text(FOREIGN)
+    v0 = "model.layers.0.self_attn.v_proj"
+    with pytest.warns(RecordOverwriteWarning, match="v_proj"):
+        assert write_kv_factors(p, {v0: ([0.75, 0.25], [4, 5]), "conv1": ([0.2], [6]),
+                                    K0: ([0.3], [7])}) == [v0]
+    text = p.read_text()
+    # Everything up to the edited entries is byte-identical (comment, prune bodies with
+    # fields the schema does not know, the one-line entry with an unknown field).
+    head = FOREIGN.split('record {\n  key: "conv1"')[0]
+    assert text.startswith(head)
+    for block in ('prune_record {\n}\n', FOREIGN[FOREIGN.index("prune_record {\n  producer"):
+                                                FOREIGN.index("record { key: \"fc\"")],
+                  'record { key: "fc" value { scale_d: 0.25 offset_d: -1 future_field: 7 } }\n'):
+        assert block in text
+    # conv1 keeps its value {} and gains kv_cache_value next to it; v_proj keeps value {}.
+    assert '  key: "conv1"\n  value {\n    scale_d: 0.5\n    offset_d: 3\n    scale_w: 0.1\n' \
+           '    offset_w: 0\n  }\n  kv_cache_value {\n    scale: 0.2\n    offset: 6\n  }\n}\n' in text
+    assert ('  key: "model.layers.0.self_attn.v_proj"\n  value {\n    scale_d: 0.125\n  }\n'
+            '  kv_cache_value {\n    scale: 0.75\n    scale: 0.25\n    offset: 4\n    offset: 5\n'
+            '  }\n}\n') in text
+    assert text.count("kv_cache_value") == 3
+    assert text.endswith(format_record({K0: ([0.3], [7])}))
+    assert read_kv_factors(p) == {"conv1": (f32([0.2]), [6]), v0: ([0.75, 0.25], [4, 5]),
+                                  K0: (f32([0.3]), [7])}
+    # The parsed values of the foreign entries are unchanged too.
+    from google.protobuf import text_format
+    from amct_hf.record import ScaleOffsetRecord
+    rec = ScaleOffsetRecord()
+    text_format.Parse(text, rec, allow_unknown_field=True)
+    conv1 = next(e for e in rec.record if e.key == "conv1").value
+    assert (conv1.scale_d, conv1.offset_d, list(conv1.scale_w), list(conv1.offset_w)) == \
+        (0.5, 3, f32([0.1]), [0])
+    assert len(rec.prune_record) == 2
+
+
+def test_one_line_entry_is_edited_in_place(tmp_path):
+    p = tmp_path / "r.txt"
+    p.write_text('record { key: "a" value { scale_d: 0.5 } kv_cache_value { scale: 1 offset: 0 } }\n'
+                 'record { key: "b" kv_cache_value { scale: 2 offset: 1 } }\n')
+    with pytest.warns(RecordOverwriteWarning, match="'a'.*scale, offset"):
+        write_kv_factors(p, {"a": ([0.25, 0.5], [3, 4])})
+    text = p.read_text()
+    assert text.splitlines()[1] == 'record { key: "b" kv_cache_value { scale: 2 offset: 1 } }'
+    assert 'value { scale_d: 0.5 }' in text.splitlines()[0]
+    assert read_kv_factors(p) == {"a": ([0.25, 0.5], [3, 4]), "b": ([2.0], [1])}
+
+
+def test_duplicate_keys_all_updated(tmp_path):
+    p = tmp_path / "r.txt"
+    p.write_text(format_record({"a": ([1.0], [0])}) * 2)
+    with pytest.warns(RecordOverwriteWarning):
+        write_kv_factors(p, {"a": ([2.0], [1])})
+    assert p.read_text() == format_record({"a": ([2.0], [1])}) * 2
+
+
+# --------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("bad", [
+    'record { key: "x" kv_cache_value { scale: oops } }\n',
+    'record { key: "x" kv_cache_value { scale: 1.0 }\n',      # unbalanced
+    'record { key: "x" kv_cache_value { offset: 4294967296 } }\n',
+    'record { key: "x" key: "y" }\n',
+    'not a record at all {{{\n',
+])
+def test_corrupted_file_raises_and_is_untouched(tmp_path, bad):
+    p = tmp_path / "kv_cache.txt"
+    p.write_bytes(bad.encode())
+    mtime = p.stat().st_mtime_ns
+    with pytest.raises(RecordFileError, match=str(p)):
+        write_kv_factors(p, {"y": ([0.5], [1])})
+    with pytest.raises(RecordFileError, match=str(p)):
+        read_kv_factors(p)
+    assert p.read_bytes() == bad.encode() and p.stat().st_mtime_ns == mtime
+    assert [q.name for q in tmp_path.iterdir() if q.name.endswith(".tmp")] == []
+
+
+def test_parse_error_names_parser_message(tmp_path):
+    p = tmp_path / "kv_cache.txt"
+    p.write_text('record { key: "x" kv_cache_value { scale: oops } }\n')
+    with pytest.raises(RecordFileError) as ei:
+        read_kv_factors(p)
+    assert "1:" in str(ei.value) and "oops" in str(ei.value)
+
+
+def test_directory_and_non_utf8(tmp_path):
+    with pytest.raises(RecordFileError, match="directory"):
+        write_kv_factors(tmp_path, {"a": ([0.5], [0])})
+    with pytest.raises(RecordFileError):
+        read_kv_factors(tmp_path)
+    p = tmp_path / "bin.txt"
+    p.write_bytes(b"\xff\xfe\x00record")
+    with pytest.raises(RecordFileError, match="UTF-8"):
+        write_kv_factors(p, {"a": ([0.5], [0])})
+    assert p.read_bytes() == b"\xff\xfe\x00record"
+
+
+@pytest.mark.parametrize("factors", [
+    {"l": ([float("nan")], [0])},
+    {"l": ([float("inf")], [0])},
+    {"l": ([0.0], [0])},
+    {"l": ([-0.5], [0])},
+    {"l": ([1e39], [0])},       # overflows float32
+    {"l": ([1e-50], [0])},      # underflows float32 to 0
+    {"l": ([], [])},
+    {"l": ([0.5, 0.5], [1])},
+    {"l": ([0.5], [2 ** 31])},
+    {"l": ([0.5], [-(2 ** 31) - 1])},
+    {"l": ([0.5], [1.5])},
+    {"l": ([0.5], [True])},
+    {"l": ("0.5", [1])},
+    {"l": ([0.5],)},
+    {"": ([0.5], [1])},
+    {3: ([0.5], [1])},
+])
+def test_invalid_factors_raise_and_write_nothing(tmp_path, factors):
+    p = tmp_path / "r.txt"
+    original = format_record({"keep": ([0.5], [1])})
+    p.write_text(original)
+    # The valid entry before the bad one must not be written either.
+    with pytest.raises(ValueError) as ei:
+        write_kv_factors(p, {"good": ([0.5], [1]), **factors})
+    name = next(iter(factors))
+    if isinstance(name, str) and name:
+        assert repr(name) in str(ei.value)
+    assert p.read_text() == original
+    q = tmp_path / "new.txt"
+    with pytest.raises(ValueError):
+        write_kv_factors(q, factors)
+    assert not q.exists()
+
+
+def test_permissions_and_symlink_preserved(tmp_path):
+    p = tmp_path / "r.txt"
+    write_kv_factors(p, {"a": ([0.5], [0])})
+    os.chmod(p, 0o640)
+    link = tmp_path / "link.txt"
+    link.symlink_to(p)
+    write_kv_factors(link, {"b": ([0.5], [0])})
+    assert link.is_symlink()
+    assert stat.S_IMODE(p.stat().st_mode) == 0o640
+    assert list(read_kv_factors(p)) == ["a", "b"]
+
+
+# --------------------------------------------------------------------------- processes
+# record.py is loaded by file path so the child processes do not pay for (or depend
+# on) whatever the package __init__ imports.
+_LOAD = textwrap.dedent(f"""
+    import importlib.util, sys
+    spec = importlib.util.spec_from_file_location("amct_record", {str(RECORD_PY)!r})
+    rec = importlib.util.module_from_spec(spec); spec.loader.exec_module(rec)
+""")
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    p = tmp_path / "kv_cache.txt"
+    child = _LOAD + textwrap.dedent("""
+        w = int(sys.argv[1])
+        for i in range(10):
+            rec.write_kv_factors(sys.argv[2], {f"w{w}.layer{i}": ([0.01 * (i + 1)] * 8, [w] * 8)})
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", child, str(w), str(p)]) for w in range(4)]
+    assert [pr.wait(timeout=60) for pr in procs] == [0] * 4
+    got = read_kv_factors(p)
+    assert len(got) == 40
+    for w in range(4):
+        for i in range(10):
+            assert got[f"w{w}.layer{i}"] == (f32([0.01 * (i + 1)]) * 8, [w] * 8)
+
+
+def test_sigkill_mid_write_leaves_complete_file(tmp_path):
+    p = tmp_path / "kv_cache.txt"
+    layers, channels = 48, 128
+
+    def full_set(it):
+        return {f"model.layers.{i}.self_attn.{kv}_proj":
+                ([0.001 * (it + 1)] * channels, [it % 100 - 50] * channels)
+                for i in range(layers // 2) for kv in "kv"}
+
+    write_kv_factors(p, full_set(0))
+    child = _LOAD + textwrap.dedent(f"""
+        import warnings; warnings.simplefilter("ignore")
+        import logging; logging.disable(logging.CRITICAL)
+        layers, channels = {layers}, {channels}
+        it = 1
+        while True:
+            rec.write_kv_factors(sys.argv[1], {{
+                f"model.layers.{{i}}.self_attn.{{kv}}_proj":
+                ([0.001 * (it + 1)] * channels, [it % 100 - 50] * channels)
+                for i in range(layers // 2) for kv in "kv"}})
+            if it == 1:
+                print("ready", flush=True)
+            it += 1
+    """)
+    def snapshot():
+        st = p.stat()
+        return set(os.listdir(tmp_path)), st.st_ino, st.st_mtime_ns, st.st_size
+
+    rng = random.Random(1234)
+    t0 = time.monotonic()
+    for round_ in range(8):
+        pr = subprocess.Popen([sys.executable, "-c", child, str(p)], stdout=subprocess.PIPE)
+        try:
+            assert pr.stdout.readline().strip() == b"ready"
+            time.sleep(rng.uniform(0.0, 0.3))
+            if round_ % 2:
+                # Writing is ~1% of the child's loop (parsing dominates), so a random kill
+                # rarely lands in it: on odd rounds kill on the first sign of a write
+                # (a new file in the directory or the target changing).
+                before, deadline = snapshot(), time.monotonic() + 2
+                while snapshot() == before and time.monotonic() < deadline:
+                    pass
+        finally:
+            os.kill(pr.pid, signal.SIGKILL)
+            pr.wait()
+            pr.stdout.close()
+        assert pr.returncode == -signal.SIGKILL
+        got = read_kv_factors(p)  # parses: old or new complete file
+        scales = {tuple(s) for s, _ in got.values()}
+        assert len(got) == layers and len(scales) == 1  # one complete generation
+        (s,) = scales
+        it = round(s[0] / 0.001) - 1
+        assert got == {k: (f32(a), b) for k, (a, b) in full_set(it).items()}
+        assert it >= 1  # "ready" comes after the child's first complete write
+    assert time.monotonic() - t0 < 20
+    # The writer is resumable after a kill: a kill leaves at most stale *.tmp files and
+    # a lock file, never a held lock.
+    write_kv_factors(p, {"after": ([0.5], [0])}, lock_timeout=5)
+    assert "after" in read_kv_factors(p)

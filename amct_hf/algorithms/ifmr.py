@@ -13,7 +13,8 @@ import torch
 
 from .common import FLT_EPSILON, order_statistic_k
 
-__all__ = ["ifmr_factors", "ifmr_initial_bounds", "ifmr_candidates", "ifmr_losses_sorted", "TIE_RTOL"]
+__all__ = ["ifmr_factors", "ifmr_initial_bounds", "ifmr_candidates", "ifmr_losses_sorted",
+           "choose_scale", "asymmetric_offset", "prefix_sums", "TIE_RTOL"]
 
 # Losses closer than this (relative to mean(x^2)) are ties: the first candidate
 # wins, as with the reference's argmin. Well above float64 noise, far below the
@@ -56,11 +57,12 @@ def ifmr_losses_sorted(sorted_data: torch.Tensor, hi: torch.Tensor, lo: torch.Te
                        scales: torch.Tensor, prefix=None) -> torch.Tensor:
     """Sum of squared quantization errors for every candidate ([C, R], float64).
 
-    ``sorted_data`` is [C, N] float32, sorted along N."""
+    ``sorted_data`` is [C, N] float32, sorted along N. ``prefix`` holds the prefix
+    sums (weights, w*x, w*x^2), each [C, N + 1] float64; unit weights by default."""
     c, n = sorted_data.shape
     if prefix is None:
-        prefix = _prefix_sums(sorted_data)
-    p1, p2 = prefix
+        prefix = prefix_sums(sorted_data)
+    p0, p1, p2 = prefix
     # bucket indices of the clip ends, computed as the reference rounds them
     j_lo = torch.round(lo / scales)
     j_hi = torch.round(hi / scales)
@@ -69,12 +71,12 @@ def ifmr_losses_sorted(sorted_data: torch.Tensor, hi: torch.Tensor, lo: torch.Te
     j = j_lo[..., None] + k  # [C, R, nb]
     valid_edge = j < j_hi[..., None]
     # upper edge of bucket j, searched in the float32 data
-    edges = ((j + 0.5) * scales[..., None]).reshape(c, -1).contiguous()
+    edges = ((j + 0.5) * scales[..., None]).reshape(c, -1).to(sorted_data.dtype).contiguous()
     idx = torch.searchsorted(sorted_data, edges).reshape(j.shape)
     idx = torch.where(valid_edge, idx, torch.full_like(idx, n))
     start = torch.cat([torch.zeros_like(idx[..., :1]), idx[..., :-1]], dim=-1)
     flat_s, flat_e = start.reshape(c, -1), idx.reshape(c, -1)
-    cnt = (idx - start).to(torch.float64)
+    cnt = (p0.gather(1, flat_e) - p0.gather(1, flat_s)).reshape(j.shape)
     s1 = (p1.gather(1, flat_e) - p1.gather(1, flat_s)).reshape(j.shape)
     s2 = (p2.gather(1, flat_e) - p2.gather(1, flat_s)).reshape(j.shape)
     # q in float32, as round(x / s) * s is in the reference
@@ -83,10 +85,11 @@ def ifmr_losses_sorted(sorted_data: torch.Tensor, hi: torch.Tensor, lo: torch.Te
     return per_bucket.clamp_min(0.0).sum(-1)
 
 
-def _prefix_sums(sorted_data: torch.Tensor):
+def prefix_sums(sorted_data: torch.Tensor, weights: torch.Tensor | None = None):
     x = sorted_data.to(torch.float64)
+    w = torch.ones_like(x) if weights is None else weights.to(torch.float64)
     zero = torch.zeros_like(x[:, :1])
-    return torch.cat([zero, x.cumsum(1)], 1), torch.cat([zero, (x * x).cumsum(1)], 1)
+    return tuple(torch.cat([zero, v.cumsum(1)], 1) for v in (w, w * x, w * x * x))
 
 
 def ifmr_factors(data: torch.Tensor, asymmetric: bool = True, max_percentile: float = 0.999999,
@@ -99,18 +102,27 @@ def ifmr_factors(data: torch.Tensor, asymmetric: bool = True, max_percentile: fl
     del data
     max0, min0 = ifmr_initial_bounds(sorted_data, max_percentile, min_percentile)
     hi, lo, scales = ifmr_candidates(max0, min0, asymmetric, search_range, search_step)
-    prefix = _prefix_sums(sorted_data)
-    losses = torch.cat([
-        ifmr_losses_sorted(sorted_data, hi[:, i:i + candidate_chunk], lo[:, i:i + candidate_chunk],
-                           scales[:, i:i + candidate_chunk], prefix)
-        for i in range(0, hi.shape[1], candidate_chunk)], dim=1)
-    best = first_min(losses, prefix[1][:, -1])
-    scale = scales.gather(1, best[:, None])[:, 0]
+    prefix = prefix_sums(sorted_data)
+    scale, _ = choose_scale(sorted_data, prefix, hi, lo, scales, candidate_chunk)
     if asymmetric:
-        offset = (-torch.round(min0 / scale) - 128.0).to(torch.int64)
+        offset = asymmetric_offset(min0, scale)
     else:
         offset = torch.zeros_like(scale, dtype=torch.int64)
     return scale, offset
+
+
+def choose_scale(points, prefix, hi, lo, scales, candidate_chunk=16):
+    """The winning candidate scale per channel and all candidate losses."""
+    losses = torch.cat([
+        ifmr_losses_sorted(points, hi[:, i:i + candidate_chunk], lo[:, i:i + candidate_chunk],
+                           scales[:, i:i + candidate_chunk], prefix)
+        for i in range(0, hi.shape[1], candidate_chunk)], dim=1)
+    best = first_min(losses, prefix[2][:, -1])
+    return scales.gather(1, best[:, None])[:, 0], losses
+
+
+def asymmetric_offset(min0: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (-torch.round(min0 / scale) - 128.0).to(torch.int64)
 
 
 def first_min(losses: torch.Tensor, sum_sq: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,127 @@
+"""Per-channel histogram on a power-of-two grid aligned at zero.
+
+Bin ``a`` of level ``e`` holds the values with ``floor(x / 2**e) == a``. Moving to a
+coarser level merges whole bins exactly, so the histogram of a stream does not depend
+on how the stream was batched, ordered or split between processes: the level and
+origin are a function of the final (min, max) only, and the counts are those of all
+values on that grid. Each bin also keeps the sum of its values' offsets from the bin
+centre, so its mean is known.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["AlignedHistogram", "fit_level", "MIN_LEVEL"]
+
+# 2**-32: fine enough for any activation range, and floor(x * 2**32) stays in int64
+MIN_LEVEL = -32
+
+
+def _floor_index(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    # x * 2**-level is exact (power-of-two scaling), so the bin index is exact
+    return torch.floor(torch.ldexp(x.to(torch.float64), -level.to(torch.float64))).to(torch.int64)
+
+
+def fit_level(lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
+    """Smallest level (>= MIN_LEVEL) at which [lo, hi] spans at most ``bins`` bins ([C] int64)."""
+    span = (hi.double() - lo.double()).clamp_min(0)
+    guess = torch.ceil(torch.log2(span / (bins - 1))).nan_to_num(MIN_LEVEL, MIN_LEVEL, MIN_LEVEL)
+    guess = guess.clamp(MIN_LEVEL, 1000).to(torch.int64)
+    level = guess + 1  # always fits: span / 2**(guess+1) <= (bins - 1) / 2
+    for cand in (guess, guess - 1):  # log2 rounding may leave a finer level that fits
+        ok = (cand >= MIN_LEVEL) & (_floor_index(hi, cand) - _floor_index(lo, cand) <= bins - 1)
+        level = torch.where(ok, cand, level)
+    return level
+
+
+@dataclass
+class AlignedHistogram:
+    counts: torch.Tensor   # [C, B] float64
+    offsets: torch.Tensor  # [C, B] float64: sum of (x - bin centre) per bin
+    level: torch.Tensor    # [C] int64: bin width is 2**level
+    origin: torch.Tensor   # [C] int64: absolute index of bin 0
+    lo: torch.Tensor       # [C] float32 exact minimum
+    hi: torch.Tensor       # [C] float32 exact maximum
+
+    @classmethod
+    def empty(cls, channels: int, bins: int, device=None) -> "AlignedHistogram":
+        f64 = dict(dtype=torch.float64, device=device)
+        return cls(torch.zeros(channels, bins, **f64), torch.zeros(channels, bins, **f64),
+                   torch.full((channels,), MIN_LEVEL, dtype=torch.int64, device=device),
+                   torch.zeros(channels, dtype=torch.int64, device=device),
+                   torch.full((channels,), float("inf"), device=device),
+                   torch.full((channels,), float("-inf"), device=device))
+
+    @property
+    def bins(self) -> int:
+        return self.counts.shape[1]
+
+    @property
+    def width(self) -> torch.Tensor:
+        return torch.ldexp(torch.ones_like(self.level, dtype=torch.float64), self.level.double())
+
+    def regrid(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Move to the grid that [lo, hi] (a superset of the current range) dictates."""
+        level = torch.maximum(fit_level(lo, hi, self.bins), self.level)
+        origin = _floor_index(lo, level)
+        shift = (level - self.level).clamp(max=63)
+        c, b = self.counts.shape
+        old_abs = self.origin[:, None] + torch.arange(b, device=self.counts.device)
+        new_abs = torch.bitwise_right_shift(old_abs, shift[:, None])  # floor division by 2**shift
+        new_k = (new_abs - origin[:, None]).clamp(0, b - 1)
+        old_w, new_w = self.width[:, None], torch.ldexp(torch.ones_like(level, dtype=torch.float64),
+                                                         level.double())[:, None]
+        moved = self.offsets + self.counts * ((old_abs + 0.5) * old_w - (new_abs + 0.5) * new_w)
+        counts = torch.zeros_like(self.counts).scatter_add_(1, new_k, self.counts)
+        offsets = torch.zeros_like(self.offsets).scatter_add_(1, new_k, moved)
+        self.counts, self.offsets, self.level, self.origin = counts, offsets, level, origin
+        self.lo, self.hi = lo, hi
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add a [tokens, C] batch."""
+        x = x.to(torch.float32)
+        self.regrid(torch.minimum(self.lo, x.amin(0)), torch.maximum(self.hi, x.amax(0)))
+        c, b = self.counts.shape
+        absolute = _floor_index(x, self.level[None, :])
+        k = (absolute - self.origin).clamp(0, b - 1) + torch.arange(c, device=x.device) * b
+        centre = (absolute.double() + 0.5) * self.width[None, :]
+        flat = k.reshape(-1)
+        self.counts += torch.bincount(flat, minlength=c * b).reshape(c, b).double()
+        self.offsets += torch.bincount(flat, weights=(x.double() - centre).reshape(-1),
+                                       minlength=c * b).reshape(c, b)
+
+    def reduce(self, comm) -> None:
+        """Sum the histograms of every process (after agreeing on one grid)."""
+        if not comm.active:
+            return
+        # every rank lands on fit_level(global range): its own level never exceeds that
+        self.regrid(comm.all_reduce(self.lo, "min"), comm.all_reduce(self.hi, "max"))
+        self.counts = comm.all_reduce(self.counts, "sum")
+        self.offsets = comm.all_reduce(self.offsets, "sum")
+
+    def edges(self) -> torch.Tensor:
+        """Left edge of every bin ([C, B] float64)."""
+        b = self.bins
+        idx = self.origin[:, None] + torch.arange(b, device=self.counts.device)
+        return idx.double() * self.width[:, None]
+
+    def means(self) -> torch.Tensor:
+        """Mean value of every bin (its centre when empty), non-decreasing along B."""
+        centre = self.edges() + 0.5 * self.width[:, None]
+        return centre + torch.where(self.counts > 0, self.offsets / self.counts.clamp_min(1),
+                                    torch.zeros_like(self.offsets))
+
+    def cumulative_at(self, x: torch.Tensor) -> torch.Tensor:
+        """Count of values below ``x`` ([C, M] float64), uniform within each bin's data span."""
+        edges = self.edges()
+        k = (torch.searchsorted(edges.contiguous(), x.double().contiguous(), side="right") - 1)
+        k = k.clamp(0, self.bins - 1)
+        prefix = torch.cat([torch.zeros_like(self.counts[:, :1]), self.counts.cumsum(1)], 1)
+        left = torch.maximum(edges.gather(1, k), self.lo.double()[:, None])
+        right = torch.minimum(edges.gather(1, k) + self.width[:, None], self.hi.double()[:, None])
+        frac = ((x.double() - left) / (right - left)).nan_to_num(1.0).clamp(0, 1)
+        below = prefix.gather(1, k) + self.counts.gather(1, k) * frac
+        below = torch.where(x.double() < self.lo.double()[:, None], torch.zeros_like(below), below)
+        return torch.where(x.double() >= self.hi.double()[:, None], prefix[:, -1:].expand_as(below), below)

@@ -1,0 +1,300 @@
+"""Export KV-cache factors from an AMCT record to JSON or safetensors, and read them back.
+
+The record (SPEC §4) is what AMCT tools consume; inference engines want the factors
+as plain arrays. Both exports hold exactly the record's float32 scales and int32
+offsets, so ``load_export(out) == read_kv_factors(record)``:
+
+* JSON: each float32 scale is written as the Python float of that same value; the
+  JSON repr of a float round-trips exactly, and reading back gives the same float32.
+* safetensors: ``<layer>.kv_cache_scale`` (float32, [C]) and ``<layer>.kv_cache_offset``
+  (int32, [C]) per record layer, the names Ascend inference engines look up for
+  per-channel INT8 KV (C = 1 for per-tensor factors).
+
+torch/safetensors are imported only when a safetensors file is written or read, so
+``amct-hf --help`` and the JSON path stay light.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import secrets
+import stat
+import struct
+import sys
+
+from .record import RecordFileError, read_kv_factors
+
+__all__ = [
+    "EXPORT_FORMAT",
+    "EXPORT_VERSION",
+    "SCALE_SUFFIX",
+    "OFFSET_SUFFIX",
+    "export_json",
+    "export_safetensors",
+    "load_export",
+    "load_record",
+    "layer_kind",
+    "layer_index",
+    "add_parser",
+    "run",
+]
+
+EXPORT_FORMAT = "amct_hf.kv_cache_factors"
+EXPORT_VERSION = 1
+SCALE_SUFFIX = ".kv_cache_scale"
+OFFSET_SUFFIX = ".kv_cache_offset"
+
+Factors = "dict[str, tuple[list[float], list[int]]]"
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+_I32 = (-(2 ** 31), 2 ** 31 - 1)
+
+
+def layer_kind(name: str) -> str:
+    """``"key"`` / ``"value"`` for names ending in ``k_proj`` / ``v_proj``, else ``"unknown"``."""
+    if name.endswith("k_proj"):
+        return "key"
+    if name.endswith("v_proj"):
+        return "value"
+    return "unknown"
+
+
+def layer_index(name: str) -> int | None:
+    """Decoder layer number from ``...layers.{i}....``, or None when the name has none."""
+    m = _LAYER_INDEX.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def load_record(record_file: str | os.PathLike) -> Factors:
+    """``read_kv_factors`` for an export: the file must exist and hold KV factors.
+
+    read_kv_factors treats a missing file as empty (right for an incremental writer,
+    wrong here), and its RecordFileError is turned into ValueError so the CLI prints
+    one line.
+    """
+    path = os.fspath(record_file)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"record file not found: {path}")
+    if os.path.isdir(path):
+        raise ValueError(f"record {path} is a directory, expected a record file")
+    try:
+        factors = read_kv_factors(path)
+    except RecordFileError as e:
+        raise ValueError(str(e)) from None
+    if not factors:
+        raise ValueError(f"record {path} has no kv_cache_value entries; nothing to export")
+    for name, (scales, offsets) in factors.items():
+        # Hand-edited records may say "nan"/"inf"; JSON cannot hold them and no engine wants them.
+        bad = [s for s in scales if not (math.isfinite(s) and s > 0)]
+        if bad:
+            raise ValueError(f"record {path}: layer {name!r} has scale {bad[0]!r}, "
+                             f"expected finite positive values")
+        if len(scales) != len(offsets):
+            raise ValueError(f"record {path}: layer {name!r} has {len(scales)} scales "
+                             f"but {len(offsets)} offsets")
+    return factors
+
+
+def _atomic_replace(out_path: str, write) -> None:
+    """Call ``write(tmp_path)`` and rename over ``out_path``: a crash never leaves half a file."""
+    d = os.path.dirname(out_path) or "."
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(out_path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        # safetensors writes 0o600 files; give the output the mode open() would (0o666
+        # through the umask, read back from a probe file: no os.umask() race), or keep
+        # the mode of the file being replaced.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        try:
+            mode = stat.S_IMODE(os.stat(out_path).st_mode)
+        except FileNotFoundError:
+            mode = stat.S_IMODE(os.stat(tmp).st_mode)
+        write(tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, out_path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _check_out(record_file: str, out_path: str) -> None:
+    if os.path.exists(out_path) and os.path.samefile(record_file, out_path):
+        raise ValueError(f"output {out_path} is the record file itself; choose another --out")
+    if os.path.isdir(out_path):
+        raise ValueError(f"output {out_path} is a directory, expected a file path")
+
+
+# --------------------------------------------------------------------------- JSON
+def export_json(record_file: str | os.PathLike, out_path: str | os.PathLike) -> dict:
+    """Write the record's KV factors as JSON; returns the document written."""
+    record_file, out_path = os.fspath(record_file), os.fspath(out_path)
+    factors = load_record(record_file)
+    _check_out(record_file, out_path)
+    doc = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "layers": {
+            name: {
+                "scale": [float(s) for s in scales],
+                "offset": [int(o) for o in offsets],
+                "granularity": "per_tensor" if len(scales) == 1 else "per_channel",
+                "kind": layer_kind(name),
+            }
+            for name, (scales, offsets) in factors.items()
+        },
+    }
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1, allow_nan=False)
+            f.write("\n")
+
+    _atomic_replace(out_path, write)
+    return doc
+
+
+def _load_json(path: str) -> Factors:
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path} is not an {EXPORT_FORMAT} export (missing or wrong 'format')")
+    if doc.get("version") != EXPORT_VERSION:
+        raise ValueError(f"{path}: unsupported export version {doc.get('version')!r}, "
+                         f"expected {EXPORT_VERSION}")
+    layers = doc.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError(f"{path}: 'layers' must be an object of layer name -> factors")
+    out = {}
+    for name, entry in layers.items():
+        try:
+            scales, offsets = entry["scale"], entry["offset"]
+            if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scales):
+                raise TypeError("scale must be a list of numbers")
+            if not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
+                raise TypeError("offset must be a list of integers")
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: layer {name!r}: bad entry ({e})") from None
+        if not scales or len(scales) != len(offsets):
+            raise ValueError(f"{path}: layer {name!r} has {len(scales)} scales "
+                             f"and {len(offsets)} offsets")
+        # Rounding to float32 matches what a record would hold for a hand-written 0.1.
+        out[name] = ([_f32(float(s)) for s in scales], [int(o) for o in offsets])
+    return out
+
+
+# --------------------------------------------------------------------------- safetensors
+def _require_safetensors():
+    try:
+        import safetensors.torch  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"the safetensors format needs the 'safetensors' package ({e}); "
+                           f"pip install safetensors") from None
+
+
+def export_safetensors(record_file: str | os.PathLike, out_path: str | os.PathLike) -> dict:
+    """Write ``<layer>.kv_cache_scale`` / ``<layer>.kv_cache_offset`` tensors; returns them."""
+    record_file, out_path = os.fspath(record_file), os.fspath(out_path)
+    factors = load_record(record_file)
+    _check_out(record_file, out_path)
+    _require_safetensors()
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, (scales, offsets) in factors.items():
+        for key in (name + SCALE_SUFFIX, name + OFFSET_SUFFIX):
+            if key in tensors:  # e.g. layers "x" and "x.kv_cache_scale" in one record
+                raise ValueError(f"record {record_file}: tensor name {key!r} would be used twice")
+        tensors[name + SCALE_SUFFIX] = torch.tensor(scales, dtype=torch.float32)
+        tensors[name + OFFSET_SUFFIX] = torch.tensor(offsets, dtype=torch.int32)
+    metadata = {"format": EXPORT_FORMAT, "source_record": os.path.basename(record_file)}
+    _atomic_replace(out_path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return tensors
+
+
+def _load_safetensors(path: str) -> Factors:
+    _require_safetensors()
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            # Other tools' files (e.g. model weights with these tensors merged in) carry
+            # no or other metadata; only a different *claimed* format is an error.
+            if "format" in meta and meta["format"] != EXPORT_FORMAT:
+                raise ValueError(f"{path}: metadata format {meta['format']!r}, "
+                                 f"expected {EXPORT_FORMAT!r}")
+            names = list(f.keys())
+            layers = [n[: -len(SCALE_SUFFIX)] for n in names if n.endswith(SCALE_SUFFIX)]
+            if not layers:
+                raise ValueError(f"{path} has no '*{SCALE_SUFFIX}' tensors")
+            out = {}
+            for layer in layers:
+                if layer + OFFSET_SUFFIX not in names:
+                    raise ValueError(f"{path}: {layer + SCALE_SUFFIX!r} has no matching "
+                                     f"{layer + OFFSET_SUFFIX!r} tensor")
+                s = f.get_tensor(layer + SCALE_SUFFIX)
+                o = f.get_tensor(layer + OFFSET_SUFFIX)
+                if s.ndim != 1 or o.ndim != 1 or s.numel() != o.numel() or s.numel() == 0:
+                    raise ValueError(f"{path}: layer {layer!r}: scale {list(s.shape)} and "
+                                     f"offset {list(o.shape)} must be 1-D of the same length")
+                if not s.is_floating_point() or o.is_floating_point() or o.dtype.is_complex:
+                    raise ValueError(f"{path}: layer {layer!r}: expected float scale and "
+                                     f"integer offset, got {s.dtype} and {o.dtype}")
+                out[layer] = (s.float().tolist(), [int(v) for v in o.tolist()])
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    return out
+
+
+# --------------------------------------------------------------------------- read back
+def load_export(path: str | os.PathLike) -> Factors:
+    """Layer -> (scales, offsets) from a ``.json`` or ``.safetensors`` export.
+
+    Same shape and values as ``read_kv_factors`` of the record it came from.
+    """
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".json", ".safetensors"):
+        raise ValueError(f"cannot tell the export format of {path}: expected a .json or "
+                         f".safetensors file")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"export file not found: {path}")
+    return _load_json(path) if ext == ".json" else _load_safetensors(path)
+
+
+# --------------------------------------------------------------------------- CLI
+_WRITERS = {"json": export_json, "safetensors": export_safetensors}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="export KV-cache factors from a record to JSON or safetensors",
+        description="Export the kv_cache_value entries of an AMCT record file as JSON or as "
+                    "safetensors (<layer>.kv_cache_scale float32 / <layer>.kv_cache_offset int32).")
+    p.add_argument("--record", required=True, metavar="FILE", help="AMCT record file (text)")
+    p.add_argument("--format", choices=sorted(_WRITERS), default="json",
+                   help="output format (default: json)")
+    p.add_argument("--out", metavar="PATH",
+                   help="output file (default: the record path with a .json/.safetensors suffix)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    out = args.out or os.path.splitext(args.record)[0] + "." + args.format
+    written = _WRITERS[args.format](args.record, out)
+    n = len(written["layers"]) if args.format == "json" else len(written) // 2
+    print(f"wrote {n} layer{'s' if n != 1 else ''} ({args.format}) to {out}", file=sys.stdout)
+    return 0

@@ -1,0 +1,190 @@
+"""Observers for the calibration driver: bounded memory, and mergeable across batches
+and processes in any order.
+
+Both keep an :class:`~amct_hf.algorithms.aligned.AlignedHistogram` per layer, whose
+size does not depend on the number of calibration tokens.
+
+* ``ifmr_stream``: IFMR's candidates come from the exact extremes (exact order
+  statistics up to rank ``topk`` are kept; beyond that rank they are read from the
+  histogram). Each candidate's loss is evaluated with every fine bin's values placed at
+  the bin's exact mean. For a bin that no quantization threshold crosses this differs
+  from the exact loss by the bin's variance, the same for every candidate; a crossed
+  bin adds at most ``2 * s * w * n_bin``. So the exact loss of the chosen candidate is
+  within ``tolerance = 2 * max_r eps_r`` (reported per channel, in squared-error units)
+  of the exact IFMR optimum.
+* ``hfmg_stream``: the ``num_of_bins`` histogram over [min, max] is rebuilt from the
+  fine histogram (counts spread uniformly within each fine bin), then HFMG runs as
+  usual: the equivalent of the operator fed all samples as one batch, up to the fine
+  bins' resolution.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .algorithms.aligned import AlignedHistogram
+from .algorithms.common import order_statistic_k
+from .algorithms.hfmg import HistogramState, hfmg_factors
+from .algorithms.ifmr import asymmetric_offset, choose_scale, ifmr_candidates, prefix_sums
+from .observers import ExactIFMRObserver, HFMGObserver, Observer, register_observer
+
+__all__ = ["StreamingIFMRObserver", "StreamingHFMGObserver", "OneBatchHFMGObserver",
+           "default_stream_bins"]
+
+logger = logging.getLogger("amct_hf")
+
+
+def default_stream_bins(per_channel: bool) -> int:
+    return 2048 if per_channel else 65536
+
+
+class _Streaming(Observer):
+    with_offsets = True
+
+    def __init__(self, params, bins: int | None = None):
+        super().__init__(params)
+        self.bins = bins or default_stream_bins(params.per_channel)
+        self.hist: AlignedHistogram | None = None
+        self.count = 0  # values per channel
+
+    def ensure(self, channels: int, device=None) -> None:
+        if self.hist is None:
+            self.num_channels = channels
+            self.hist = AlignedHistogram.empty(channels, self.bins, device)
+
+    def update(self, x):
+        self.ensure(x.shape[1], x.device)
+        self.hist.update(x)
+        self.count += x.shape[0]
+        self.batches += 1
+
+    def reduce(self, comm) -> None:
+        self.hist.reduce(comm)
+        self.count = int(comm.all_reduce(torch.tensor([self.count], dtype=torch.int64), "sum").item())
+
+
+@register_observer("ifmr_stream")
+class StreamingIFMRObserver(_Streaming):
+    def __init__(self, params, bins: int | None = None, topk: int = 64):
+        super().__init__(params, bins)
+        self.topk = topk
+        self.top = self.bottom = None
+        self.tolerance = None
+
+    def update(self, x):
+        self.ensure(x.shape[1], x.device)
+        if self.top is None:
+            self.top = x.new_full((self.topk, x.shape[1]), float("-inf"))
+            self.bottom = x.new_full((self.topk, x.shape[1]), float("inf"))
+        k = min(self.topk, x.shape[0])
+        self.top = torch.cat([self.top, x.topk(k, 0).values]).topk(self.topk, 0).values
+        self.bottom = torch.cat([self.bottom, x.topk(k, 0, largest=False).values]).topk(
+            self.topk, 0, largest=False).values
+        super().update(x)
+
+    def reduce(self, comm):
+        super().reduce(comm)
+        if comm.active:
+            self.top = comm.all_gather_cat(self.top).topk(self.topk, 0).values
+            self.bottom = comm.all_gather_cat(self.bottom).topk(self.topk, 0, largest=False).values
+
+    def _order_statistic(self, k: int, largest: bool) -> torch.Tensor:
+        if k <= self.topk:
+            return (self.top if largest else self.bottom)[k - 1]
+        logger.warning("IFMR percentile rank %d exceeds the %d exact extremes kept; "
+                       "reading it from the histogram", k, self.topk)
+        h = self.hist
+        counts = h.counts.flip(1) if largest else h.counts
+        idx = (counts.cumsum(1) >= k).to(torch.int8).argmax(1, keepdim=True)
+        if largest:
+            idx = h.bins - 1 - idx
+        return h.means().gather(1, idx)[:, 0].to(torch.float32)
+
+    def compute(self):
+        p, h = self.params, self.hist
+        max0 = self._order_statistic(order_statistic_k(self.count, p.max_percentile), True).clamp(min=0)
+        min0 = self._order_statistic(order_statistic_k(self.count, p.min_percentile), False).clamp(max=0)
+        hi, lo, scales = ifmr_candidates(max0, min0, p.asymmetric, p.search_range, p.search_step)
+        points = h.means()
+        prefix = prefix_sums(points, h.counts)
+        scale, _ = choose_scale(points, prefix, hi, lo, scales)
+        self.tolerance = self._tolerance(hi, lo, scales)
+        if p.asymmetric:
+            return scale, asymmetric_offset(min0, scale)
+        return scale, torch.zeros_like(scale, dtype=torch.int64)
+
+    def _tolerance(self, hi, lo, scales) -> torch.Tensor:
+        """2 * max over candidates of the bound on |streaming - exact| loss, per channel."""
+        h = self.hist
+        j_lo, j_hi = torch.round(lo / scales), torch.round(hi / scales)
+        nb = int((j_hi - j_lo).max().item()) + 1
+        j = j_lo[..., None] + torch.arange(nb, device=scales.device, dtype=torch.float32)
+        t = ((j + 0.5) * scales[..., None]).double()
+        c = t.shape[0]
+        k = (torch.searchsorted(h.edges().contiguous(), t.reshape(c, -1).contiguous(), side="right") - 1)
+        n = h.counts.gather(1, k.clamp(0, h.bins - 1)).reshape(t.shape)
+        n = torch.where((j < j_hi[..., None]) & (k.reshape(t.shape) >= 0), n, torch.zeros_like(n))
+        eps = 2.0 * scales.double() * h.width[:, None] * n.sum(-1)
+        return 2.0 * eps.max(1).values
+
+
+@register_observer("hfmg_stream")
+class StreamingHFMGObserver(_Streaming):
+    def compute(self):
+        h, bins = self.hist, self.params.num_of_bins
+        lo, hi = h.lo, h.hi
+        step = (hi.double() - lo.double()) / bins
+        edges = lo.double()[:, None] + step[:, None] * torch.arange(bins + 1, dtype=torch.float64,
+                                                                    device=lo.device)
+        hist = h.cumulative_at(edges).diff(dim=1)
+        # as torch.histc: a constant channel lands in the middle bin
+        const = (lo == hi)[:, None]
+        middle = torch.zeros_like(hist)
+        middle[:, bins // 2] = h.counts.sum(1)
+        hist = torch.where(const, middle, hist)
+        return hfmg_factors(HistogramState(hist, lo, hi), self.params.asymmetric)
+
+
+class _Gathering:
+    """Exact observers for the driver: every process's values are gathered at the end."""
+
+    def reduce(self, comm):
+        if comm.active:
+            mine = torch.cat(self.chunks_for_reduce()) if self.chunks_for_reduce() else \
+                torch.zeros(0, self.num_channels)
+            self.replace_data(comm.all_gather_cat(mine))
+
+
+@register_observer("ifmr_exact")
+class GatheringIFMRObserver(_Gathering, ExactIFMRObserver):
+    def chunks_for_reduce(self):
+        return self._chunks
+
+    def replace_data(self, data):
+        self._chunks = [data]
+
+
+@register_observer("hfmg_exact")
+class OneBatchHFMGObserver(_Gathering, Observer):
+    """HFMG of all values as one batch (AMCT's operator fed everything at once)."""
+
+    def __init__(self, params):
+        super().__init__(params)
+        self._chunks = []
+
+    def update(self, x):
+        self._chunks.append(x.to(torch.float32).clone())
+        self.batches += 1
+
+    def chunks_for_reduce(self):
+        return self._chunks
+
+    def replace_data(self, data):
+        self._chunks = [data]
+
+    def compute(self):
+        obs = HFMGObserver(self.params)
+        obs.update(torch.cat(self._chunks))
+        self._chunks = []
+        return obs.compute()

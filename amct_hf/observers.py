@@ -87,5 +87,7 @@ class HFMGObserver(Observer):
         return hfmg_factors(state, self.params.asymmetric)
 
 
-def make_observer(params: QuantParams, kind: str | None = None) -> Observer:
-    return OBSERVERS[kind or params.act_algo](params)
+def make_observer(params: QuantParams, kind: str | None = None, **kwargs) -> Observer:
+    if kind and kind not in OBSERVERS:
+        from . import streaming  # noqa: F401  (registers the driver's observers)
+    return OBSERVERS[kind or params.act_algo](params, **kwargs)

@@ -72,11 +72,14 @@ class StreamingIFMRObserver(_Streaming):
         self.top = self.bottom = None
         self.tolerance = None
 
+    def ensure(self, channels, device=None):
+        super().ensure(channels, device)
+        if self.top is None:
+            self.top = torch.full((self.topk, channels), float("-inf"), device=device)
+            self.bottom = torch.full((self.topk, channels), float("inf"), device=device)
+
     def update(self, x):
         self.ensure(x.shape[1], x.device)
-        if self.top is None:
-            self.top = x.new_full((self.topk, x.shape[1]), float("-inf"))
-            self.bottom = x.new_full((self.topk, x.shape[1]), float("inf"))
         k = min(self.topk, x.shape[0])
         self.top = torch.cat([self.top, x.topk(k, 0).values]).topk(self.topk, 0).values
         self.bottom = torch.cat([self.bottom, x.topk(k, 0, largest=False).values]).topk(

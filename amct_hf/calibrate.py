@@ -229,8 +229,12 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
         for batch in batches:
             ids = batch["input_ids"].to(device)
             mask = batch["attention_mask"]
-            # without padding the mask is omitted: no per-batch token selection (no sync)
-            kwargs = {} if bool(mask.all()) else {"attention_mask": mask.to(device)}
+            kwargs = {}
+            if not bool(mask.all()):
+                # positions count real tokens only, so left padding does not shift RoPE;
+                # without padding the mask is omitted: no per-batch token selection
+                kwargs = {"attention_mask": mask.to(device),
+                          "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device)}
             model(input_ids=ids, use_cache=False, **kwargs)
             if bar is not None:
                 bar.update(1)

@@ -1,0 +1,168 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from amct_hf import QuantCalibrationOp, calibrate_kv_cache, read_kv_factors
+from amct_hf.hooks import UnpatchableModelError
+
+from .tiny_models import build
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+         "sigma tau upsilon phi chi psi omega").split()
+
+
+def corpus_lines(n=60):
+    g = torch.Generator().manual_seed(0)
+    return [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(k),), generator=g))
+            for k in torch.randint(3, 30, (n,), generator=g)]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    d = tmp_path_factory.mktemp("tiny_llama")
+    tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator(corpus_lines(), trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "[EOS]"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    tok.save_pretrained(d)
+    build("llama").save_pretrained(d)
+    (d / "corpus.txt").write_text("\n".join(corpus_lines()) + "\n")
+    return d
+
+
+CONFIGS = [{"act_algo": a, "quant_granularity": g} for a in ("ifmr", "hfmg") for g in (0, 1)]
+
+
+@pytest.mark.parametrize("mode", ["streaming", "exact"])
+def test_two_gloo_processes_write_the_same_record_as_one(tiny_dir, tmp_path, mode):
+    """7 samples over 2 ranks (4 + 3: uneven), batch size 2, vs 1 process with batch size 3;
+    both algorithms, both granularities."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = str(ROOT / "tests" / "calibrate_worker.py")
+    args = [str(tiny_dir), str(tiny_dir / "corpus.txt")]
+    one = subprocess.run([sys.executable, worker, *args, str(tmp_path / "one"), json.dumps(CONFIGS), "3", mode],
+                         env=env, timeout=300, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "world_size=1" in one.stdout
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    two = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", worker, *args,
+                          str(tmp_path / "two"), json.dumps(CONFIGS), "2", mode],
+                         env=env, timeout=300, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "rank=0 world_size=2" in two.stdout and "rank=1 world_size=2" in two.stdout
+    for i, params in enumerate(CONFIGS):
+        a, b = read_kv_factors(tmp_path / f"one{i}.txt"), read_kv_factors(tmp_path / f"two{i}.txt")
+        assert len(a) == 4 and a == b, params
+
+
+def test_exact_mode_equals_operator_fed_all_samples_as_one_batch(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from amct_hf.data import load_texts, make_batches, tokenize_samples
+    from amct_hf.hooks import kv_calibration
+    for params in CONFIGS:
+        res = calibrate_kv_cache(str(tiny_dir), str(tiny_dir / "corpus.txt"), record_file=tmp_path / "d.txt",
+                                 write=False,
+                                 quant_algo_params=params, num_samples=6, seq_len=16, batch_size=4,
+                                 mode="exact", progress=False)
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+        tok = AutoTokenizer.from_pretrained(tiny_dir)
+        samples = tokenize_samples(tok, load_texts(str(tiny_dir / "corpus.txt")), seq_len=16, num_samples=6)
+        keep = {}
+        with torch.no_grad(), kv_calibration(model, lambda n, x: keep.setdefault(n, []).append(x)):
+            for batch in make_batches(samples, batch_size=1, pad_token_id=tok.pad_token_id):
+                model(input_ids=batch["input_ids"], use_cache=False)
+        op = QuantCalibrationOp(str(tmp_path / f"op{params['act_algo']}{params['quant_granularity']}.txt"), params)
+        for name, chunks in keep.items():
+            op(name, torch.cat(chunks))
+        assert res.factors == op.factors, params
+
+
+def test_streaming_factors_do_not_depend_on_batch_size(tiny_dir, tmp_path):
+    for params in CONFIGS:
+        runs = [calibrate_kv_cache(str(tiny_dir), str(tiny_dir / "corpus.txt"), record_file=tmp_path / "b.txt",
+                                   quant_algo_params=params, num_samples=6, seq_len=16, batch_size=b,
+                                   progress=False, write=False).factors for b in (1, 4)]
+        assert runs[0] == runs[1], params
+
+
+def test_result_maps_layers_and_names_record(tiny_dir, tmp_path, capsys):
+    rec = tmp_path / "r.txt"
+    res = calibrate_kv_cache(str(tiny_dir), str(tiny_dir / "corpus.txt"), record_file=rec, num_samples=2,
+                             seq_len=8, quant_algo_params={"quant_granularity": 1})
+    assert res.record_file == str(rec) and read_kv_factors(rec) == res.factors
+    assert len(res) == 4 and len(res["model.layers.1.self_attn.v_proj"][0]) == 32
+    out = capsys.readouterr().out
+    assert "model.layers.1.self_attn.v_proj" in out and "4 layers" in out
+
+
+def test_unpadded_samples_equal_padded_batches(tiny_dir, tmp_path):
+    kw = dict(record_file=tmp_path / "p.txt", quant_algo_params={"quant_granularity": 1}, mode="exact",
+              num_samples=8, seq_len=20, pack=False, progress=False, write=False)
+    one = calibrate_kv_cache(str(tiny_dir), str(tiny_dir / "corpus.txt"), batch_size=1, **kw).factors
+    padded = calibrate_kv_cache(str(tiny_dir), str(tiny_dir / "corpus.txt"), batch_size=8, **kw).factors
+    for name in one:
+        assert padded[name][1] == one[name][1]
+        assert padded[name][0] == pytest.approx(one[name][0], rel=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"model": "/nonexistent/model/dir"}, "nonexistent"),
+    ({"text_column": "body"}, "body"),
+    ({"seq_len": 0}, "seq_len"),
+    ({"num_samples": -1}, "num_samples"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"tap": "qkv"}, "tap"),
+    ({"quant_algo_params": {"act_algo": "kl"}}, "act_algo"),
+])
+def test_bad_input_fails_before_any_forward(tiny_dir, tmp_path, kwargs, match, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "__call__", lambda *a, **k: calls.append(1))
+    base = dict(model=str(tiny_dir), dataset=str(tiny_dir / "corpus.txt"), record_file=tmp_path / "x.txt",
+                num_samples=2, seq_len=8, progress=False)
+    base.update(kwargs)
+    model, dataset = base.pop("model"), base.pop("dataset")
+    with pytest.raises((ValueError, FileNotFoundError)) as info:
+        calibrate_kv_cache(model, dataset, **base)
+    assert match in str(info.value)
+    assert calls == [] and not (tmp_path / "x.txt").exists()
+
+
+def test_empty_dataset_fails_before_model_load(tiny_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="no text"):
+        calibrate_kv_cache("/nonexistent", str(empty), record_file=tmp_path / "x.txt")
+
+
+def test_unpatchable_model_is_named_before_forward(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    class Opaque(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+
+        def forward(self, **kw):
+            raise AssertionError("must not run")
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[PAD]": 1}, unk_token="a")),
+                                  pad_token="[PAD]", unk_token="a")
+    with pytest.raises(UnpatchableModelError, match="Opaque"):
+        calibrate_kv_cache(Opaque(), ["a a a a"], tokenizer=tok, record_file=tmp_path / "x.txt",
+                           num_samples=1, seq_len=2, progress=False)
+
+
+def test_proj_tap_with_per_channel_keys_warns(tiny_dir, tmp_path):
+    with pytest.warns(UserWarning, match="pre-RoPE"):
+        calibrate_kv_cache(str(tiny_dir), str(tiny_dir / "corpus.txt"), record_file=tmp_path / "w.txt",
+                           quant_algo_params={"quant_granularity": 1}, tap="proj", num_samples=1, seq_len=8,
+                           progress=False)

@@ -6,8 +6,8 @@ of a candidate is the integral of ``density * (x - centre(x))^2`` over the sourc
 histogram, where ``centre(x)`` is the centre of the destination bin holding ``x``
 (the two outer destination bins extend to infinity: that is the clamping of the
 reference formula). Instead of visiting every source bin per candidate (O(bins)),
-it is summed per destination bin: whole source bins from prefix sums of
-``h, h*i, h*i^2``, the at most 255 source bins cut by a destination edge one by one.
+summation by parts reduces it to one term per destination edge, read from prefix sums
+(see :func:`hfmg_losses`): O(256) per candidate.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .common import FLT_EPSILON, factors_from_clip
 
 __all__ = ["HistogramState", "histc_per_channel", "merge_histograms", "search_ranges",
@@ -36,6 +37,9 @@ def histc_per_channel(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins:
     same = lo == hi
     lo_e = torch.where(same, lo - 1.0, lo)
     hi_e = torch.where(same, hi + 1.0, hi)
+    if kernels.use_kernels(x):
+        return torch.from_numpy(kernels.histc_rows(x.contiguous().numpy(), lo_e.contiguous().numpy(),
+                                                   hi_e.contiguous().numpy(), bins))
     pos = ((x - lo_e) * bins) / (hi_e - lo_e)
     inside = (x >= lo_e) & (x <= hi_e)
     idx = pos.to(torch.int64).clamp_(0, bins - 1)
@@ -129,66 +133,68 @@ def search_ranges(hist: torch.Tensor):
     return torch.cat(lefts, 1), torch.cat(rights, 1), torch.cat(valids, 1)
 
 
-def _cube_piece(h, b, e, centre):
-    return h * ((e - centre) ** 3 - (b - centre) ** 3) / 3.0
-
-
-def hfmg_losses(hist: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """L2 loss of every candidate ([C, K], float64, in units of source-bin width squared)."""
+def loss_tables(hist: torch.Tensor):
+    """Per-channel tables for :func:`hfmg_losses`: prefix sums of ``h`` and ``h * (i + 1/2)``
+    over bins (indices centred on the histogram's middle to keep float64 sums small), the
+    counts, and the candidate-independent totals."""
     c, bins = hist.shape
-    dev = hist.device
-    i = torch.arange(bins, device=dev, dtype=torch.float64)
-    zero = torch.zeros(c, 1, dtype=torch.float64, device=dev)
+    i = torch.arange(bins, device=hist.device, dtype=torch.float64) - bins / 2
+    zero = torch.zeros(c, 1, dtype=torch.float64, device=hist.device)
     q0 = torch.cat([zero, hist.cumsum(1)], 1)
-    q1 = torch.cat([zero, (hist * i).cumsum(1)], 1)
-    q2 = torch.cat([zero, (hist * i * i).cumsum(1)], 1)
-    k_all = torch.arange(DST_BINS + 1, device=dev, dtype=torch.float64)
-    L = left.to(torch.float64)[..., None]
-    n = (right - left + 1).to(torch.float64)[..., None]
-    D = n / DST_BINS
-    pos = L + k_all * D  # [C, K, 257] destination edges in source-bin units, exact
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=dev)
-    pos_ext = pos.clone()
-    pos_ext[..., 0] = -inf
-    pos_ext[..., -1] = inf
-    centre = L + (k_all[:-1] + 0.5) * D  # [C, K, 256]
+    q1 = torch.cat([zero, (hist * (i + 0.5)).cumsum(1)], 1)
+    m0 = q0[:, -1]
+    m1 = q1[:, -1]
+    m2 = (hist * (i * i + i + 1.0 / 3.0)).sum(1)
+    return q0, q1, torch.cat([hist, zero], 1), (m0, m1, m2)
 
-    # whole source bins of each destination bin
-    lo_full = torch.ceil(pos_ext[..., :-1]).clamp(0, bins)
-    hi_full = torch.floor(pos_ext[..., 1:]).clamp(0, bins)
-    hi_full = torch.maximum(hi_full, lo_full)
-    lo_i = lo_full.to(torch.int64).reshape(c, -1)
-    hi_i = hi_full.to(torch.int64).reshape(c, -1)
-    shape = centre.shape
-    s0 = (q0.gather(1, hi_i) - q0.gather(1, lo_i)).reshape(shape)
-    s1 = (q1.gather(1, hi_i) - q1.gather(1, lo_i)).reshape(shape)
-    s2 = (q2.gather(1, hi_i) - q2.gather(1, lo_i)).reshape(shape)
-    mu = centre - 0.5
-    loss = (s2 - 2.0 * mu * s1 + mu * mu * s0 + s0 / 12.0).sum(-1)
 
-    # source bins cut by an inner destination edge k (1..255)
-    p = pos[..., 1:-1]
+def hfmg_losses(hist: torch.Tensor, left: torch.Tensor, right: torch.Tensor, tables=None) -> torch.Tensor:
+    """L2 loss of every candidate ([C, K], float64, in units of source-bin width squared).
+
+    With ``M0(t), M1(t)`` the count and first moment of the (piecewise uniform) source
+    density below ``t``, destination edges ``P_k = L + k*D`` (``D = n / 256``) and centres
+    ``c_d``, summation by parts turns ``sum_d int (x - c_d)^2`` into
+    ``M2 - 2 c_255 M1 + c_255^2 M0 + 2 D sum_k [M1(P_k) - P_k M0(P_k)]``, and for
+    ``P`` in bin ``f`` with ``r = P - f``: ``M1(P) - P M0(P) = Q1[f] - P Q0[f] - h_f r^2 / 2``.
+    """
+    c, bins = hist.shape
+    q0, q1, h, (m0, m1, m2) = tables if tables is not None else loss_tables(hist)
+    shift = bins / 2
+    L = left.to(torch.float64) - shift
+    D = (right - left + 1).to(torch.float64) / DST_BINS
+    k = torch.arange(1, DST_BINS, device=hist.device, dtype=torch.float64)
+    p = L[..., None] + k * D[..., None]  # [C, K, 255] inner destination edges (exact)
     f = torch.floor(p)
-    cut = p != f
-    h_f = hist.gather(1, f.clamp(0, bins - 1).to(torch.int64).reshape(c, -1)).reshape(p.shape)
-    h_f = torch.where(cut, h_f, torch.zeros_like(h_f))
-    prev_edge = pos_ext[..., :-2]
-    next_edge = pos_ext[..., 2:]
-    left_begin = torch.maximum(f, prev_edge)
-    loss = loss + _cube_piece(h_f, left_begin, p, centre[..., :-1]).sum(-1)
-    own_right = next_edge >= f + 1.0  # else the next edge's left piece covers it
-    right_part = _cube_piece(h_f, p, f + 1.0, centre[..., 1:])
-    loss = loss + torch.where(own_right, right_part, torch.zeros_like(right_part)).sum(-1)
-    return loss
+    r = p - f
+    idx = (f + shift).to(torch.int64).clamp(0, bins).reshape(c, -1)
+    term = (q1.gather(1, idx) - p.reshape(c, -1) * q0.gather(1, idx)
+            - 0.5 * h.gather(1, idx) * (r * r).reshape(c, -1))
+    edge_sum = term.reshape(p.shape).sum(-1)
+    c255 = L + (DST_BINS - 0.5) * D
+    return (m2[:, None] - 2.0 * c255 * m1[:, None] + c255 * c255 * m0[:, None] + 2.0 * D * edge_sum)
 
 
 def hfmg_factors(state: HistogramState, asymmetric: bool = True, candidate_chunk: int = 64):
     """HFMG scales (float32 [C]) and offsets (int64 [C]) from accumulated histograms."""
     hist, lo, hi = state.hist, state.lo, state.hi
     bins = hist.shape[1]
-    left, right, valid = search_ranges(hist)
-    losses = torch.cat([hfmg_losses(hist, left[:, j:j + candidate_chunk], right[:, j:j + candidate_chunk])
-                        for j in range(0, left.shape[1], candidate_chunk)], 1)
+    tables = loss_tables(hist)
+    if kernels.use_kernels(hist):
+        h = hist.contiguous().numpy()
+        left, right, count = (torch.from_numpy(a) for a in kernels.hfmg_walk(h, math.ceil(bins / 4)))
+        k = max(int(count.max()), 1)
+        left, right = left[:, :k].contiguous(), right[:, :k].contiguous()
+        valid = torch.arange(k)[None, :] < count[:, None]
+        q0, q1, hh = (t.contiguous().numpy() for t in tables[:3])
+        m0, m1, m2 = tables[3]
+        losses = torch.from_numpy(kernels.hfmg_losses(
+            q0, q1, hh, m0.numpy(), m1.numpy(), m2.numpy(), left.numpy(), right.numpy(), count.numpy(),
+            DST_BINS))
+    else:
+        left, right, valid = search_ranges(hist)
+        losses = torch.cat([hfmg_losses(hist, left[:, j:j + candidate_chunk], right[:, j:j + candidate_chunk],
+                                        tables)
+                            for j in range(0, left.shape[1], candidate_chunk)], 1)
     w = (hi - lo) / bins
     dst_w = w[:, None] * (right - left + 1).to(torch.float32) / DST_BINS
     losses = torch.where(dst_w < FLT_EPSILON, torch.zeros_like(losses), losses)

@@ -9,8 +9,10 @@ either side, so the boundary search needs no exact tie handling.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from . import kernels
 from .common import FLT_EPSILON, order_statistic_k
 
 __all__ = ["ifmr_factors", "ifmr_initial_bounds", "ifmr_candidates", "ifmr_losses_sorted",
@@ -98,12 +100,23 @@ def ifmr_factors(data: torch.Tensor, asymmetric: bool = True, max_percentile: fl
     """IFMR scales (float32 [C]) and offsets (int64 [C]) for ``data`` of shape [N, C].
 
     Each column is one channel (per-tensor callers pass [N, 1])."""
-    sorted_data = data.to(torch.float32).t().contiguous().sort(dim=1).values
+    rows = data.to(torch.float32).t().contiguous()
     del data
+    if kernels.use_kernels(rows):
+        # numpy's SIMD sort beats torch.sort on CPU by 2-3x here
+        sorted_np = np.sort(rows.numpy(), axis=1)
+        sorted_data = torch.from_numpy(sorted_np)
+    else:
+        sorted_data = rows.sort(dim=1).values
+    del rows
     max0, min0 = ifmr_initial_bounds(sorted_data, max_percentile, min_percentile)
     hi, lo, scales = ifmr_candidates(max0, min0, asymmetric, search_range, search_step)
-    prefix = prefix_sums(sorted_data)
-    scale, _ = choose_scale(sorted_data, prefix, hi, lo, scales, candidate_chunk)
+    if kernels.use_kernels(sorted_data):
+        losses, sum_sq = kernels.ifmr_losses(sorted_np, hi.numpy(), lo.numpy(), scales.numpy())
+        best = first_min(torch.from_numpy(losses), torch.from_numpy(sum_sq))
+        scale = scales.gather(1, best[:, None])[:, 0]
+    else:
+        scale, _ = choose_scale(sorted_data, prefix_sums(sorted_data), hi, lo, scales, candidate_chunk)
     if asymmetric:
         offset = asymmetric_offset(min0, scale)
     else:

@@ -1,0 +1,426 @@
+"""What a record's INT8 KV cache costs in perplexity, and which layers it hurts.
+
+``evaluate_kv_quant(model, dataset, record_file)`` packs the evaluation text into
+``num_samples`` chunks of ``seq_len`` tokens (as calibration does; no padding) and
+computes perplexity -- ``exp(sum NLL / predicted tokens)``, every chunk predicting its
+tokens 2..seq_len -- on the same chunks for:
+
+* ``baseline``: the full-precision KV cache;
+* ``quantized``: K/V quantize-dequantized with the record's factors (SPEC §3,
+  ``q = clip(round(x/s) + o, -128, 127)``, ``x_hat = (q - o) * s``), applied to the
+  post-RoPE states every attention reads (:func:`amct_hf.hooks.kv_transform`), i.e.
+  exactly what :class:`amct_hf.cache.StaticInt8KVCache` hands the attention;
+* reference ``minmax``: static asymmetric min-max factors at the record's granularity
+  (per layer: one factor, or one per channel), taken over the **evaluation chunks
+  themselves** during the baseline pass. It is an oracle: it has seen the test tokens
+  and never clips them, so it shows what "no clipping, full range" gives; a record
+  calibrated elsewhere that beats it clips outliers profitably;
+* reference ``dynamic_per_token``: asymmetric min-max factors computed on the fly for
+  every token and head (one scale/offset per ``head_dim`` vector): the usual dynamic
+  INT8 KV baseline, which needs no calibration.
+
+Min-max factors use the SPEC's asymmetric rule (the range always includes 0):
+``s = (max(hi, 0) - min(lo, 0)) / 255``, ``o = round(-128 - min(lo, 0) / s)``, and
+``s < FLT_EPSILON`` becomes ``s = 1, o = -128``.
+
+Per layer, for each quantized run, ``rel_mse = sum ||x_hat - x||^2 / sum ||x||^2`` over
+all evaluation tokens, with ``x`` the K (or V) states that layer computes in that run
+(so errors of earlier layers are included, as in deployment), and for the record the
+fraction of values outside its representable range (``clip_fraction``).
+
+The record is checked against the model (names, channel counts, per-tensor vs
+per-channel sizes) with one 2-token probe forward before any evaluation pass; a
+mismatch is refused naming the first mismatching layer.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import (QMAX, QMIN, RecordMismatchError, _read_factors, broadcast_factor,
+                    check_record, kv_layout)
+
+__all__ = ["evaluate_kv_quant", "EvalResult", "RecordMismatchError", "minmax_factors",
+           "add_parser", "run"]
+
+logger = logging.getLogger("amct_hf")
+FLT_EPSILON = 1.192092896e-7
+REFERENCES = ("minmax", "dynamic_per_token")
+_LABELS = {"baseline": "full precision", "quantized": "record (static INT8)",
+           "minmax": "min-max on eval data (oracle)", "dynamic_per_token": "dynamic per-token INT8"}
+
+
+# --------------------------------------------------------------------------- factors
+
+def minmax_factors(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric INT8 (scale, offset) covering [lo, hi] (and 0), elementwise, float32."""
+    hi = hi.float().clamp(min=0)
+    lo = lo.float().clamp(max=0)
+    scale = (hi - lo) / 255
+    tiny = scale < FLT_EPSILON
+    scale = torch.where(tiny, torch.ones_like(scale), scale)
+    offset = torch.where(tiny, torch.full_like(scale, -128.0), torch.round(-128 - lo / scale))
+    return scale, offset
+
+
+class _LayerError:
+    """sum ||x_hat - x||^2, sum ||x||^2 and clipped-value counts of one layer in one run."""
+
+    __slots__ = ("err", "ref", "clipped", "values")
+
+    def __init__(self):
+        self.err = self.ref = 0.0
+        self.clipped = self.values = 0
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor, clipped: torch.Tensor | None) -> None:
+        self.err += float((x_hat - x).double().pow(2).sum())
+        self.ref += float(x.double().pow(2).sum())
+        if clipped is not None:
+            self.clipped += int(clipped.sum())
+        self.values += x.numel()
+
+    @property
+    def rel_mse(self) -> float:
+        return self.err / self.ref if self.ref > 0 else (0.0 if self.err == 0 else math.inf)
+
+
+class _StaticFakeQuant:
+    """kv_transform callback: quantize-dequantize with fixed factors per record key."""
+
+    def __init__(self, factors: dict):
+        # (scale, offset) as flat float32 tensors; broadcast shapes are made per call,
+        # since they depend on kv_heads (cheap, and the tensors are small)
+        self.factors = {name: (torch.as_tensor(s, dtype=torch.float32).reshape(-1),
+                               torch.as_tensor(o, dtype=torch.float32).reshape(-1))
+                        for name, (s, o) in factors.items()}
+        self.errors: dict[str, _LayerError] = {}
+
+    def __call__(self, name: str, states: torch.Tensor) -> torch.Tensor:
+        s, o = self.factors[name]
+        s, o = broadcast_factor(s, states, name), broadcast_factor(o, states, name)
+        x = states.float()
+        raw = torch.round(x / s) + o
+        x_hat = (raw.clamp(QMIN, QMAX) - o) * s
+        self.errors.setdefault(name, _LayerError()).add(x, x_hat, (raw < QMIN) | (raw > QMAX))
+        return x_hat.to(states.dtype)
+
+
+class _DynamicPerToken:
+    """kv_transform callback: asymmetric min-max INT8 per token and head (head_dim vector)."""
+
+    def __init__(self):
+        self.errors: dict[str, _LayerError] = {}
+
+    def __call__(self, name: str, states: torch.Tensor) -> torch.Tensor:
+        x = states.float()
+        s, o = minmax_factors(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True))
+        x_hat = ((torch.round(x / s) + o).clamp(QMIN, QMAX) - o) * s
+        self.errors.setdefault(name, _LayerError()).add(x, x_hat, None)
+        return x_hat.to(states.dtype)
+
+
+class _RangeObserver:
+    """Per-channel running min/max of every layer (a kv_calibration observer)."""
+
+    def __init__(self):
+        self.lo: dict[str, torch.Tensor] = {}
+        self.hi: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        lo, hi = x.amin(0), x.amax(0)
+        if name in self.lo:
+            lo, hi = torch.minimum(lo, self.lo[name]), torch.maximum(hi, self.hi[name])
+        self.lo[name], self.hi[name] = lo, hi
+
+    def factors(self, like: dict) -> dict:
+        """Min-max factors with the granularity of ``like`` (the record), per layer."""
+        out = {}
+        for name, (scales, _) in like.items():
+            lo, hi = self.lo[name], self.hi[name]
+            if len(scales) == 1:
+                lo, hi = lo.min().reshape(1), hi.max().reshape(1)
+            s, o = minmax_factors(lo, hi)
+            out[name] = (s.cpu(), o.cpu())
+        return out
+
+
+# --------------------------------------------------------------------------- result
+
+@dataclass
+class EvalResult:
+    """Perplexities of one evaluation and per-layer K/V quantization errors."""
+    baseline_ppl: float
+    quantized_ppl: float
+    references: dict          # "minmax"/"dynamic_per_token" -> {"ppl", "relative_increase"}
+    layers: dict              # record key -> {"rel_mse", "clip_fraction", "channels", ...}
+    record_file: str
+    granularity: str          # "per_tensor", "per_channel" or "mixed"
+    num_samples: int
+    seq_len: int
+    num_tokens: int           # predicted tokens (the NLL's denominator)
+    seconds: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def relative_increase(self) -> float:
+        return self.quantized_ppl / self.baseline_ppl - 1.0
+
+    def to_dict(self) -> dict:
+        return {
+            "baseline_ppl": self.baseline_ppl,
+            "quantized_ppl": self.quantized_ppl,
+            "relative_increase": self.relative_increase,
+            "references": self.references,
+            "layers": self.layers,
+            "record_file": self.record_file,
+            "granularity": self.granularity,
+            "num_samples": self.num_samples,
+            "seq_len": self.seq_len,
+            "num_tokens": self.num_tokens,
+            "seconds": self.seconds,
+            **self.meta,
+        }
+
+    def table(self, worst: int = 3) -> str:
+        """The perplexity table, then per-layer relative MSE of K and V (the ``worst``
+        layers by record error marked with ``*``)."""
+        rows = [("run", "ppl", "rel. increase"),
+                (_LABELS["baseline"], f"{self.baseline_ppl:.4f}", "-"),
+                (f"{_LABELS['quantized']}, {self.granularity}", f"{self.quantized_ppl:.4f}",
+                 f"{100 * self.relative_increase:+.3f}%")]
+        for name, ref in self.references.items():
+            rows.append((_LABELS.get(name, name), f"{ref['ppl']:.4f}", f"{100 * ref['relative_increase']:+.3f}%"))
+        lines = [f"{self.num_samples} x {self.seq_len} tokens ({self.num_tokens} predicted), "
+                 f"record {self.record_file}", *_format_rows(rows), ""]
+
+        pairs: dict[str, dict[str, str]] = {}  # attention module -> {"K": key name, "V": ...}
+        for name in self.layers:
+            base, _, part = name.rpartition(".")
+            pairs.setdefault(base, {})["K" if part in ("k_proj", "key_states") else "V"] = name
+        marked = sorted(self.layers, key=lambda n: -self.layers[n]["rel_mse"])[:worst]
+        has_refs = any("rel_mse_minmax" in s for s in self.layers.values())
+        head = ["layer", "K rel MSE", "K clip", "V rel MSE", "V clip"]
+        if has_refs:
+            head += ["K mm/dyn", "V mm/dyn"]
+        rows = [tuple(head)]
+        for base, kv in pairs.items():
+            row = [base]
+            for kind in "KV":
+                st = self.layers.get(kv.get(kind))
+                mark = "*" if kv.get(kind) in marked else " "
+                row += [f"{st['rel_mse']:.3e}{mark}", f"{100 * st['clip_fraction']:.3f}%"] if st else ["-", "-"]
+            if has_refs:
+                for kind in "KV":
+                    st = self.layers.get(kv.get(kind)) or {}
+                    row.append(f"{st.get('rel_mse_minmax', math.nan):.2e}/"
+                               f"{st.get('rel_mse_dynamic_per_token', math.nan):.2e}")
+            rows.append(tuple(row))
+        lines += ["per-layer relative MSE ||x_hat - x||^2 / ||x||^2 over the eval tokens "
+                  f"(record; * = worst {worst}; mm/dyn = references):", *_format_rows(rows)]
+        return "\n".join(lines)
+
+
+def _format_rows(rows) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def _nll(model: nn.Module, batches, device, desc: str, progress: bool) -> tuple[float, int]:
+    """Summed next-token NLL (float64) and the number of predicted tokens."""
+    total, count = 0.0, 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(batches), desc=desc, unit="batch", leave=False)
+    for batch in batches:
+        ids = batch.to(device)
+        logits = model(input_ids=ids, use_cache=False).logits
+        # float32 log-softmax even for a bf16 model: the reduction decides the ppl digits
+        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                              ids[:, 1:].reshape(-1), reduction="sum")
+        total += float(nll.double())
+        count += ids[:, 1:].numel()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return total, count
+
+
+def _ppl(nll: float, count: int) -> float:
+    return math.exp(nll / count)
+
+
+def _granularity(factors: dict) -> str:
+    kinds = {"per_tensor" if len(s) == 1 else "per_channel" for s, _ in factors.values()}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def _batches(samples, batch_size):
+    # packed samples all have seq_len tokens (a lone shorter one stays alone): no padding
+    by_len: dict[int, list] = {}
+    for s in samples:
+        by_len.setdefault(len(s), []).append(s)
+    out = []
+    for group in by_len.values():
+        for i in range(0, len(group), batch_size):
+            out.append(torch.tensor(group[i:i + batch_size], dtype=torch.long))
+    return out
+
+
+def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_samples: int = 8,
+                      seq_len: int = 512, batch_size: int = 1, skip_tokens: int = 0,
+                      split: str = "train", text_column: str = "text", references: bool = True,
+                      device_map=None, dtype=None, trust_remote_code: bool = False,
+                      progress: bool = False) -> EvalResult:
+    """Perplexity with the full-precision KV cache vs K/V quantized by ``record_file``'s
+    factors (plus min-max and dynamic per-token references), on ``num_samples`` packed
+    chunks of ``seq_len`` tokens of ``dataset``, and per-layer K/V relative MSE.
+
+    ``model``: id, local folder or loaded model (then pass ``tokenizer``). ``dataset``:
+    anything :func:`amct_hf.data.load_texts` reads. ``skip_tokens``: leave out the first
+    tokens of the packed text (rounded up to whole chunks), e.g. the
+    ``num_samples * seq_len`` tokens calibration used when evaluating on the same corpus.
+    ``record_file`` may also be a ``{record key: (scales, offsets)}`` mapping.
+    """
+    from .calibrate import load_model
+    from .data import load_texts, tokenize_samples
+
+    started = time.time()
+    for arg, value in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{arg} must be a positive int, got {value!r}")
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2 (one token to predict), got {seq_len}")
+    if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
+        raise ValueError(f"skip_tokens must be a non-negative int, got {skip_tokens!r}")
+    factors, where = _read_factors(record_file)  # a bad file fails before the model loads
+    texts = load_texts(dataset, split=split, text_column=text_column)
+    model, tok = load_model(model, device_map=device_map, dtype=dtype,
+                            trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+    was_training = model.training
+    model.eval()  # dropout would make the runs incomparable
+    try:
+        with torch.no_grad():
+            layout = kv_layout(model)  # the one probe forward, before any evaluation pass
+            check_record(factors, layout, where)
+
+            skip = -(-skip_tokens // seq_len)
+            samples = tokenize_samples(tok, texts, seq_len=seq_len, num_samples=skip + num_samples)
+            if skip and len(samples) <= skip:
+                raise ValueError(f"skip_tokens={skip_tokens} leaves no evaluation text: the dataset "
+                                 f"packs into only {len(samples)} chunk(s) of {seq_len} tokens")
+            samples = samples[skip:]
+            batches = _batches(samples, batch_size)
+            device = _input_device(model)
+            result = _evaluate(model, batches, device, factors, layout, references, progress)
+    finally:
+        model.train(was_training)
+
+    baseline, quantized, refs, layers, count = result
+    return EvalResult(
+        baseline_ppl=baseline, quantized_ppl=quantized, references=refs, layers=layers,
+        record_file=os.fspath(record_file) if isinstance(record_file, (str, os.PathLike)) else "<factors>",
+        granularity=_granularity(factors), num_samples=len(samples), seq_len=seq_len, num_tokens=count,
+        seconds=time.time() - started)
+
+
+def _input_device(model):
+    from .calibrate import _input_device as device_of
+    return device_of(model)
+
+
+def _evaluate(model, batches, device, factors, layout, references, progress):
+    from .hooks import kv_calibration, kv_transform
+
+    ranges = _RangeObserver()
+    if references:  # the baseline pass also collects the min-max reference's ranges
+        with kv_calibration(model, ranges):
+            nll, count = _nll(model, batches, device, "full precision", progress)
+    else:
+        nll, count = _nll(model, batches, device, "full precision", progress)
+    baseline = _ppl(nll, count)
+
+    record = _StaticFakeQuant(factors)
+    with kv_transform(model, record):
+        quantized = _ppl(*_nll(model, batches, device, "record", progress))
+
+    layers = {name: {"rel_mse": err.rel_mse,
+                     "clip_fraction": err.clipped / err.values if err.values else 0.0,
+                     "channels": layout[name].channels,
+                     "granularity": "per_tensor" if len(factors[name][0]) == 1 else "per_channel"}
+              for name, err in record.errors.items()}
+    refs = {}
+    if references:
+        for ref_name, transform in (("minmax", _StaticFakeQuant(ranges.factors(factors))),
+                                    ("dynamic_per_token", _DynamicPerToken())):
+            with kv_transform(model, transform):
+                ppl = _ppl(*_nll(model, batches, device, ref_name, progress))
+            refs[ref_name] = {"ppl": ppl, "relative_increase": ppl / baseline - 1.0}
+            for name, err in transform.errors.items():
+                layers.setdefault(name, {})[f"rel_mse_{ref_name}"] = err.rel_mse
+    return baseline, quantized, refs, layers, count
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="perplexity with an INT8 KV cache from a record vs full precision",
+        description="Perplexity on packed chunks with the full-precision KV cache and with K/V "
+                    "quantize-dequantized by the record's factors, plus min-max (oracle, on the "
+                    "eval data) and dynamic per-token INT8 references, and per-layer K/V "
+                    "relative MSE.")
+    p.add_argument("--model", required=True, help="model id or local folder")
+    p.add_argument("--dataset", required=True,
+                   help="evaluation text: a .txt/.cor/.json/.jsonl/.parquet/.csv file, a folder, "
+                        "or a cached datasets name")
+    p.add_argument("--record", required=True, metavar="FILE", help="AMCT record file (text)")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    p.add_argument("--num-samples", type=int, default=8, help="chunks to evaluate (default 8)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per chunk (default 512)")
+    p.add_argument("--batch-size", type=int, default=1, help="chunks per forward (default 1)")
+    p.add_argument("--skip-tokens", type=int, default=0,
+                   help="skip the first N tokens of the packed text, e.g. the calibration tokens "
+                        "when evaluating on the calibration corpus (default 0)")
+    p.add_argument("--split", default="train", help="dataset split (default train)")
+    p.add_argument("--text-column", default="text", help="text column (default text)")
+    p.add_argument("--dtype", help="model dtype, e.g. float32, bfloat16 (default: the model's)")
+    p.add_argument("--device-map", help="e.g. auto, cpu, cuda:0")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--no-references", action="store_true",
+                   help="skip the min-max and dynamic per-token reference runs")
+    p.add_argument("--worst", type=int, default=3, help="layers to mark as worst (default 3)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    result = evaluate_kv_quant(
+        args.model, args.dataset, args.record, num_samples=args.num_samples, seq_len=args.seq_len,
+        batch_size=args.batch_size, skip_tokens=args.skip_tokens, split=args.split,
+        text_column=args.text_column, references=not args.no_references, device_map=args.device_map,
+        dtype=args.dtype, trust_remote_code=args.trust_remote_code, progress=sys.stderr.isatty())
+    print(result.table(worst=args.worst))
+    if args.json:
+        data = {**result.to_dict(), "model": args.model, "dataset": args.dataset}
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, args.json)  # no half-written JSON for a reader
+        print(f"wrote {args.json}")
+    return 0

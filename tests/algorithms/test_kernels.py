@@ -1,0 +1,46 @@
+"""The compiled CPU kernels and the device-generic torch paths compute the same thing."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from amct_hf.algorithms import kernels
+from amct_hf.algorithms.hfmg import HistogramState, hfmg_factors, histc_per_channel
+from amct_hf.algorithms.ifmr import ifmr_factors
+
+from .test_ifmr import DISTS, make
+
+pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="numba not installed")
+
+
+def torch_path(monkeypatch):
+    monkeypatch.setattr(kernels, "use_kernels", lambda t: False)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(dist=st.sampled_from(DISTS), n=st.integers(1, 600), c=st.integers(1, 6), seed=st.integers(0, 9999),
+       asym=st.booleans(), pmax=st.sampled_from([0.999999, 0.99]))
+def test_ifmr_kernel_equals_torch_path(monkeypatch, dist, n, c, seed, asym, pmax):
+    x = make(dist, n, c, seed)
+    fast = ifmr_factors(x, asymmetric=asym, max_percentile=pmax)
+    with monkeypatch.context() as m:
+        torch_path(m)
+        slow = ifmr_factors(x, asymmetric=asym, max_percentile=pmax)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(dist=st.sampled_from(DISTS), n=st.integers(1, 600), c=st.integers(1, 4), seed=st.integers(0, 9999),
+       asym=st.booleans(), bins=st.sampled_from([1024, 2048, 8192]))
+def test_hfmg_kernels_equal_torch_path(monkeypatch, dist, n, c, seed, asym, bins):
+    x = make(dist, n, c, seed) * 3
+    lo, hi = x.amin(0), x.amax(0)
+    fast_hist = histc_per_channel(x, lo, hi, bins)
+    fast = hfmg_factors(HistogramState.from_batch(x, bins), asym)
+    with monkeypatch.context() as m:
+        torch_path(m)
+        slow_hist = histc_per_channel(x, lo, hi, bins)
+        slow = hfmg_factors(HistogramState.from_batch(x, bins), asym)
+    assert torch.equal(fast_hist, slow_hist)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])

@@ -1,0 +1,141 @@
+"""`amct-hf calibrate` on a tiny Llama and a word-level tokenizer trained here (fast)."""
+import json
+
+import pytest
+
+from amct_hf.calibrate_cli import quant_algo_params_from_args
+from amct_hf.cli import build_parser, main
+from amct_hf.record import read_kv_factors
+
+LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
+WORDS = ("the cat sat on a mat while the dog ran to the park and a bird sang over "
+         "green hills near the river where fish swim under old bridges").split()
+
+
+def _corpus_lines(n=40):
+    # deterministic, varied lines: enough tokens for 4 packed samples of 16
+    return [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(8 + i % 5)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model dir, corpus .txt) for a 2-layer Llama with 2 KV heads of 16 dims."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny_cli")
+    lines = _corpus_lines()
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator(lines, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[EOS]"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]",
+                                   unk_token="[UNK]")
+    model_dir = root / "model"
+    fast.save_pretrained(model_dir)
+
+    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=KV_HEADS * HEAD_DIM * 2,
+                         intermediate_size=96, num_hidden_layers=LAYERS, num_attention_heads=4,
+                         num_key_value_heads=KV_HEADS, max_position_embeddings=64,
+                         pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id,
+                         bos_token_id=None)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    return model_dir, corpus
+
+
+def _calibrate(model_dir, dataset, record, *extra):
+    return main(["calibrate", "--model", str(model_dir), "--dataset", str(dataset),
+                 "--num-samples", "4", "--seq-len", "16", "--record", str(record),
+                 "--no-progress", *extra])
+
+
+def _expected_keys():
+    return {f"model.layers.{i}.self_attn.{kv}_proj" for i in range(LAYERS) for kv in "kv"}
+
+
+def test_calibrate_per_channel(tiny, tmp_path, capsys):
+    model_dir, corpus = tiny
+    rec = tmp_path / "kv_cache.txt"
+    assert _calibrate(model_dir, corpus, rec, "--granularity", "per_channel") == 0
+    factors = read_kv_factors(rec)
+    assert set(factors) == _expected_keys()
+    for scales, offsets in factors.values():
+        assert len(scales) == len(offsets) == KV_HEADS * HEAD_DIM
+        assert all(s > 0 for s in scales)
+    out = capsys.readouterr().out
+    assert f"{2 * LAYERS} layers, 4 samples, 64 tokens" in out and str(rec) in out
+
+
+def test_params_file_merged_with_flag_override(tiny, tmp_path):
+    model_dir, corpus = tiny
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"act_algo": "hfmg", "quant_granularity": "per_channel",
+                                  "num_of_bins": 1024, "asymmetric": True}))
+    argv = ["calibrate", "--params", str(params), "--granularity", "per_tensor", "--symmetric"]
+    args = build_parser().parse_args(argv)
+    assert quant_algo_params_from_args(args) == {
+        "act_algo": "hfmg", "quant_granularity": "per_tensor", "num_of_bins": 1024,
+        "asymmetric": False}
+    # only given flags appear: nothing is invented for the library to reject
+    assert quant_algo_params_from_args(build_parser().parse_args(["calibrate"])) == {}
+
+    rec = tmp_path / "rec.txt"
+    assert _calibrate(model_dir, corpus, rec, "--params", str(params),
+                      "--granularity", "per_tensor", "--symmetric") == 0
+    factors = read_kv_factors(rec)
+    assert set(factors) == _expected_keys()
+    for scales, offsets in factors.values():
+        assert len(scales) == 1 and offsets == [0]  # per-tensor from the flag, symmetric
+
+
+def _error_line(capsys) -> str:
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("amct-hf calibrate: error:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing_model", "does not exist"),
+    ("unknown_hub_id", "cannot load model 'no-such-org/no-such-model'"),
+    ("missing_column", "no column 'nope'"),
+    ("empty_dataset", "file is empty"),
+    ("seq_len_zero", "--seq-len must be a positive integer, got 0"),
+    ("bins_with_ifmr", "['num_of_bins'] = 4096 belongs to HFMG, but act_algo is 'ifmr'"),
+    ("missing_params_file", "--params file"),
+    ("params_not_object", "must hold a JSON object"),
+])
+def test_bad_inputs_give_one_line_error(tiny, tmp_path, capsys, case, expected):
+    model_dir, corpus = tiny
+    rec = tmp_path / "rec.txt"
+    extra = []
+    if case == "missing_model":
+        model_dir = tmp_path / "no_such_model"
+    elif case == "unknown_hub_id":  # offline: neither local nor in the hub cache
+        model_dir = "no-such-org/no-such-model"
+    elif case == "missing_column":
+        corpus = tmp_path / "data.jsonl"
+        corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in _corpus_lines(8)))
+        extra = ["--text-column", "nope"]
+    elif case == "empty_dataset":
+        corpus = tmp_path / "empty.txt"
+        corpus.write_text("")
+    elif case == "seq_len_zero":
+        extra = ["--seq-len", "0"]
+    elif case == "bins_with_ifmr":
+        extra = ["--algo", "ifmr", "--num-of-bins", "4096"]
+    elif case == "missing_params_file":
+        extra = ["--params", str(tmp_path / "missing.json")]
+    elif case == "params_not_object":
+        bad = tmp_path / "list.json"
+        bad.write_text("[1, 2]")
+        extra = ["--params", str(bad)]
+    assert _calibrate(model_dir, corpus, rec, *extra) == 2
+    line = _error_line(capsys)
+    assert expected in line, line
+    if case == "missing_model":
+        assert "no_such_model" in line
+    assert not rec.exists()  # nothing written on a refused run

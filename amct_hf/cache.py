@@ -6,7 +6,7 @@ on read::
 
     cache = StaticInt8KVCache.from_record("kv_cache.txt", model)
     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
-    cache.nbytes()                       # bytes held (int8 states + factors)
+    cache.nbytes()                       # bytes held by the int8 K/V states
 
 What the attention hands to ``cache.update`` is exactly what the record was calibrated
 on: key states after RoPE (and any k-norm), ``[batch, kv_heads, seq, head_dim]``,
@@ -232,9 +232,12 @@ class _Int8Storage:
         (ks, ko), (vs, vo) = self._factors
         return (dequantize(self.keys, ks, ko, self.dtype), dequantize(self.values, vs, vo, self.dtype))
 
-    def nbytes(self) -> int:
-        """Bytes held: the int8 states plus the factors."""
-        held = sum(s.numel() * s.element_size() + o.numel() * o.element_size() for s, o in self._flat)
+    def nbytes(self, factors: bool = False) -> int:
+        """Bytes held by the int8 states (and, with ``factors``, by the scales/offsets: a
+        fixed cost per layer, like weights, that does not grow with tokens or batch)."""
+        held = 0
+        if factors:
+            held += sum(s.numel() * s.element_size() + o.numel() * o.element_size() for s, o in self._flat)
         if self.is_initialized and self.keys is not None:
             held += self.keys.numel() * self.keys.element_size()
             held += self.values.numel() * self.values.element_size()
@@ -317,16 +320,17 @@ class StaticInt8KVCache(Cache):
                     "sliding-window attention only")
         return cls(layers)
 
-    def nbytes(self) -> int:
-        """Bytes held by the cache: int8 keys/values plus the factors."""
-        return sum(layer.nbytes() for layer in self.layers)
+    def nbytes(self, factors: bool = False) -> int:
+        """Bytes held by the int8 keys/values (plus the factors with ``factors=True``)."""
+        return sum(layer.nbytes(factors) for layer in self.layers)
 
 
-def cache_nbytes(cache: Cache) -> int:
-    """Bytes held by any transformers ``Cache``'s key/value tensors (and, for
-    :class:`StaticInt8KVCache`, its factors): what the KV cache costs in memory."""
+def cache_nbytes(cache: Cache, factors: bool = False) -> int:
+    """Bytes held by any transformers ``Cache``'s key/value tensors: what the KV cache
+    costs in memory at its current length. ``factors=True`` adds a
+    :class:`StaticInt8KVCache`'s scales/offsets (a fixed per-layer cost)."""
     if isinstance(cache, StaticInt8KVCache):
-        return cache.nbytes()
+        return cache.nbytes(factors)
     total = 0
     for layer in cache.layers:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):

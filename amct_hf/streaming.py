@@ -26,7 +26,8 @@ import torch
 from .algorithms.aligned import AlignedHistogram
 from .algorithms.common import order_statistic_k
 from .algorithms.hfmg import HistogramState, hfmg_factors
-from .algorithms.ifmr import asymmetric_offset, choose_scale, ifmr_candidates, prefix_sums
+from .algorithms import kernels
+from .algorithms.ifmr import asymmetric_offset, choose_scale, first_min, ifmr_candidates, prefix_sums
 from .observers import ExactIFMRObserver, HFMGObserver, Observer, register_observer
 
 __all__ = ["StreamingIFMRObserver", "StreamingHFMGObserver", "OneBatchHFMGObserver",
@@ -110,8 +111,13 @@ class StreamingIFMRObserver(_Streaming):
         min0 = self._order_statistic(order_statistic_k(self.count, p.min_percentile), False).clamp(max=0)
         hi, lo, scales = ifmr_candidates(max0, min0, p.asymmetric, p.search_range, p.search_step)
         points = h.means()
-        prefix = prefix_sums(points, h.counts)
-        scale, _ = choose_scale(points, prefix, hi, lo, scales)
+        if kernels.use_kernels(points):
+            losses, sum_sq = kernels.ifmr_losses(points.contiguous().numpy(), hi.numpy(), lo.numpy(),
+                                                 scales.numpy(), h.counts.contiguous().numpy())
+            best = first_min(torch.from_numpy(losses), torch.from_numpy(sum_sq))
+            scale = scales.gather(1, best[:, None])[:, 0]
+        else:
+            scale, _ = choose_scale(points, prefix_sums(points, h.counts), hi, lo, scales)
         self.tolerance = self._tolerance(hi, lo, scales)
         if p.asymmetric:
             return scale, asymmetric_offset(min0, scale)

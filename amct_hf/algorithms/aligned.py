@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
+
 __all__ = ["AlignedHistogram", "fit_level", "MIN_LEVEL"]
 
 # 2**-32: fine enough for any activation range, and floor(x * 2**32) stays in int64
@@ -66,6 +68,10 @@ class AlignedHistogram:
         """Move to the grid that [lo, hi] (a superset of the current range) dictates."""
         level = torch.maximum(fit_level(lo, hi, self.bins), self.level)
         origin = _floor_index(lo, level)
+        if lo.device.type == "cpu" and torch.equal(level, self.level) and torch.equal(origin, self.origin):
+            # same grid: nothing to move (checked on CPU only, where it costs no device sync)
+            self.lo, self.hi = lo, hi
+            return
         shift = (level - self.level).clamp(max=63)
         c, b = self.counts.shape
         old_abs = self.origin[:, None] + torch.arange(b, device=self.counts.device)
@@ -82,7 +88,16 @@ class AlignedHistogram:
     def update(self, x: torch.Tensor) -> None:
         """Add a [tokens, C] batch."""
         x = x.to(torch.float32)
-        self.regrid(torch.minimum(self.lo, x.amin(0)), torch.maximum(self.hi, x.amax(0)))
+        if x.shape[1] == 1:  # per-tensor: a flat reduction is much faster than along dim 0
+            lo, hi = torch.aminmax(x.reshape(-1))
+            lo, hi = lo.reshape(1), hi.reshape(1)
+        else:
+            lo, hi = torch.aminmax(x, dim=0)
+        self.regrid(torch.minimum(self.lo, lo), torch.maximum(self.hi, hi))
+        if kernels.use_kernels(x):
+            kernels.aligned_update(x.contiguous().numpy(), self.level.numpy(), self.origin.numpy(),
+                                   self.counts.numpy(), self.offsets.numpy())
+            return
         c, b = self.counts.shape
         absolute = _floor_index(x, self.level[None, :])
         k = (absolute - self.origin).clamp(0, b - 1) + torch.arange(c, device=x.device) * b

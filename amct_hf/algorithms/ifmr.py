@@ -15,7 +15,7 @@ import torch
 from . import kernels
 from .common import FLT_EPSILON, order_statistic_k
 
-__all__ = ["ifmr_factors", "ifmr_initial_bounds", "ifmr_candidates", "ifmr_losses_sorted",
+__all__ = ["first_min", "ifmr_factors", "ifmr_initial_bounds", "ifmr_candidates", "ifmr_losses_sorted",
            "choose_scale", "asymmetric_offset", "prefix_sums", "TIE_RTOL"]
 
 # Losses closer than this (relative to mean(x^2)) are ties: the first candidate

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-__all__ = ["AVAILABLE", "use_kernels", "histc_rows", "ifmr_losses", "hfmg_walk", "hfmg_losses"]
+__all__ = ["AVAILABLE", "use_kernels", "histc_rows", "ifmr_losses", "aligned_update", "hfmg_walk", "hfmg_losses"]
 
 try:
     if os.environ.get("AMCT_HF_DISABLE_NUMBA"):
@@ -44,21 +44,26 @@ if AVAILABLE:
         return lo
 
     @njit(parallel=True, cache=True)
-    def _ifmr_losses(x, his, los, scales):
+    def _ifmr_losses(x, w, unit, his, los, scales):
+        # x [C, N] sorted rows (float32 values, or float64 bin means with weights w)
         c_n, n = x.shape
         r_n = scales.shape[1]
         out = np.empty((c_n, r_n), dtype=np.float64)
         sum_sq = np.empty(c_n, dtype=np.float64)
         half = np.float32(0.5)
         for c in prange(c_n):
+            p0 = np.empty(n + 1)
             p1 = np.empty(n + 1)
             p2 = np.empty(n + 1)
+            p0[0] = 0.0
             p1[0] = 0.0
             p2[0] = 0.0
             for i in range(n):
                 v = np.float64(x[c, i])
-                p1[i + 1] = p1[i] + v
-                p2[i + 1] = p2[i] + v * v
+                wt = 1.0 if unit else w[c, i]
+                p0[i + 1] = p0[i] + wt
+                p1[i + 1] = p1[i] + wt * v
+                p2[i + 1] = p2[i] + wt * v * v
             sum_sq[c] = p2[n]
             for r in range(r_n):
                 s = scales[c, r]
@@ -72,8 +77,8 @@ if AVAILABLE:
                     else:
                         end = n
                     q = np.float64(np.float32(j * s))
-                    cnt = np.float64(end - start)
-                    val = cnt * q * q - 2.0 * q * (p1[end] - p1[start]) + (p2[end] - p2[start])
+                    val = ((p0[end] - p0[start]) * q * q - 2.0 * q * (p1[end] - p1[start])
+                           + (p2[end] - p2[start]))
                     if val > 0.0:
                         total += val
                     if end == n or j >= j_hi:
@@ -82,6 +87,27 @@ if AVAILABLE:
                     j += np.float32(1.0)
                 out[c, r] = total
         return out, sum_sq
+
+    @njit(parallel=True, cache=True)
+    def _aligned_update(x, level, origin, counts, offsets):
+        n, c_n = x.shape
+        b_n = counts.shape[1]
+        for c in prange(c_n):
+            w = math.ldexp(1.0, level[c])
+            for i in range(n):
+                v = np.float64(x[i, c])
+                a = np.int64(math.floor(v / w))
+                k = a - origin[c]
+                if k < 0:
+                    k = 0
+                elif k >= b_n:
+                    k = b_n - 1
+                counts[c, k] += 1.0
+                offsets[c, k] += v - (a + 0.5) * w
+
+    def aligned_update(x, level, origin, counts, offsets):
+        """Add x [N, C] to an aligned histogram in place (see aligned.py)."""
+        _aligned_update(x, level, origin, counts, offsets)
 
     @njit(parallel=True, cache=True)
     def _hfmg_walk(hist, min_bins):
@@ -157,9 +183,12 @@ if AVAILABLE:
         n_blocks = max(1, min(numba.get_num_threads() * 2, x.shape[0]))
         return _histc_rows(x, lo, hi, bins, n_blocks)
 
-    def ifmr_losses(sorted_x, his, los, scales):
-        """([C, R] float64 losses, [C] sum of squares) for data sorted along rows."""
-        return _ifmr_losses(sorted_x, his, los, scales)
+    def ifmr_losses(sorted_x, his, los, scales, weights=None):
+        """([C, R] float64 losses, [C] sum of squares) for values sorted along rows
+        (optionally weighted: bin means with their counts)."""
+        if weights is None:
+            return _ifmr_losses(sorted_x, np.empty((1, 1)), True, his, los, scales)
+        return _ifmr_losses(sorted_x, weights, False, his, los, scales)
 
     def hfmg_walk(hist, min_bins):
         return _hfmg_walk(hist, min_bins)

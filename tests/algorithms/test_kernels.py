@@ -44,3 +44,35 @@ def test_hfmg_kernels_equal_torch_path(monkeypatch, dist, n, c, seed, asym, bins
         slow = hfmg_factors(HistogramState.from_batch(x, bins), asym)
     assert torch.equal(fast_hist, slow_hist)
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+def test_aligned_histogram_kernel_equals_torch_path(monkeypatch):
+    from amct_hf.algorithms.aligned import AlignedHistogram
+    xs = [make(d, 300, 5, i) * (i + 1) for i, d in enumerate(["normal", "outliers", "uniform", "grid"])]
+    fast = AlignedHistogram.empty(5, 256)
+    for x in xs:
+        fast.update(x)
+    with monkeypatch.context() as m:
+        torch_path(m)
+        slow = AlignedHistogram.empty(5, 256)
+        for x in xs:
+            slow.update(x)
+    assert torch.equal(fast.counts, slow.counts) and torch.equal(fast.level, slow.level)
+    assert torch.allclose(fast.offsets, slow.offsets, rtol=1e-9, atol=1e-9)
+
+
+def test_streaming_ifmr_kernel_equals_torch_path(monkeypatch):
+    from amct_hf.params import parse_quant_algo_params
+    from amct_hf.streaming import StreamingIFMRObserver
+    params = parse_quant_algo_params({"quant_granularity": 1, "asymmetric": False})
+    xs = [make(d, 400, 6, i) for i, d in enumerate(["laplace", "outliers", "normal"])]
+    results = []
+    for use in (True, False):
+        with monkeypatch.context() as m:
+            if not use:
+                torch_path(m)
+            obs = StreamingIFMRObserver(params)
+            for x in xs:
+                obs.update(x)
+            results.append(obs.compute())
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -1,0 +1,95 @@
+"""calibrate_kv_cache on the real SmolLM2-135M and a real corpus, against a plain forward
+loop over the same batches, measured in the same run; and peak resident memory for N
+and 8*N calibration tokens (each measurement in a fresh process).
+
+    .venv/bin/python benchmarks/bench_calibration.py [--samples 8] [--seq-len 512]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+CONFIGS = [("ifmr", "per_tensor"), ("ifmr", "per_channel"), ("hfmg", "per_tensor"), ("hfmg", "per_channel")]
+
+
+def _setup(samples, seq_len):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from amct_hf.assets import news_corpus_path, smollm2_folder
+    from amct_hf.data import load_texts, make_batches, tokenize_samples
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    folder = smollm2_folder()
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    texts = load_texts(str(news_corpus_path()))
+    batches = make_batches(tokenize_samples(tok, texts, seq_len=seq_len, num_samples=samples),
+                           batch_size=1, pad_token_id=tok.pad_token_id)
+    return model, tok, texts, batches
+
+
+def plain_forward(model, batches):
+    import torch
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b["input_ids"], use_cache=False)
+
+
+def worker(kind, algo, gran, samples, seq_len):
+    """One measurement in this process; prints a JSON line."""
+    from amct_hf import calibrate_kv_cache
+    model, tok, texts, batches = _setup(samples, seq_len)
+    plain_forward(model, batches[:1])  # warm-up (allocator, kernels)
+    out = {"kind": kind, "algo": algo, "granularity": gran, "samples": samples, "seq_len": seq_len}
+    if kind == "time":
+        start = time.perf_counter()
+        plain_forward(model, batches)
+        out["forward_s"] = time.perf_counter() - start
+    # a tiny calibration first: compiles the numba kernels outside the timed run
+    calibrate_kv_cache(model, texts, tokenizer=tok, quant_algo_params={"act_algo": algo, "quant_granularity": gran},
+                       num_samples=1, seq_len=16, progress=False, write=False)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    calibrate_kv_cache(model, texts, tokenizer=tok, quant_algo_params={"act_algo": algo, "quant_granularity": gran},
+                       num_samples=samples, seq_len=seq_len, progress=False, write=False)
+    out["calibrate_s"] = time.perf_counter() - start
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["rss_before_calibration_mb"] = rss_before / 1024
+    print(json.dumps(out), flush=True)
+
+
+def run(kind, algo, gran, samples, seq_len):
+    proc = subprocess.run([sys.executable, __file__, "--worker", kind, algo, gran, str(samples), str(seq_len)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=8, help="N: samples of --seq-len tokens")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--worker", nargs=5)
+    args = ap.parse_args()
+    if args.worker:
+        kind, algo, gran, samples, seq_len = args.worker
+        return worker(kind, algo, gran, int(samples), int(seq_len))
+    n, seq = args.samples, args.seq_len
+    print(f"SmolLM2-135M fp32, news corpus, {n} x {seq} tokens (memory: {n} and {8 * n} samples)")
+    print("| algorithm | granularity | forward (s) | calibrate (s) | ratio | peak RSS N (MB) | "
+          "peak RSS 8N (MB) | 8N / N |")
+    print("|---|---|---|---|---|---|---|---|")
+    for algo, gran in CONFIGS:
+        t = run("time", algo, gran, n, seq)
+        m1 = run("memory", algo, gran, n, seq)
+        m8 = run("memory", algo, gran, 8 * n, seq)
+        print(f"| {algo} | {gran} | {t['forward_s']:.2f} | {t['calibrate_s']:.2f} | "
+              f"{t['calibrate_s'] / t['forward_s']:.3f} | {m1['peak_rss_mb']:.0f} | {m8['peak_rss_mb']:.0f} | "
+              f"{m8['peak_rss_mb'] / m1['peak_rss_mb']:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

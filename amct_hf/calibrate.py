@@ -217,8 +217,8 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches = make_batches(mine, batch_size=batch_size, pad_token_id=pad_id,
                            padding_side=getattr(tok, "padding_side", "right") or "right")
-    if device_map is None and comm.world_size > 1 and state.device.type != "cpu":
-        model.to(state.device)
+    if device_map is None and state.device.type != "cpu" and _input_device(model).type == "cpu":
+        model.to(state.device)  # this process's accelerator (one per rank when distributed)
     device = _input_device(model)
     collector = LayerCollector(params, mode, stream_bins)
     bar = None

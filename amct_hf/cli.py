@@ -40,9 +40,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from .record import RecordFileError
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError, RecordFileError) as err:
         # user-facing errors: one clear line, no traceback
         print(f"amct-hf {args.command}: error: {err}", file=sys.stderr)
         return 2

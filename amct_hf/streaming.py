@@ -112,13 +112,15 @@ class StreamingIFMRObserver(_Streaming):
         hi, lo, scales = ifmr_candidates(max0, min0, p.asymmetric, p.search_range, p.search_step)
         points = h.means()
         if kernels.use_kernels(points):
-            losses, sum_sq = kernels.ifmr_losses(points.contiguous().numpy(), hi.numpy(), lo.numpy(),
-                                                 scales.numpy(), h.counts.contiguous().numpy())
+            losses, sum_sq, tol = kernels.ifmr_losses(
+                points.contiguous().numpy(), hi.numpy(), lo.numpy(), scales.numpy(),
+                h.counts.contiguous().numpy(), (h.level.numpy(), h.origin.numpy()))
             best = first_min(torch.from_numpy(losses), torch.from_numpy(sum_sq))
             scale = scales.gather(1, best[:, None])[:, 0]
+            self.tolerance = torch.from_numpy(tol)
         else:
             scale, _ = choose_scale(points, prefix_sums(points, h.counts), hi, lo, scales)
-        self.tolerance = self._tolerance(hi, lo, scales)
+            self.tolerance = self._tolerance(hi, lo, scales)
         if p.asymmetric:
             return scale, asymmetric_offset(min0, scale)
         return scale, torch.zeros_like(scale, dtype=torch.int64)

@@ -1,5 +1,8 @@
 """`amct-hf calibrate` on a tiny Llama and a word-level tokenizer trained here (fast)."""
 import json
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -8,6 +11,7 @@ from amct_hf.cli import build_parser, main
 from amct_hf.record import read_kv_factors
 
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 WORDS = ("the cat sat on a mat while the dog ran to the park and a bird sang over "
          "green hills near the river where fish swim under old bridges").split()
 
@@ -107,6 +111,7 @@ def _error_line(capsys) -> str:
     ("bins_with_ifmr", "['num_of_bins'] = 4096 belongs to HFMG, but act_algo is 'ifmr'"),
     ("missing_params_file", "--params file"),
     ("params_not_object", "must hold a JSON object"),
+    ("unparsable_record", "rec.txt"),
 ])
 def test_bad_inputs_give_one_line_error(tiny, tmp_path, capsys, case, expected):
     model_dir, corpus = tiny
@@ -133,9 +138,41 @@ def test_bad_inputs_give_one_line_error(tiny, tmp_path, capsys, case, expected):
         bad = tmp_path / "list.json"
         bad.write_text("[1, 2]")
         extra = ["--params", str(bad)]
+    elif case == "unparsable_record":  # RecordFileError is not a ValueError: still one line
+        rec.write_text("record { key: \"x\" oops")
+    before = rec.read_text() if rec.exists() else None
     assert _calibrate(model_dir, corpus, rec, *extra) == 2
     line = _error_line(capsys)
     assert expected in line, line
     if case == "missing_model":
         assert "no_such_model" in line
-    assert not rec.exists()  # nothing written on a refused run
+    # nothing written on a refused run
+    assert (rec.read_text() if rec.exists() else None) == before
+
+
+# --------------------------------------------------------------------------- recipes
+
+def _run_recipe(name, monkeypatch, *argv):
+    # in-process, as `python recipes/<name>.py ...` would run it
+    monkeypatch.setattr(sys, "argv", [str(RECIPES / name), *argv])
+    return runpy.run_path(str(RECIPES / name), run_name="__main__")
+
+
+@pytest.mark.parametrize("name, channels, algo", [("llama.py", KV_HEADS * HEAD_DIM, "ifmr"),
+                                                   ("qwen.py", 1, "hfmg")])
+def test_recipe_defaults_on_tiny_model(tiny, tmp_path, monkeypatch, name, channels, algo):
+    model_dir, corpus = tiny
+    rec = tmp_path / "rec.txt"
+    ns = _run_recipe(name, monkeypatch, "--model", str(model_dir), "--dataset", str(corpus),
+                     "--num-samples", "4", "--seq-len", "16", "--record", str(rec))
+    assert ns["QUANT_ALGO_PARAMS"]["act_algo"] == algo
+    factors = read_kv_factors(rec)
+    assert set(factors) == _expected_keys()
+    assert all(len(scales) == channels for scales, _ in factors.values())
+
+
+def test_qwen_recipe_needs_a_model(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _run_recipe("qwen.py", monkeypatch, "--num-samples", "4")
+    assert exc.value.code == 2
+    assert "no model given" in capsys.readouterr().err

@@ -44,12 +44,14 @@ if AVAILABLE:
         return lo
 
     @njit(parallel=True, cache=True)
-    def _ifmr_losses(x, w, unit, his, los, scales):
-        # x [C, N] sorted rows (float32 values, or float64 bin means with weights w)
+    def _ifmr_losses(x, w, unit, his, los, scales, level, origin):
+        # x [C, N] sorted rows (float32 values, or float64 bin means with weights w of an
+        # aligned histogram with the given level/origin, whose tolerance is also returned)
         c_n, n = x.shape
         r_n = scales.shape[1]
         out = np.empty((c_n, r_n), dtype=np.float64)
         sum_sq = np.empty(c_n, dtype=np.float64)
+        tol = np.zeros(c_n, dtype=np.float64)
         half = np.float32(0.5)
         for c in prange(c_n):
             p0 = np.empty(n + 1)
@@ -71,9 +73,16 @@ if AVAILABLE:
                 j_hi = np.rint(np.float32(his[c, r] / s))
                 start = 0
                 total = 0.0
+                crossed = 0.0  # values in histogram bins that a rounding threshold crosses
                 while True:
                     if j < j_hi:
-                        end = _lower_bound(x[c], np.float32((j + half) * s), start)
+                        t = np.float32((j + half) * s)
+                        end = _lower_bound(x[c], t, start)
+                        if not unit:
+                            width = math.ldexp(1.0, level[c])
+                            k = np.int64(math.floor(np.float64(t) / width)) - origin[c]
+                            if k >= 0 and k < n:
+                                crossed += w[c, k]
                     else:
                         end = n
                     q = np.float64(np.float32(j * s))
@@ -86,7 +95,11 @@ if AVAILABLE:
                     start = end
                     j += np.float32(1.0)
                 out[c, r] = total
-        return out, sum_sq
+                if not unit:
+                    eps = 2.0 * np.float64(s) * math.ldexp(1.0, level[c]) * crossed
+                    if 2.0 * eps > tol[c]:
+                        tol[c] = 2.0 * eps
+        return out, sum_sq, tol
 
     @njit(parallel=True, cache=True)
     def _aligned_update(x, level, origin, counts, offsets):
@@ -183,12 +196,14 @@ if AVAILABLE:
         n_blocks = max(1, min(numba.get_num_threads() * 2, x.shape[0]))
         return _histc_rows(x, lo, hi, bins, n_blocks)
 
-    def ifmr_losses(sorted_x, his, los, scales, weights=None):
-        """([C, R] float64 losses, [C] sum of squares) for values sorted along rows
-        (optionally weighted: bin means with their counts)."""
+    def ifmr_losses(sorted_x, his, los, scales, weights=None, grid=None):
+        """([C, R] float64 losses, [C] sum of squares) for values sorted along rows; or, for
+        the bin means of an aligned histogram with ``weights`` = counts and ``grid`` =
+        (level, origin), also the per-channel tolerance of ``StreamingIFMRObserver``."""
+        dummy = np.zeros(sorted_x.shape[0], dtype=np.int64)
         if weights is None:
-            return _ifmr_losses(sorted_x, np.empty((1, 1)), True, his, los, scales)
-        return _ifmr_losses(sorted_x, weights, False, his, los, scales)
+            return _ifmr_losses(sorted_x, np.empty((1, 1)), True, his, los, scales, dummy, dummy)[:2]
+        return _ifmr_losses(sorted_x, weights, False, his, los, scales, *grid)
 
     def hfmg_walk(hist, min_bins):
         return _hfmg_walk(hist, min_bins)

@@ -12,12 +12,21 @@ __all__ = [
 __version__ = "0.1.0"
 
 
+_LAZY = {
+    # the transformers side is imported on first use: the operator alone must not pay for it
+    "calibrate_kv_cache": "calibrate", "CalibrationResult": "calibrate",
+    "kv_calibration": "hooks", "kv_transform": "hooks", "KVCalibrationHooks": "hooks",
+    "UnpatchableModelError": "hooks",
+    "evaluate_kv_quant": "evaluate", "EvalResult": "evaluate", "RecordMismatchError": "evaluate",
+    "StaticInt8KVCache": "cache",
+    "export_json": "export", "export_safetensors": "export", "load_export": "export",
+    "plot_report": "report",
+}
+__all__ += list(_LAZY)
+
+
 def __getattr__(name):
-    # the transformers side is imported lazily: the operator alone must not pay for it
-    if name in ("calibrate_kv_cache", "CalibrationResult"):
-        from . import calibrate
-        return getattr(calibrate, name)
-    if name in ("kv_calibration", "KVCalibrationHooks"):
-        from . import hooks
-        return getattr(hooks, name)
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'amct_hf' has no attribute {name!r}")

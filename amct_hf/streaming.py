@@ -76,26 +76,29 @@ class StreamingIFMRObserver(_Streaming):
     def ensure(self, channels, device=None):
         super().ensure(channels, device)
         if self.top is None:
-            self.top = torch.full((self.topk, channels), float("-inf"), device=device)
-            self.bottom = torch.full((self.topk, channels), float("inf"), device=device)
+            # [C, K] rows: the K largest (descending) and smallest (ascending) values seen
+            self.top = torch.full((channels, self.topk), float("-inf"), device=device)
+            self.bottom = torch.full((channels, self.topk), float("inf"), device=device)
 
     def update(self, x):
         self.ensure(x.shape[1], x.device)
-        k = min(self.topk, x.shape[0])
-        self.top = torch.cat([self.top, x.topk(k, 0).values]).topk(self.topk, 0).values
-        self.bottom = torch.cat([self.bottom, x.topk(k, 0, largest=False).values]).topk(
-            self.topk, 0, largest=False).values
-        super().update(x)
+        if not self.hist.update(x, self.top, self.bottom):
+            k = min(self.topk, x.shape[0])
+            self.top = torch.cat([self.top, x.topk(k, 0).values.t()], 1).topk(self.topk, 1).values
+            self.bottom = torch.cat([self.bottom, x.topk(k, 0, largest=False).values.t()], 1).topk(
+                self.topk, 1, largest=False).values
+        self.count += x.shape[0]
+        self.batches += 1
 
     def reduce(self, comm):
         super().reduce(comm)
         if comm.active:
-            self.top = comm.all_gather_cat(self.top).topk(self.topk, 0).values
-            self.bottom = comm.all_gather_cat(self.bottom).topk(self.topk, 0, largest=False).values
+            self.top = comm.all_gather_cat(self.top, dim=1).topk(self.topk, 1).values
+            self.bottom = comm.all_gather_cat(self.bottom, dim=1).topk(self.topk, 1, largest=False).values
 
     def _order_statistic(self, k: int, largest: bool) -> torch.Tensor:
         if k <= self.topk:
-            return (self.top if largest else self.bottom)[k - 1]
+            return (self.top if largest else self.bottom)[:, k - 1]
         logger.warning("IFMR percentile rank %d exceeds the %d exact extremes kept; "
                        "reading it from the histogram", k, self.topk)
         h = self.hist

@@ -72,6 +72,11 @@ class AlignedHistogram:
             # same grid: nothing to move (checked on CPU only, where it costs no device sync)
             self.lo, self.hi = lo, hi
             return
+        if kernels.use_kernels(self.counts):
+            kernels.aligned_regrid(self.level.numpy(), self.origin.numpy(), level.numpy(), origin.numpy(),
+                                   self.counts.numpy(), self.offsets.numpy())
+            self.level, self.origin, self.lo, self.hi = level, origin, lo, hi
+            return
         shift = (level - self.level).clamp(max=63)
         c, b = self.counts.shape
         old_abs = self.origin[:, None] + torch.arange(b, device=self.counts.device)
@@ -85,8 +90,10 @@ class AlignedHistogram:
         self.counts, self.offsets, self.level, self.origin = counts, offsets, level, origin
         self.lo, self.hi = lo, hi
 
-    def update(self, x: torch.Tensor) -> None:
-        """Add a [tokens, C] batch."""
+    def update(self, x: torch.Tensor, top=None, bottom=None) -> bool:
+        """Add a [tokens, C] batch. With the compiled kernels, also keeps the given sorted
+        per-channel extreme buffers ([K, C]: largest descending, smallest ascending) and
+        returns True; otherwise the caller maintains them."""
         x = x.to(torch.float32)
         if x.shape[1] == 1:  # per-tensor: a flat reduction is much faster than along dim 0
             lo, hi = torch.aminmax(x.reshape(-1))
@@ -96,8 +103,10 @@ class AlignedHistogram:
         self.regrid(torch.minimum(self.lo, lo), torch.maximum(self.hi, hi))
         if kernels.use_kernels(x):
             kernels.aligned_update(x.contiguous().numpy(), self.level.numpy(), self.origin.numpy(),
-                                   self.counts.numpy(), self.offsets.numpy())
-            return
+                                   self.counts.numpy(), self.offsets.numpy(),
+                                   None if top is None else top.numpy(),
+                                   None if bottom is None else bottom.numpy())
+            return top is not None
         c, b = self.counts.shape
         absolute = _floor_index(x, self.level[None, :])
         k = (absolute - self.origin).clamp(0, b - 1) + torch.arange(c, device=x.device) * b
@@ -106,6 +115,7 @@ class AlignedHistogram:
         self.counts += torch.bincount(flat, minlength=c * b).reshape(c, b).double()
         self.offsets += torch.bincount(flat, weights=(x.double() - centre).reshape(-1),
                                        minlength=c * b).reshape(c, b)
+        return False
 
     def reduce(self, comm) -> None:
         """Sum the histograms of every process (after agreeing on one grid)."""
@@ -131,8 +141,8 @@ class AlignedHistogram:
     def cumulative_at(self, x: torch.Tensor) -> torch.Tensor:
         """Count of values below ``x`` ([C, M] float64), uniform within each bin's data span."""
         edges = self.edges()
-        k = (torch.searchsorted(edges.contiguous(), x.double().contiguous(), side="right") - 1)
-        k = k.clamp(0, self.bins - 1)
+        # the bin holding x, read off the aligned grid (no search needed)
+        k = (_floor_index(x, self.level[:, None]) - self.origin[:, None]).clamp(0, self.bins - 1)
         prefix = torch.cat([torch.zeros_like(self.counts[:, :1]), self.counts.cumsum(1)], 1)
         left = torch.maximum(edges.gather(1, k), self.lo.double()[:, None])
         right = torch.minimum(edges.gather(1, k) + self.width[:, None], self.hi.double()[:, None])

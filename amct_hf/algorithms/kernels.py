@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-__all__ = ["AVAILABLE", "use_kernels", "histc_rows", "ifmr_losses", "aligned_update", "hfmg_walk", "hfmg_losses"]
+__all__ = ["AVAILABLE", "use_kernels", "histc_rows", "ifmr_losses", "aligned_update", "aligned_regrid", "hfmg_walk", "hfmg_losses"]
 
 try:
     if os.environ.get("AMCT_HF_DISABLE_NUMBA"):
@@ -67,6 +67,11 @@ if AVAILABLE:
                 p1[i + 1] = p1[i] + wt * v
                 p2[i + 1] = p2[i] + wt * v * v
             sum_sq[c] = p2[n]
+            inv_w = 1.0
+            org = 0
+            if not unit:
+                inv_w = math.ldexp(1.0, -level[c])  # exact: a power of two
+                org = origin[c]
             for r in range(r_n):
                 s = scales[c, r]
                 j = np.rint(np.float32(los[c, r] / s))
@@ -77,12 +82,21 @@ if AVAILABLE:
                 while True:
                     if j < j_hi:
                         t = np.float32((j + half) * s)
-                        end = _lower_bound(x[c], t, start)
-                        if not unit:
-                            width = math.ldexp(1.0, level[c])
-                            k = np.int64(math.floor(np.float64(t) / width)) - origin[c]
-                            if k >= 0 and k < n:
+                        if unit:
+                            end = _lower_bound(x[c], t, start)
+                        else:
+                            # bin means lie inside their aligned bins: only the bin holding t
+                            # needs a comparison (same answer as the binary search)
+                            k = np.int64(math.floor(np.float64(t) * inv_w)) - org
+                            if k < 0:
+                                end = 0
+                            elif k >= n:
+                                end = n
+                            else:
                                 crossed += w[c, k]
+                                end = k + 1 if x[c, k] < t else k
+                            if end < start:
+                                end = start
                     else:
                         end = n
                     q = np.float64(np.float32(j * s))
@@ -102,14 +116,17 @@ if AVAILABLE:
         return out, sum_sq, tol
 
     @njit(parallel=True, cache=True)
-    def _aligned_update(x, level, origin, counts, offsets):
-        n, c_n = x.shape
+    def _aligned_update(x, level, origin, counts, offsets, top, bottom, extremes):
+        # x is [C, N] (channel-major, so each thread streams through its own rows)
+        c_n, n = x.shape
         b_n = counts.shape[1]
+        k_n = top.shape[1]
         for c in prange(c_n):
             w = math.ldexp(1.0, level[c])
+            inv_w = math.ldexp(1.0, -level[c])  # exact: multiplying equals dividing by w
             for i in range(n):
-                v = np.float64(x[i, c])
-                a = np.int64(math.floor(v / w))
+                v = np.float64(x[c, i])
+                a = np.int64(math.floor(v * inv_w))
                 k = a - origin[c]
                 if k < 0:
                     k = 0
@@ -117,10 +134,59 @@ if AVAILABLE:
                     k = b_n - 1
                 counts[c, k] += 1.0
                 offsets[c, k] += v - (a + 0.5) * w
+                if extremes:
+                    xv = x[c, i]
+                    if xv > top[c, k_n - 1]:  # keep the k_n largest, descending
+                        j = k_n - 1
+                        while j > 0 and top[c, j - 1] < xv:
+                            top[c, j] = top[c, j - 1]
+                            j -= 1
+                        top[c, j] = xv
+                    if xv < bottom[c, k_n - 1]:  # and the k_n smallest, ascending
+                        j = k_n - 1
+                        while j > 0 and bottom[c, j - 1] > xv:
+                            bottom[c, j] = bottom[c, j - 1]
+                            j -= 1
+                        bottom[c, j] = xv
 
-    def aligned_update(x, level, origin, counts, offsets):
-        """Add x [N, C] to an aligned histogram in place (see aligned.py)."""
-        _aligned_update(x, level, origin, counts, offsets)
+    def aligned_update(x, level, origin, counts, offsets, top=None, bottom=None):
+        """Add x [N, C] to an aligned histogram in place (see aligned.py); optionally keep
+        the per-channel top/bottom buffers ([C, K], sorted) of the largest/smallest values."""
+        xt = np.ascontiguousarray(x.T)
+        if top is None:
+            empty = np.empty((x.shape[1], 1), dtype=x.dtype)
+            _aligned_update(xt, level, origin, counts, offsets, empty, empty, False)
+        else:
+            _aligned_update(xt, level, origin, counts, offsets, top, bottom, True)
+
+    @njit(parallel=True, cache=True)
+    def _aligned_regrid(level, origin, new_level, new_origin, counts, offsets):
+        c_n, b_n = counts.shape
+        for c in prange(c_n):
+            if new_level[c] == level[c] and new_origin[c] == origin[c]:
+                continue
+            shift = min(new_level[c] - level[c], 63)
+            old_w = math.ldexp(1.0, level[c])
+            new_w = math.ldexp(1.0, new_level[c])
+            cnt = np.zeros(b_n)
+            off = np.zeros(b_n)
+            for k in range(b_n):
+                a = origin[c] + k
+                na = a >> shift
+                nk = na - new_origin[c]
+                if nk < 0:
+                    nk = 0
+                elif nk >= b_n:
+                    nk = b_n - 1
+                m = counts[c, k]
+                cnt[nk] += m
+                off[nk] += offsets[c, k] + m * ((a + 0.5) * old_w - (na + 0.5) * new_w)
+            counts[c, :] = cnt
+            offsets[c, :] = off
+
+    def aligned_regrid(level, origin, new_level, new_origin, counts, offsets):
+        """Move the channels whose grid changed, in place."""
+        _aligned_regrid(level, origin, new_level, new_origin, counts, offsets)
 
     @njit(parallel=True, cache=True)
     def _hfmg_walk(hist, min_bins):
@@ -159,16 +225,27 @@ if AVAILABLE:
         shift = bins / 2.0
         out = np.full((c_n, k_n), np.inf)
         for c in prange(c_n):
+            # one interleaved table per channel: the three loads of an edge share a cache line
+            tab = np.empty((bins + 1, 3))
+            for i in range(bins + 1):
+                tab[i, 0] = q0[c, i]
+                tab[i, 1] = q1[c, i]
+                tab[i, 2] = 0.5 * h[c, i]
+            inv = 1.0 / dst_bins
             for k in range(count[c]):
                 L = left[c, k] - shift
-                D = (right[c, k] - left[c, k] + 1) / dst_bins
+                n = right[c, k] - left[c, k] + 1
+                D = n / dst_bins
                 acc = 0.0
+                # edges in units of 1/dst_bins of a source bin: integers, so the bin index
+                # and the fraction come without floor() (dst_bins is a power of two)
+                pos = left[c, k] * dst_bins
                 for e in range(1, dst_bins):
-                    p = L + e * D
-                    f = math.floor(p)
-                    r = p - f
-                    i = int(f + shift)
-                    acc += q1[c, i] - p * q0[c, i] - 0.5 * h[c, i] * r * r
+                    pos += n
+                    i = pos // dst_bins
+                    r = (pos - i * dst_bins) * inv
+                    p = pos * inv - shift
+                    acc += tab[i, 1] - p * tab[i, 0] - tab[i, 2] * r * r
                 c255 = L + (dst_bins - 0.5) * D
                 out[c, k] = m2[c] - 2.0 * c255 * m1[c] + c255 * c255 * m0[c] + 2.0 * D * acc
         return out

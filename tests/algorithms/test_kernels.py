@@ -65,7 +65,7 @@ def test_streaming_ifmr_kernel_equals_torch_path(monkeypatch):
     from amct_hf.params import parse_quant_algo_params
     from amct_hf.streaming import StreamingIFMRObserver
     params = parse_quant_algo_params({"quant_granularity": 1, "asymmetric": False})
-    xs = [make(d, 400, 6, i) for i, d in enumerate(["laplace", "outliers", "normal"])]
+    xs = [make(d, 400, 6, i) for i, d in enumerate(["laplace", "outliers", "normal", "grid"])]
     results = []
     for use in (True, False):
         with monkeypatch.context() as m:
@@ -74,6 +74,11 @@ def test_streaming_ifmr_kernel_equals_torch_path(monkeypatch):
             obs = StreamingIFMRObserver(params)
             for x in xs:
                 obs.update(x)
-            results.append((*obs.compute(), obs.tolerance))
+            top, bottom = obs.top.clone(), obs.bottom.clone()
+            results.append((*obs.compute(), obs.tolerance, top, bottom))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert torch.allclose(results[0][2], results[1][2], rtol=1e-9)
+    assert torch.equal(results[0][3], results[1][3]) and torch.equal(results[0][4], results[1][4])
+    data = torch.cat(xs)
+    assert torch.equal(results[0][3], data.topk(64, 0).values.t())
+    assert torch.equal(results[0][4], data.topk(64, 0, largest=False).values.t())

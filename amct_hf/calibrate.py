@@ -27,7 +27,8 @@ from .observers import make_observer
 from .params import QuantParams, parse_quant_algo_params
 from .record import write_kv_factors
 
-__all__ = ["calibrate_kv_cache", "CalibrationResult", "LayerCollector", "MODES", "load_model"]
+__all__ = ["calibrate_kv_cache", "CalibrationResult", "LayerCollector", "MODES", "load_model",
+           "widen_ranges"]
 
 logger = logging.getLogger("amct_hf")
 MODES = ("streaming", "exact")
@@ -183,7 +184,7 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
                        split="train", text_column="text", num_samples=128, seq_len=2048,
                        batch_size=1, tap="cache", tokenizer=None, device_map=None, dtype=None,
                        trust_remote_code=False, mode="streaming", stream_bins=None, pack=True,
-                       progress=True, write=True) -> CalibrationResult:
+                       range_margin=0.0, progress=True, write=True) -> CalibrationResult:
     """Calibrate INT8 K/V factors of every decoder layer and merge them into ``record_file``.
 
     ``model``: a model id, a local folder or a loaded model (then pass ``tokenizer``).
@@ -194,10 +195,17 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     never enters the statistics). ``batch_num`` follows from the data: every layer is
     finalised after the last batch. Under ``accelerate launch``/``torchrun`` samples are split
     between processes and only the main process writes.
+
+    ``range_margin`` widens every calibrated range by that fraction (scales times
+    ``1 + range_margin``, offsets unchanged, so zero stays exactly representable): a remedy
+    for per-channel ranges fitted on one corpus clipping channels on another.
     """
     started = time.time()
     params = parse_quant_algo_params(quant_algo_params)
     _check_args(seq_len, num_samples, batch_size, tap, mode)
+    if isinstance(range_margin, bool) or not isinstance(range_margin, (int, float)) \
+            or not 0 <= range_margin < 10:
+        raise ValueError(f"range_margin must be a number in [0, 10), got {range_margin!r}")
     if tap == "proj" and params.per_channel:
         warnings.warn("tap='proj' with per-channel factors calibrates pre-RoPE keys (AMCT's tap); "
                       "applied to the post-RoPE KV cache they can cost much accuracy "
@@ -241,6 +249,8 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     if bar is not None:
         bar.close()
     factors, tolerance = collector.finalize(comm)
+    if range_margin:
+        factors = widen_ranges(factors, range_margin)
     _check_complete(model, factors)
     tokens = int(sum(len(s) for s in samples))
     if write and comm.rank == 0:
@@ -251,6 +261,14 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     if comm.rank == 0 and progress:
         print(result.summary())
     return result
+
+
+def widen_ranges(factors: dict, margin: float) -> dict:
+    """Ranges widened by ``margin`` around zero: scale * (1 + margin), offset kept
+    (the range is [(-128 - o) s, (127 - o) s], so it scales about 0)."""
+    grow = torch.tensor(1.0 + margin, dtype=torch.float32)
+    return {name: ([float(torch.tensor(s, dtype=torch.float32) * grow) for s in scales], list(offsets))
+            for name, (scales, offsets) in factors.items()}
 
 
 def _check_complete(model, factors):

@@ -59,6 +59,9 @@ def add_parser(subparsers) -> None:
                            "proj: raw k_proj/v_proj outputs, as AMCT taps them")
     run_.add_argument("--mode", choices=("streaming", "exact"), default="streaming",
                       help="streaming: bounded-memory histograms (default); exact: keep all values")
+    run_.add_argument("--range-margin", type=float, default=0.0, metavar="M",
+                      help="widen every calibrated range by this fraction (e.g. 0.2), a remedy "
+                           "for per-channel ranges clipping on text unlike the calibration data")
     run_.add_argument("--record", default="kv_cache.txt", metavar="FILE",
                       help="record file to merge the factors into (default: kv_cache.txt)")
     run_.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"),
@@ -136,7 +139,7 @@ def run(args) -> int:
             text_column=args.text_column, num_samples=args.num_samples, seq_len=args.seq_len,
             batch_size=args.batch_size, tap=args.tap, device_map=args.device_map, dtype=args.dtype,
             trust_remote_code=args.trust_remote_code, mode=args.mode,
-            progress=not args.no_progress)
+            range_margin=args.range_margin, progress=not args.no_progress)
     except RecordFileError as err:
         # not a ValueError/OSError subclass; re-raise as one the CLI reports in one line
         raise RuntimeError(str(err)) from err

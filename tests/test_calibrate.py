@@ -166,3 +166,15 @@ def test_proj_tap_with_per_channel_keys_warns(tiny_dir, tmp_path):
         calibrate_kv_cache(str(tiny_dir), str(tiny_dir / "corpus.txt"), record_file=tmp_path / "w.txt",
                            quant_algo_params={"quant_granularity": 1}, tap="proj", num_samples=1, seq_len=8,
                            progress=False)
+
+
+def test_range_margin_widens_ranges_about_zero(tiny_dir, tmp_path):
+    kw = dict(record_file=tmp_path / "m.txt", quant_algo_params={"quant_granularity": 1}, num_samples=2,
+              seq_len=8, progress=False, write=False)
+    base = calibrate_kv_cache(str(tiny_dir), str(tiny_dir / "corpus.txt"), **kw).factors
+    wide = calibrate_kv_cache(str(tiny_dir), str(tiny_dir / "corpus.txt"), range_margin=0.25, **kw).factors
+    for name, (scales, offsets) in base.items():
+        assert wide[name][1] == offsets
+        assert wide[name][0] == pytest.approx([s * 1.25 for s in scales], rel=1e-6)
+    with pytest.raises(ValueError, match="range_margin"):
+        calibrate_kv_cache(str(tiny_dir), str(tiny_dir / "corpus.txt"), range_margin=-0.1, **kw)

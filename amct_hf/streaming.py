@@ -52,7 +52,7 @@ class _Streaming(Observer):
     def ensure(self, channels: int, device=None) -> None:
         if self.hist is None:
             self.num_channels = channels
-            self.hist = AlignedHistogram.empty(channels, self.bins, device)
+            self.hist = AlignedHistogram.empty(channels, self.bins, device, self.with_offsets)
 
     def update(self, x):
         self.ensure(x.shape[1], x.device)
@@ -145,6 +145,7 @@ class StreamingIFMRObserver(_Streaming):
 
 @register_observer("hfmg_stream")
 class StreamingHFMGObserver(_Streaming):
+    with_offsets = False  # HFMG needs counts only: half the memory
     def compute(self):
         h, bins = self.hist, self.params.num_of_bins
         lo, hi = h.lo, h.hi

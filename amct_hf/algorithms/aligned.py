@@ -41,16 +41,16 @@ def fit_level(lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
 @dataclass
 class AlignedHistogram:
     counts: torch.Tensor   # [C, B] float64
-    offsets: torch.Tensor  # [C, B] float64: sum of (x - bin centre) per bin
+    offsets: torch.Tensor  # [C, B] float64: sum of (x - bin centre) per bin ([C, 0]: not kept)
     level: torch.Tensor    # [C] int64: bin width is 2**level
     origin: torch.Tensor   # [C] int64: absolute index of bin 0
     lo: torch.Tensor       # [C] float32 exact minimum
     hi: torch.Tensor       # [C] float32 exact maximum
 
     @classmethod
-    def empty(cls, channels: int, bins: int, device=None) -> "AlignedHistogram":
+    def empty(cls, channels: int, bins: int, device=None, with_offsets: bool = True) -> "AlignedHistogram":
         f64 = dict(dtype=torch.float64, device=device)
-        return cls(torch.zeros(channels, bins, **f64), torch.zeros(channels, bins, **f64),
+        return cls(torch.zeros(channels, bins, **f64), torch.zeros(channels, bins if with_offsets else 0, **f64),
                    torch.full((channels,), MIN_LEVEL, dtype=torch.int64, device=device),
                    torch.zeros(channels, dtype=torch.int64, device=device),
                    torch.full((channels,), float("inf"), device=device),
@@ -84,9 +84,11 @@ class AlignedHistogram:
         new_k = (new_abs - origin[:, None]).clamp(0, b - 1)
         old_w, new_w = self.width[:, None], torch.ldexp(torch.ones_like(level, dtype=torch.float64),
                                                          level.double())[:, None]
-        moved = self.offsets + self.counts * ((old_abs + 0.5) * old_w - (new_abs + 0.5) * new_w)
+        moved = (self.offsets + self.counts * ((old_abs + 0.5) * old_w - (new_abs + 0.5) * new_w)
+                 if self.offsets.numel() else None)
         counts = torch.zeros_like(self.counts).scatter_add_(1, new_k, self.counts)
-        offsets = torch.zeros_like(self.offsets).scatter_add_(1, new_k, moved)
+        offsets = torch.zeros_like(self.offsets).scatter_add_(1, new_k, moved) if self.offsets.numel() \
+            else self.offsets
         self.counts, self.offsets, self.level, self.origin = counts, offsets, level, origin
         self.lo, self.hi = lo, hi
 
@@ -113,8 +115,9 @@ class AlignedHistogram:
         centre = (absolute.double() + 0.5) * self.width[None, :]
         flat = k.reshape(-1)
         self.counts += torch.bincount(flat, minlength=c * b).reshape(c, b).double()
-        self.offsets += torch.bincount(flat, weights=(x.double() - centre).reshape(-1),
-                                       minlength=c * b).reshape(c, b)
+        if self.offsets.numel():
+            self.offsets += torch.bincount(flat, weights=(x.double() - centre).reshape(-1),
+                                           minlength=c * b).reshape(c, b)
         return False
 
     def reduce(self, comm) -> None:
@@ -124,7 +127,8 @@ class AlignedHistogram:
         # every rank lands on fit_level(global range): its own level never exceeds that
         self.regrid(comm.all_reduce(self.lo, "min"), comm.all_reduce(self.hi, "max"))
         self.counts = comm.all_reduce(self.counts, "sum")
-        self.offsets = comm.all_reduce(self.offsets, "sum")
+        if self.offsets.numel():
+            self.offsets = comm.all_reduce(self.offsets, "sum")
 
     def edges(self) -> torch.Tensor:
         """Left edge of every bin ([C, B] float64)."""
@@ -134,6 +138,8 @@ class AlignedHistogram:
 
     def means(self) -> torch.Tensor:
         """Mean value of every bin (its centre when empty), non-decreasing along B."""
+        if self.offsets.shape[1] != self.bins:
+            raise RuntimeError("this histogram does not keep per-bin offsets")
         centre = self.edges() + 0.5 * self.width[:, None]
         return centre + torch.where(self.counts > 0, self.offsets / self.counts.clamp_min(1),
                                     torch.zeros_like(self.offsets))

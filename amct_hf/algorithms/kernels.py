@@ -119,6 +119,7 @@ if AVAILABLE:
     def _aligned_update(x, level, origin, counts, offsets, top, bottom, extremes):
         # x is [C, N] (channel-major, so each thread streams through its own rows)
         c_n, n = x.shape
+        track = offsets.shape[1] > 0
         b_n = counts.shape[1]
         k_n = top.shape[1]
         for c in prange(c_n):
@@ -133,7 +134,8 @@ if AVAILABLE:
                 elif k >= b_n:
                     k = b_n - 1
                 counts[c, k] += 1.0
-                offsets[c, k] += v - (a + 0.5) * w
+                if track:
+                    offsets[c, k] += v - (a + 0.5) * w
                 if extremes:
                     xv = x[c, i]
                     if xv > top[c, k_n - 1]:  # keep the k_n largest, descending
@@ -162,6 +164,7 @@ if AVAILABLE:
     @njit(parallel=True, cache=True)
     def _aligned_regrid(level, origin, new_level, new_origin, counts, offsets):
         c_n, b_n = counts.shape
+        track = offsets.shape[1] > 0
         for c in prange(c_n):
             if new_level[c] == level[c] and new_origin[c] == origin[c]:
                 continue
@@ -180,9 +183,11 @@ if AVAILABLE:
                     nk = b_n - 1
                 m = counts[c, k]
                 cnt[nk] += m
-                off[nk] += offsets[c, k] + m * ((a + 0.5) * old_w - (na + 0.5) * new_w)
+                if track:
+                    off[nk] += offsets[c, k] + m * ((a + 0.5) * old_w - (na + 0.5) * new_w)
             counts[c, :] = cnt
-            offsets[c, :] = off
+            if track:
+                offsets[c, :] = off
 
     def aligned_regrid(level, origin, new_level, new_origin, counts, offsets):
         """Move the channels whose grid changed, in place."""

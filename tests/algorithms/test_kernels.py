@@ -46,17 +46,19 @@ def test_hfmg_kernels_equal_torch_path(monkeypatch, dist, n, c, seed, asym, bins
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
 
 
-def test_aligned_histogram_kernel_equals_torch_path(monkeypatch):
+@pytest.mark.parametrize("with_offsets", [True, False])
+def test_aligned_histogram_kernel_equals_torch_path(monkeypatch, with_offsets):
     from amct_hf.algorithms.aligned import AlignedHistogram
     xs = [make(d, 300, 5, i) * (i + 1) for i, d in enumerate(["normal", "outliers", "uniform", "grid"])]
-    fast = AlignedHistogram.empty(5, 256)
+    fast = AlignedHistogram.empty(5, 256, with_offsets=with_offsets)
     for x in xs:
         fast.update(x)
     with monkeypatch.context() as m:
         torch_path(m)
-        slow = AlignedHistogram.empty(5, 256)
+        slow = AlignedHistogram.empty(5, 256, with_offsets=with_offsets)
         for x in xs:
             slow.update(x)
+    assert fast.offsets.shape == slow.offsets.shape == (5, 256 if with_offsets else 0)
     assert torch.equal(fast.counts, slow.counts) and torch.equal(fast.level, slow.level)
     assert torch.allclose(fast.offsets, slow.offsets, rtol=1e-9, atol=1e-9)
 

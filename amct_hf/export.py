@@ -19,11 +19,10 @@ import json
 import math
 import os
 import re
-import secrets
-import stat
 import struct
 import sys
 
+from .fileio import atomic_replace
 from .record import RecordFileError, read_kv_factors
 
 __all__ = [
@@ -101,28 +100,7 @@ def load_record(record_file: str | os.PathLike) -> Factors:
 
 
 def _atomic_replace(out_path: str, write) -> None:
-    """Call ``write(tmp_path)`` and rename over ``out_path``: a crash never leaves half a file."""
-    d = os.path.dirname(out_path) or "."
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(out_path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        # safetensors writes 0o600 files; give the output the mode open() would (0o666
-        # through the umask, read back from a probe file: no os.umask() race), or keep
-        # the mode of the file being replaced.
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        try:
-            mode = stat.S_IMODE(os.stat(out_path).st_mode)
-        except FileNotFoundError:
-            mode = stat.S_IMODE(os.stat(tmp).st_mode)
-        write(tmp)
-        os.chmod(tmp, mode)
-        os.replace(tmp, out_path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_replace(out_path, write)
 
 
 def _check_out(record_file: str, out_path: str) -> None:

@@ -32,14 +32,14 @@ import math
 import operator
 import os
 import re
-import secrets
-import stat
 import struct
 import warnings
 from typing import Mapping, Sequence
 
 from filelock import FileLock
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
+
+from .fileio import atomic_replace
 
 __all__ = [
     "RecordFileError",
@@ -381,36 +381,10 @@ def read_kv_factors(path: str | os.PathLike) -> dict[str, tuple[list[float], lis
 
 
 def _atomic_write(path: str, text: str) -> None:
-    d = os.path.dirname(path) or "."
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        mode = None
-    # 0o666 through the umask, like open(); mkstemp's 0o600 would change a new file's mode.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp):
+        with open(tmp, "wb") as f:
             f.write(text.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    atomic_replace(path, write)
 
 
 def _changed(old: tuple[list[float], list[int]], new: tuple[list[float], list[int]]) -> str:

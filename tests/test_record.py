@@ -310,12 +310,11 @@ def test_permissions_and_symlink_preserved(tmp_path):
 
 
 # --------------------------------------------------------------------------- processes
-# record.py is loaded by file path so the child processes do not pay for (or depend
-# on) whatever the package __init__ imports.
+# the child processes import the installed package's record module, as users do
 _LOAD = textwrap.dedent(f"""
-    import importlib.util, sys
-    spec = importlib.util.spec_from_file_location("amct_record", {str(RECORD_PY)!r})
-    rec = importlib.util.module_from_spec(spec); spec.loader.exec_module(rec)
+    import sys
+    sys.path.insert(0, {str(RECORD_PY.parents[1])!r})
+    from amct_hf import record as rec
 """)
 
 

@@ -363,7 +363,6 @@ def test_sigkill_mid_write_leaves_complete_file(tmp_path):
         return set(os.listdir(tmp_path)), st.st_ino, st.st_mtime_ns, st.st_size
 
     rng = random.Random(1234)
-    t0 = time.monotonic()
     for round_ in range(8):
         pr = subprocess.Popen([sys.executable, "-c", child, str(p)], stdout=subprocess.PIPE)
         try:
@@ -388,7 +387,6 @@ def test_sigkill_mid_write_leaves_complete_file(tmp_path):
         it = round(s[0] / 0.001) - 1
         assert got == {k: (f32(a), b) for k, (a, b) in full_set(it).items()}
         assert it >= 1  # "ready" comes after the child's first complete write
-    assert time.monotonic() - t0 < 20
     # The writer is resumable after a kill: a kill leaves at most stale *.tmp files and
     # a lock file, never a held lock.
     write_kv_factors(p, {"after": ([0.5], [0])}, lock_timeout=5)

@@ -128,7 +128,7 @@ def _layer_sort_key(name: str):
 
 def load_model(model, *, device_map=None, dtype=None, trust_remote_code=False, tokenizer=None):
     """(model, tokenizer) from an id/path or an already loaded model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     if isinstance(model, nn.Module):
         if tokenizer is None:
             raise ValueError("a loaded model needs its tokenizer: pass tokenizer=...")

@@ -1,5 +1,4 @@
 """The batched IFMR equals the one-channel-at-a-time reference (property tests)."""
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st

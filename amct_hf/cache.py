@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
+from .calibrate import input_device
+
 __all__ = [
     "StaticInt8KVCache", "StaticInt8Layer", "StaticInt8SlidingWindowLayer", "RecordMismatchError",
     "KVSlot", "kv_layout", "check_record", "quantize", "dequantize", "fake_quantize",
@@ -95,13 +97,6 @@ def _cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
-
-
 def kv_layout(model: nn.Module) -> dict[str, KVSlot]:
     """Record key -> :class:`KVSlot` for every K/V state the model's attention computes,
     in execution order.
@@ -132,7 +127,7 @@ def kv_layout(model: nn.Module) -> dict[str, KVSlot]:
         cache = _LoggingCache(config=config)
     except Exception:  # a config DynamicCache cannot read: plain lazily-grown layers
         cache = _LoggingCache()
-    ids = torch.zeros((1, 2), dtype=torch.long, device=_input_device(model))
+    ids = torch.zeros((1, 2), dtype=torch.long, device=input_device(model))
     with torch.no_grad(), kv_calibration(model, observe):
         model(input_ids=ids, use_cache=True, **{_cache_kwarg(model): cache})
     if not layout:

@@ -24,11 +24,12 @@ from .data import load_texts, make_batches, shard, tokenize_samples
 from .distributed import Comm
 from .hooks import TAPS, KVCalibrationHooks
 from .observers import make_observer
+from .op import as_channels
 from .params import QuantParams, parse_quant_algo_params
 from .record import write_kv_factors
 
 __all__ = ["calibrate_kv_cache", "CalibrationResult", "LayerCollector", "MODES", "load_model",
-           "widen_ranges"]
+           "widen_ranges", "input_device"]
 
 logger = logging.getLogger("amct_hf")
 MODES = ("streaming", "exact")
@@ -85,8 +86,7 @@ class LayerCollector:
         obs = self.observers.get(name)
         if obs is None:
             obs = self.observers[name] = self.new_observer()
-        x = x.detach().to(torch.float32)
-        x = x.reshape(-1, x.shape[-1]) if self.params.per_channel else x.reshape(-1, 1)
+        x = as_channels(x, self.params.per_channel)
         if obs.num_channels not in (None, x.shape[1]):
             raise RuntimeError(f"layer {name!r}: channel count changed from {obs.num_channels} to {x.shape[1]}")
         obs.update(x)
@@ -173,7 +173,8 @@ def _check_args(seq_len, num_samples, batch_size, tap, mode):
         raise ValueError(f"mode={mode!r} is not supported; use one of {MODES}")
 
 
-def _input_device(model: nn.Module) -> torch.device:
+def input_device(model: nn.Module) -> torch.device:
+    """Device of the first materialised parameter: where inputs go (device_map models too)."""
     for p in model.parameters():
         if p.device.type != "meta":
             return p.device
@@ -225,9 +226,9 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches = make_batches(mine, batch_size=batch_size, pad_token_id=pad_id,
                            padding_side=getattr(tok, "padding_side", "right") or "right")
-    if device_map is None and state.device.type != "cpu" and _input_device(model).type == "cpu":
+    if device_map is None and state.device.type != "cpu" and input_device(model).type == "cpu":
         model.to(state.device)  # this process's accelerator (one per rank when distributed)
-    device = _input_device(model)
+    device = input_device(model)
     collector = LayerCollector(params, mode, stream_bins)
     bar = None
     if progress and comm.rank == 0:

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .calibrate import input_device
 from .cache import (QMAX, QMIN, RecordMismatchError, _read_factors, broadcast_factor,
                     check_record, kv_layout)
 
@@ -337,7 +338,7 @@ def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_sample
             if sum(len(sample) - 1 for sample in samples) == 0:
                 raise ValueError("the evaluation text has a single token: nothing to predict")
             batches = _batches(samples, batch_size)
-            device = _input_device(model)
+            device = input_device(model)
             result = _evaluate(model, batches, device, factors, layout, references, progress)
     finally:
         model.train(was_training)
@@ -348,11 +349,6 @@ def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_sample
         record_file=os.fspath(record_file) if isinstance(record_file, (str, os.PathLike)) else "<factors>",
         granularity=_granularity(factors), num_samples=len(samples), seq_len=seq_len, num_tokens=count,
         seconds=time.time() - started)
-
-
-def _input_device(model):
-    from .calibrate import _input_device as device_of
-    return device_of(model)
 
 
 def _evaluate(model, batches, device, factors, layout, references, progress):

@@ -59,8 +59,10 @@ def _routed_attention(module, query, key, value, attention_mask, *args, **kwargs
         key, value = state.transform(k_name, key), state.transform(v_name, value)
     else:
         state.observe_attention(module, query, key, value)
-    return _original_attention(module, state.original_impl)(
-        module, query, key, value, attention_mask, *args, **kwargs)
+    original = state.originals.get(type(module))
+    if original is None:
+        original = state.originals[type(module)] = _original_attention(module, state.original_impl)
+    return original(module, query, key, value, attention_mask, *args, **kwargs)
 
 
 def _register(original_impl: str) -> str:
@@ -83,6 +85,7 @@ class _ModelState:
         self.tap = tap
         self.depth = 0
         self.original_impl: Optional[str] = None
+        self.originals: dict = {}  # attention module class -> original attention function
         self.mask: Optional[torch.Tensor] = None
         self.handles = []
         self.paths = {id(m): p for p, m in model.named_modules()}

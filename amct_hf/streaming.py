@@ -42,26 +42,62 @@ def default_stream_bins(per_channel: bool) -> int:
 
 class _Streaming(Observer):
     with_offsets = True
+    # Values staged per layer before the compiled histogram update runs (CPU only). The
+    # update is bound by cache misses into the [C, bins] histogram, which is cold again at
+    # every layer's turn; one update over several batches touches far fewer new lines per
+    # value. The buffer is allocated at full size on first use, so memory stays flat.
+    stage_values = 1 << 19
 
     def __init__(self, params, bins: int | None = None):
         super().__init__(params)
         self.bins = bins or default_stream_bins(params.per_channel)
-        self.hist: AlignedHistogram | None = None
+        self._hist: AlignedHistogram | None = None
+        self._stage: torch.Tensor | None = None  # [C, S] float32, channel-major
+        self._staged = 0
         self.count = 0  # values per channel
 
+    @property
+    def hist(self) -> AlignedHistogram | None:
+        """The histogram of every value seen so far (staged values are added first)."""
+        self._flush()
+        return self._hist
+
     def ensure(self, channels: int, device=None) -> None:
-        if self.hist is None:
+        if self._hist is None:
             self.num_channels = channels
-            self.hist = AlignedHistogram.empty(channels, self.bins, device, self.with_offsets)
+            self._hist = AlignedHistogram.empty(channels, self.bins, device, self.with_offsets)
 
     def update(self, x):
         self.ensure(x.shape[1], x.device)
-        self.hist.update(x)
+        self._add(x)
         self.count += x.shape[0]
         self.batches += 1
 
+    def _add(self, x) -> None:
+        n, c = x.shape
+        size = max(1, self.stage_values // c)
+        if not kernels.use_kernels(x) or n > size:
+            self._flush()
+            self._update_now(x, channels_first=False)
+            return
+        if self._staged + n > size:
+            self._flush()
+        if self._stage is None:
+            self._stage = torch.zeros(c, size)  # zero-filled: every page is resident from the start
+        self._stage[:, self._staged:self._staged + n].copy_(x.t())
+        self._staged += n
+
+    def _flush(self) -> None:
+        if self._staged:
+            staged, self._staged = self._stage[:, :self._staged], 0
+            self._update_now(staged, channels_first=True)
+
+    def _update_now(self, x, channels_first: bool) -> None:
+        self._hist.update(x, channels_first=channels_first)
+
     def reduce(self, comm) -> None:
         self.hist.reduce(comm)
+        self._stage = None
         self.count = int(comm.all_reduce(torch.tensor([self.count], dtype=torch.int64), "sum").item())
 
 
@@ -70,25 +106,42 @@ class StreamingIFMRObserver(_Streaming):
     def __init__(self, params, bins: int | None = None, topk: int = 64):
         super().__init__(params, bins)
         self.topk = topk
-        self.top = self.bottom = None
+        # [C, K] rows: the K largest (descending) and smallest (ascending) values seen
+        self._top = self._bottom = None
         self.tolerance = None
+
+    @property
+    def top(self):
+        self._flush()
+        return self._top
+
+    @top.setter
+    def top(self, value):
+        self._top = value
+
+    @property
+    def bottom(self):
+        self._flush()
+        return self._bottom
+
+    @bottom.setter
+    def bottom(self, value):
+        self._bottom = value
 
     def ensure(self, channels, device=None):
         super().ensure(channels, device)
-        if self.top is None:
-            # [C, K] rows: the K largest (descending) and smallest (ascending) values seen
-            self.top = torch.full((channels, self.topk), float("-inf"), device=device)
-            self.bottom = torch.full((channels, self.topk), float("inf"), device=device)
+        if self._top is None:
+            self._top = torch.full((channels, self.topk), float("-inf"), device=device)
+            self._bottom = torch.full((channels, self.topk), float("inf"), device=device)
 
-    def update(self, x):
-        self.ensure(x.shape[1], x.device)
-        if not self.hist.update(x, self.top, self.bottom):
+    def _update_now(self, x, channels_first):
+        if not self._hist.update(x, self._top, self._bottom, channels_first=channels_first):
+            if channels_first:
+                x = x.t()
             k = min(self.topk, x.shape[0])
-            self.top = torch.cat([self.top, x.topk(k, 0).values.t()], 1).topk(self.topk, 1).values
-            self.bottom = torch.cat([self.bottom, x.topk(k, 0, largest=False).values.t()], 1).topk(
+            self._top = torch.cat([self._top, x.topk(k, 0).values.t()], 1).topk(self.topk, 1).values
+            self._bottom = torch.cat([self._bottom, x.topk(k, 0, largest=False).values.t()], 1).topk(
                 self.topk, 1, largest=False).values
-        self.count += x.shape[0]
-        self.batches += 1
 
     def reduce(self, comm):
         super().reduce(comm)

@@ -92,23 +92,27 @@ class AlignedHistogram:
         self.counts, self.offsets, self.level, self.origin = counts, offsets, level, origin
         self.lo, self.hi = lo, hi
 
-    def update(self, x: torch.Tensor, top=None, bottom=None) -> bool:
-        """Add a [tokens, C] batch. With the compiled kernels, also keeps the given sorted
-        per-channel extreme buffers ([K, C]: largest descending, smallest ascending) and
-        returns True; otherwise the caller maintains them."""
+    def update(self, x: torch.Tensor, top=None, bottom=None, channels_first: bool = False) -> bool:
+        """Add a [tokens, C] batch (``channels_first``: a [C, tokens] one). With the compiled
+        kernels, also keeps the given sorted per-channel extreme buffers ([C, K]: largest
+        descending, smallest ascending) and returns True; otherwise the caller maintains them."""
         x = x.to(torch.float32)
-        if x.shape[1] == 1:  # per-tensor: a flat reduction is much faster than along dim 0
+        if x.shape[1 - channels_first] == 1:  # per-tensor: a flat reduction is much faster
             lo, hi = torch.aminmax(x.reshape(-1))
             lo, hi = lo.reshape(1), hi.reshape(1)
         else:
-            lo, hi = torch.aminmax(x, dim=0)
+            lo, hi = torch.aminmax(x, dim=int(channels_first))
         self.regrid(torch.minimum(self.lo, lo), torch.maximum(self.hi, hi))
         if kernels.use_kernels(x):
-            kernels.aligned_update(x.contiguous().numpy(), self.level.numpy(), self.origin.numpy(),
-                                   self.counts.numpy(), self.offsets.numpy(),
-                                   None if top is None else top.numpy(),
-                                   None if bottom is None else bottom.numpy())
+            args = (self.level.numpy(), self.origin.numpy(), self.counts.numpy(), self.offsets.numpy(),
+                    None if top is None else top.numpy(), None if bottom is None else bottom.numpy())
+            if channels_first:
+                kernels.aligned_update_columns(x.numpy(), *args)
+            else:
+                kernels.aligned_update(x.contiguous().numpy(), *args)
             return top is not None
+        if channels_first:
+            x = x.t()
         c, b = self.counts.shape
         absolute = _floor_index(x, self.level[None, :])
         k = (absolute - self.origin).clamp(0, b - 1) + torch.arange(c, device=x.device) * b

@@ -187,9 +187,12 @@ def hfmg_factors(state: HistogramState, asymmetric: bool = True, candidate_chunk
         valid = torch.arange(k)[None, :] < count[:, None]
         q0, q1, hh = (t.contiguous().numpy() for t in tables[:3])
         m0, m1, m2 = tables[3]
+        # skipping candidates is safe only where none would have its loss forced to zero below
+        tiny = (((hi - lo) / bins)[:, None] * (right - left + 1).to(torch.float32) / DST_BINS
+                < FLT_EPSILON) & valid
         losses = torch.from_numpy(kernels.hfmg_losses(
             q0, q1, hh, m0.numpy(), m1.numpy(), m2.numpy(), left.numpy(), right.numpy(), count.numpy(),
-            DST_BINS))
+            DST_BINS, (~tiny.any(1)).numpy()))
     else:
         left, right, valid = search_ranges(hist)
         losses = torch.cat([hfmg_losses(hist, left[:, j:j + candidate_chunk], right[:, j:j + candidate_chunk],

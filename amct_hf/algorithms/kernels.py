@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-__all__ = ["AVAILABLE", "use_kernels", "histc_rows", "ifmr_losses", "aligned_update", "aligned_regrid", "hfmg_walk", "hfmg_losses"]
+__all__ = ["AVAILABLE", "use_kernels", "histc_rows", "ifmr_losses", "aligned_update", "aligned_update_columns", "aligned_regrid", "hfmg_walk", "hfmg_losses"]
 
 try:
     if os.environ.get("AMCT_HF_DISABLE_NUMBA"):
@@ -154,9 +154,12 @@ if AVAILABLE:
     def aligned_update(x, level, origin, counts, offsets, top=None, bottom=None):
         """Add x [N, C] to an aligned histogram in place (see aligned.py); optionally keep
         the per-channel top/bottom buffers ([C, K], sorted) of the largest/smallest values."""
-        xt = np.ascontiguousarray(x.T)
+        aligned_update_columns(np.ascontiguousarray(x.T), level, origin, counts, offsets, top, bottom)
+
+    def aligned_update_columns(xt, level, origin, counts, offsets, top=None, bottom=None):
+        """``aligned_update`` of a channel-major batch xt [C, N] (rows may be strided)."""
         if top is None:
-            empty = np.empty((x.shape[1], 1), dtype=x.dtype)
+            empty = np.empty((xt.shape[0], 1), dtype=xt.dtype)
             _aligned_update(xt, level, origin, counts, offsets, empty, empty, False)
         else:
             _aligned_update(xt, level, origin, counts, offsets, top, bottom, True)
@@ -224,21 +227,40 @@ if AVAILABLE:
         return left_out, right_out, count
 
     @njit(parallel=True, cache=True)
-    def _hfmg_losses(q0, q1, h, m0, m1, m2, left, right, count, dst_bins):
+    def _hfmg_losses(q0, q1, h, m0, m1, m2, left, right, count, dst_bins, prune):
         c_n, k_n = left.shape
         bins = q0.shape[1] - 1
         shift = bins / 2.0
         out = np.full((c_n, k_n), np.inf)
         for c in prange(c_n):
-            # one interleaved table per channel: the three loads of an edge share a cache line
-            tab = np.empty((bins + 1, 3))
+            # one interleaved table per channel: the loads of an edge share a cache line
+            tab = np.empty((bins + 1, 4))
+            q2 = 0.0
             for i in range(bins + 1):
                 tab[i, 0] = q0[c, i]
                 tab[i, 1] = q1[c, i]
                 tab[i, 2] = 0.5 * h[c, i]
+                tab[i, 3] = q2  # second moment of the bins below i (uniform within a bin)
+                if i < bins:
+                    u = i - shift
+                    q2 += h[c, i] * (u * u + u + 1.0 / 3.0)
+            # Every value outside [L, R) costs at least its squared distance to that interval
+            # (it is quantized to an edge bin's centre, further inside). The walk only ever
+            # narrows the interval, so this bound never decreases: once it exceeds the best
+            # loss so far (by far more than rounding), no later candidate can win.
+            slack = 1e-9 * (m2[c] + m0[c] * bins * bins)
+            best = np.inf
             inv = 1.0 / dst_bins
             for k in range(count[c]):
                 L = left[c, k] - shift
+                if prune[c]:
+                    R = right[c, k] + 1 - shift
+                    a, b = left[c, k], right[c, k] + 1
+                    below = L * L * tab[a, 0] - 2.0 * L * tab[a, 1] + tab[a, 3]
+                    above = (R * R * (m0[c] - tab[b, 0]) - 2.0 * R * (m1[c] - tab[b, 1])
+                             + (m2[c] - tab[b, 3]))
+                    if below + above > best + slack:
+                        break
                 n = right[c, k] - left[c, k] + 1
                 D = n / dst_bins
                 acc = 0.0
@@ -252,7 +274,10 @@ if AVAILABLE:
                     p = pos * inv - shift
                     acc += tab[i, 1] - p * tab[i, 0] - tab[i, 2] * r * r
                 c255 = L + (dst_bins - 0.5) * D
-                out[c, k] = m2[c] - 2.0 * c255 * m1[c] + c255 * c255 * m0[c] + 2.0 * D * acc
+                loss = m2[c] - 2.0 * c255 * m1[c] + c255 * c255 * m0[c] + 2.0 * D * acc
+                out[c, k] = loss
+                if loss < best:
+                    best = loss
         return out
 
     @njit(parallel=True, cache=True)
@@ -290,5 +315,9 @@ if AVAILABLE:
     def hfmg_walk(hist, min_bins):
         return _hfmg_walk(hist, min_bins)
 
-    def hfmg_losses(q0, q1, h, m0, m1, m2, left, right, count, dst_bins):
-        return _hfmg_losses(q0, q1, h, m0, m1, m2, left, right, count, dst_bins)
+    def hfmg_losses(q0, q1, h, m0, m1, m2, left, right, count, dst_bins, prune=None):
+        """Losses of the walk's candidates ([C, K]); where ``prune[c]``, candidates that
+        provably cannot beat the best one are left at +inf (the walk stops early)."""
+        if prune is None:
+            prune = np.zeros(left.shape[0], dtype=np.bool_)
+        return _hfmg_losses(q0, q1, h, m0, m1, m2, left, right, count, dst_bins, prune)

@@ -84,3 +84,28 @@ def test_streaming_ifmr_kernel_equals_torch_path(monkeypatch):
     data = torch.cat(xs)
     assert torch.equal(results[0][3], data.topk(64, 0).values.t())
     assert torch.equal(results[0][4], data.topk(64, 0, largest=False).values.t())
+
+
+@pytest.mark.parametrize("dist", DISTS)
+def test_hfmg_pruned_walk_keeps_every_loss_that_can_win(dist):
+    import math
+    import numpy as np
+    from amct_hf.algorithms.hfmg import DST_BINS, loss_tables
+    x = make(dist, 4000, 5, 7) * 3
+    lo, hi = x.amin(0), x.amax(0)
+    hist = histc_per_channel(x, lo, torch.where(hi > lo, hi, lo + 1), 2048)
+    q0, q1, h, (m0, m1, m2) = loss_tables(hist)
+    left, right, count = kernels.hfmg_walk(hist.numpy(), math.ceil(2048 / 4))
+    args = [t.contiguous().numpy() for t in (q0, q1, h, m0, m1, m2)] + [left, right, count, DST_BINS]
+    full = kernels.hfmg_losses(*args)
+    pruned = kernels.hfmg_losses(*args, np.ones(5, dtype=np.bool_))
+    valid = np.arange(left.shape[1])[None, :] < count[:, None]
+    kept = np.isfinite(pruned)
+    assert np.array_equal(pruned[kept], full[kept])  # what is computed is computed the same way
+    full_valid = np.where(valid, full, np.inf)
+    assert np.array_equal(np.argmin(np.where(kept, pruned, np.inf), 1), np.argmin(full_valid, 1))
+    # skipped candidates all lose, by more than the selection's tie window
+    best = full_valid.min(1, keepdims=True)
+    assert np.all(full_valid[valid & ~kept] > (best * (1 + 1e-12)).repeat(left.shape[1], 1)[valid & ~kept])
+    if dist in ("normal", "laplace", "outliers"):
+        assert (valid & ~kept).sum() > valid.sum() / 4  # and the bound does skip work

@@ -150,6 +150,10 @@ class AlignedHistogram:
 
     def cumulative_at(self, x: torch.Tensor) -> torch.Tensor:
         """Count of values below ``x`` ([C, M] float64), uniform within each bin's data span."""
+        if kernels.use_kernels(x):
+            return torch.from_numpy(kernels.aligned_cumulative(
+                self.counts.contiguous().numpy(), self.level.numpy(), self.origin.numpy(),
+                self.lo.numpy(), self.hi.numpy(), x.double().contiguous().numpy()))
         edges = self.edges()
         # the bin holding x, read off the aligned grid (no search needed)
         k = (_floor_index(x, self.level[:, None]) - self.origin[:, None]).clamp(0, self.bins - 1)

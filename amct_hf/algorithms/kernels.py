@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-__all__ = ["AVAILABLE", "use_kernels", "histc_rows", "ifmr_losses", "aligned_update", "aligned_update_columns", "aligned_regrid", "hfmg_walk", "hfmg_losses"]
+__all__ = ["AVAILABLE", "use_kernels", "histc_rows", "ifmr_losses", "aligned_update", "aligned_update_columns", "aligned_regrid", "aligned_cumulative", "hfmg_walk", "hfmg_losses"]
 
 try:
     if os.environ.get("AMCT_HF_DISABLE_NUMBA"):
@@ -195,6 +195,46 @@ if AVAILABLE:
     def aligned_regrid(level, origin, new_level, new_origin, counts, offsets):
         """Move the channels whose grid changed, in place."""
         _aligned_regrid(level, origin, new_level, new_origin, counts, offsets)
+
+    @njit(parallel=True, cache=True)
+    def _aligned_cumulative(counts, level, origin, lo, hi, x):
+        c_n, b_n = counts.shape
+        m_n = x.shape[1]
+        out = np.empty((c_n, m_n))
+        for c in prange(c_n):
+            prefix = np.empty(b_n + 1)
+            prefix[0] = 0.0
+            for k in range(b_n):
+                prefix[k + 1] = prefix[k] + counts[c, k]
+            w = math.ldexp(1.0, level[c])
+            inv_w = math.ldexp(1.0, -level[c])
+            lo_c, hi_c = np.float64(lo[c]), np.float64(hi[c])
+            for m in range(m_n):
+                v = x[c, m]
+                if v >= hi_c:
+                    out[c, m] = prefix[b_n]
+                    continue
+                if v < lo_c:
+                    out[c, m] = 0.0
+                    continue
+                k = np.int64(math.floor(v * inv_w)) - origin[c]
+                if k < 0:
+                    k = 0
+                elif k >= b_n:
+                    k = b_n - 1
+                edge = (origin[c] + k) * w
+                left = max(edge, lo_c)
+                right = min(edge + w, hi_c)
+                frac = (v - left) / (right - left)
+                if frac != frac:
+                    frac = 1.0
+                frac = min(max(frac, 0.0), 1.0)
+                out[c, m] = prefix[k] + counts[c, k] * frac
+        return out
+
+    def aligned_cumulative(counts, level, origin, lo, hi, x):
+        """``AlignedHistogram.cumulative_at`` (see aligned.py): [C, M] counts below x."""
+        return _aligned_cumulative(counts, level, origin, lo, hi, x)
 
     @njit(parallel=True, cache=True)
     def _hfmg_walk(hist, min_bins):

@@ -109,3 +109,25 @@ def test_hfmg_pruned_walk_keeps_every_loss_that_can_win(dist):
     assert np.all(full_valid[valid & ~kept] > (best * (1 + 1e-12)).repeat(left.shape[1], 1)[valid & ~kept])
     if dist in ("normal", "laplace", "outliers"):
         assert (valid & ~kept).sum() > valid.sum() / 4  # and the bound does skip work
+
+
+@pytest.mark.parametrize("dist", ["normal", "outliers", "positive", "constant"])
+def test_streaming_hfmg_kernels_equal_torch_path(monkeypatch, dist):
+    from amct_hf.params import parse_quant_algo_params
+    from amct_hf.streaming import StreamingHFMGObserver
+    params = parse_quant_algo_params({"act_algo": "hfmg", "quant_granularity": 1})
+    xs = [make(dist, 700, 4, seed) * (seed + 1) for seed in range(3)]
+    results = []
+    for use in (True, False):
+        with monkeypatch.context() as m:
+            if not use:
+                torch_path(m)
+            obs = StreamingHFMGObserver(params, bins=512)
+            for x in xs:
+                obs.update(x)
+            h = obs.hist
+            probe = torch.linspace(-30, 30, 999, dtype=torch.float64).repeat(4, 1)
+            probe = torch.cat([probe, torch.stack([h.lo.double(), h.hi.double()], 1)], 1)
+            results.append((h.cumulative_at(probe), *obs.compute()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1]) and torch.equal(results[0][2], results[1][2])

@@ -29,7 +29,7 @@ from .params import QuantParams, parse_quant_algo_params
 from .record import write_kv_factors
 
 __all__ = ["calibrate_kv_cache", "CalibrationResult", "LayerCollector", "MODES", "load_model",
-           "widen_ranges", "input_device"]
+           "widen_ranges", "input_device", "no_logits_kwargs"]
 
 logger = logging.getLogger("amct_hf")
 MODES = ("streaming", "exact")
@@ -181,6 +181,17 @@ def input_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def no_logits_kwargs(model: nn.Module) -> dict:
+    """Forward kwargs that spare the LM head: calibration reads K/V only, and logits over
+    every position of a large vocabulary can cost a fifth of a small model's forward pass."""
+    import inspect
+    try:
+        accepted = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+
+
 def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo_params=None,
                        split="train", text_column="text", num_samples=128, seq_len=2048,
                        batch_size=1, tap="cache", tokenizer=None, device_map=None, dtype=None,
@@ -230,6 +241,7 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
         model.to(state.device)  # this process's accelerator (one per rank when distributed)
     device = input_device(model)
     collector = LayerCollector(params, mode, stream_bins)
+    skip_logits = no_logits_kwargs(model)
     bar = None
     if progress and comm.rank == 0:
         from tqdm.auto import tqdm
@@ -244,7 +256,7 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
                 # without padding the mask is omitted: no per-batch token selection
                 kwargs = {"attention_mask": mask.to(device),
                           "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device)}
-            model(input_ids=ids, use_cache=False, **kwargs)
+            model(input_ids=ids, use_cache=False, **skip_logits, **kwargs)
             if bar is not None:
                 bar.update(1)
     if bar is not None:

@@ -178,3 +178,26 @@ def test_range_margin_widens_ranges_about_zero(tiny_dir, tmp_path):
         assert wide[name][0] == pytest.approx([s * 1.25 for s in scales], rel=1e-6)
     with pytest.raises(ValueError, match="range_margin"):
         calibrate_kv_cache(str(tiny_dir), str(tiny_dir / "corpus.txt"), range_margin=-0.1, **kw)
+
+
+def test_calibration_skips_logits_of_all_but_the_last_position(tiny_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import amct_hf.calibrate as calibrate_module
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    positions = []
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: positions.append(args[0].shape[1]))
+
+    def run():
+        return calibrate_kv_cache(model, str(tiny_dir / "corpus.txt"), tokenizer=tok, num_samples=3, seq_len=16,
+                                  quant_algo_params={"quant_granularity": 1}, progress=False, write=False).factors
+    try:
+        spared = run()
+        assert positions == [1, 1, 1]  # one forward per sample, one logit position each
+        positions.clear()
+        monkeypatch.setattr(calibrate_module, "no_logits_kwargs", lambda m: {})
+        full = run()
+        assert positions == [16, 16, 16]
+    finally:
+        handle.remove()
+    assert spared == full  # the K/V statistics do not change

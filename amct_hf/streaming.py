@@ -84,7 +84,8 @@ class _Streaming(Observer):
             self._flush()
         if self._stage is None:
             self._stage = torch.zeros(c, size)  # zero-filled: every page is resident from the start
-        self._stage[:, self._staged:self._staged + n].copy_(x.t())
+        # [N, 1].t() has degenerate strides that send copy_ down a slow path (50x)
+        self._stage[:, self._staged:self._staged + n].copy_(x.reshape(1, -1) if c == 1 else x.t())
         self._staged += n
 
     def _flush(self) -> None:

@@ -11,6 +11,7 @@ or the number of processes.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -184,7 +185,6 @@ def input_device(model: nn.Module) -> torch.device:
 def no_logits_kwargs(model: nn.Module) -> dict:
     """Forward kwargs that spare the LM head: calibration reads K/V only, and logits over
     every position of a large vocabulary can cost a fifth of a small model's forward pass."""
-    import inspect
     try:
         accepted = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):

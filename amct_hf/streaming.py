@@ -40,6 +40,22 @@ def default_stream_bins(per_channel: bool) -> int:
     return 2048 if per_channel else 65536
 
 
+class _Flushed:
+    """An observer attribute that adds the staged values before it is read."""
+
+    def __init__(self, slot: str):
+        self.slot = slot
+
+    def __get__(self, obs, owner=None):
+        if obs is None:
+            return self
+        obs._flush()
+        return getattr(obs, self.slot)
+
+    def __set__(self, obs, value):
+        setattr(obs, self.slot, value)
+
+
 class _Streaming(Observer):
     with_offsets = True
     # Values staged per layer before the compiled histogram update runs (CPU only). The
@@ -56,11 +72,8 @@ class _Streaming(Observer):
         self._staged = 0
         self.count = 0  # values per channel
 
-    @property
-    def hist(self) -> AlignedHistogram | None:
-        """The histogram of every value seen so far (staged values are added first)."""
-        self._flush()
-        return self._hist
+    # the statistics of every value seen so far: reading them adds the staged values first
+    hist = _Flushed("_hist")
 
     def ensure(self, channels: int, device=None) -> None:
         if self._hist is None:
@@ -111,23 +124,8 @@ class StreamingIFMRObserver(_Streaming):
         self._top = self._bottom = None
         self.tolerance = None
 
-    @property
-    def top(self):
-        self._flush()
-        return self._top
-
-    @top.setter
-    def top(self, value):
-        self._top = value
-
-    @property
-    def bottom(self):
-        self._flush()
-        return self._bottom
-
-    @bottom.setter
-    def bottom(self, value):
-        self._bottom = value
+    top = _Flushed("_top")
+    bottom = _Flushed("_bottom")
 
     def ensure(self, channels, device=None):
         super().ensure(channels, device)

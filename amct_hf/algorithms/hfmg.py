@@ -179,27 +179,29 @@ def hfmg_factors(state: HistogramState, asymmetric: bool = True, candidate_chunk
     hist, lo, hi = state.hist, state.lo, state.hi
     bins = hist.shape[1]
     tables = loss_tables(hist)
-    if kernels.use_kernels(hist):
+    fast = kernels.use_kernels(hist)
+    if fast:
         h = hist.contiguous().numpy()
         left, right, count = (torch.from_numpy(a) for a in kernels.hfmg_walk(h, math.ceil(bins / 4)))
         k = max(int(count.max()), 1)
         left, right = left[:, :k].contiguous(), right[:, :k].contiguous()
         valid = torch.arange(k)[None, :] < count[:, None]
+    else:
+        left, right, valid = search_ranges(hist)
+    w = (hi - lo) / bins
+    dst_w = w[:, None] * (right - left + 1).to(torch.float32) / DST_BINS
+    if fast:
         q0, q1, hh = (t.contiguous().numpy() for t in tables[:3])
         m0, m1, m2 = tables[3]
         # skipping candidates is safe only where none would have its loss forced to zero below
-        tiny = (((hi - lo) / bins)[:, None] * (right - left + 1).to(torch.float32) / DST_BINS
-                < FLT_EPSILON) & valid
+        prune = ~((dst_w < FLT_EPSILON) & valid).any(1)
         losses = torch.from_numpy(kernels.hfmg_losses(
             q0, q1, hh, m0.numpy(), m1.numpy(), m2.numpy(), left.numpy(), right.numpy(), count.numpy(),
-            DST_BINS, (~tiny.any(1)).numpy()))
+            DST_BINS, prune.numpy()))
     else:
-        left, right, valid = search_ranges(hist)
         losses = torch.cat([hfmg_losses(hist, left[:, j:j + candidate_chunk], right[:, j:j + candidate_chunk],
                                         tables)
                             for j in range(0, left.shape[1], candidate_chunk)], 1)
-    w = (hi - lo) / bins
-    dst_w = w[:, None] * (right - left + 1).to(torch.float32) / DST_BINS
     losses = torch.where(dst_w < FLT_EPSILON, torch.zeros_like(losses), losses)
     losses = torch.where(valid, losses, torch.full_like(losses, float("inf")))
     best_loss = losses.min(1, keepdim=True).values

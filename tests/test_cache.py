@@ -154,13 +154,12 @@ def smollm2(smollm2_dir, tmp_path_factory):
 def test_smollm2_memory_and_greedy_agreement(smollm2):
     """5 prompts x 32 greedy tokens (one left-padded batch), fp32 DynamicCache vs int8.
 
-    Agreement, both asserted >= 90% of the 160 positions: free-running position-wise
-    (fraction of positions where the int8 run's own greedy token equals the fp32 run's),
-    and teacher-forced (the int8 cache decoding along the fp32 greedy path). The
-    free-running measure is chaotic: after a flip at an fp32 near-tie (top-2 logit margins
-    of 0.005-0.1 here) the continuations differ wholesale, so records of similar
-    perplexity score anywhere from 0.5 to 1.0 (README, Accuracy); the teacher-forced one
-    is stable.
+    Asserted: the teacher-forced agreement (the int8 cache decoding along the fp32 greedy
+    path) >= 90% of the 160 positions. Only reported: the free-running position-wise
+    agreement (the int8 run's own greedy tokens against the fp32 run's). It is chaotic:
+    after a flip at an fp32 near-tie (top-2 logit margins of 0.005-0.1 here) the
+    continuations differ wholesale, so records of similar perplexity score anywhere from
+    0.5 to 1.0 (README, Accuracy) and a bound on it fails on the last float.
     """
     from transformers import DynamicCache
     model, tok, record = smollm2
@@ -205,7 +204,6 @@ def test_smollm2_memory_and_greedy_agreement(smollm2):
           f"{q_cache.get_seq_length()} tokens x {len(PROMPTS)}: {ratio:.3f} of fp32 "
           f"({with_factors:.3f} with the factors)")
     assert forced >= 0.9
-    assert free >= 0.9
 
 
 def test_smollm2_cache_dequantizes_within_half_a_step(smollm2):

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import AssetNotFoundError
+
 __all__ = [
     "AssetNotFoundError",
     "SMOLLM2_GGUF_NAME",
@@ -42,10 +44,6 @@ _SMOLLM2_SUBDIR = "smollm2-135m-instruct"
 # was copied in by hand or left half-written by something other than this module.
 _MARKER = ".amct_hf_complete.json"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json", _MARKER)
-
-
-class AssetNotFoundError(RuntimeError):
-    """An offline asset (model file, corpus) is not installed."""
 
 
 def _package_dir(module: str, pip_name: str) -> Path:

@@ -35,6 +35,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from .calibrate import input_device
+from .errors import RecordMismatchError
 
 __all__ = [
     "StaticInt8KVCache", "StaticInt8Layer", "StaticInt8SlidingWindowLayer", "RecordMismatchError",
@@ -43,10 +44,6 @@ __all__ = [
 ]
 
 QMIN, QMAX = -128, 127
-
-
-class RecordMismatchError(ValueError):
-    """The record's layers do not match the model (names, channel counts, sizes)."""
 
 
 # --------------------------------------------------------------------------- the convention

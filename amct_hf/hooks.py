@@ -20,6 +20,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .errors import UnpatchableModelError
+
 __all__ = ["KVCalibrationHooks", "kv_calibration", "kv_transform", "UnpatchableModelError", "Observe",
            "key_value_names", "TAPS"]
 
@@ -28,10 +30,6 @@ TAPS = ("cache", "proj")
 _PREFIX = "amct_hf_kv_"
 _STATES: "weakref.WeakKeyDictionary[nn.Module, _ModelState]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
-
-
-class UnpatchableModelError(RuntimeError):
-    """The model's attention cannot be routed through the calibration hooks."""
 
 
 def key_value_names(path: str, module: nn.Module) -> tuple[str, str]:

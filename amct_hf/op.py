@@ -7,6 +7,7 @@ import os
 import torch
 from torch import nn
 
+from .errors import CalibrationInputError
 from .observers import Observer, make_observer
 from .params import QuantParams, parse_quant_algo_params
 from .record import read_kv_factors, write_kv_factors
@@ -16,10 +17,6 @@ __all__ = ["QuantCalibrationOp", "CalibrationInputError", "as_channels", "check_
 logger = logging.getLogger("amct_hf")
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-class CalibrationInputError(RuntimeError):
-    """A calibration batch cannot be used (dtype, NaN/Inf, shape)."""
 
 
 def check_activation(layer_name: str, x) -> None:

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .errors import QuantParamsError
+
 __all__ = ["QuantParams", "QuantParamsError", "parse_quant_algo_params", "ALGORITHMS"]
 
 ALGORITHMS = ("ifmr", "hfmg")
@@ -20,10 +22,6 @@ _GRANULARITY = {
     0: "per_tensor", "0": "per_tensor", "per_tensor": "per_tensor",
     1: "per_channel", "1": "per_channel", "per_channel": "per_channel",
 }
-
-
-class QuantParamsError(ValueError):
-    """A ``quant_algo_params`` field is unknown, of the wrong type or out of range."""
 
 
 @dataclass(frozen=True)

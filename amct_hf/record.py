@@ -39,6 +39,7 @@ from typing import Mapping, Sequence
 from filelock import FileLock
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
+from .errors import RecordFileError, RecordOverwriteWarning
 from .fileio import atomic_replace
 
 __all__ = [
@@ -54,14 +55,6 @@ __all__ = [
 logger = logging.getLogger("amct_hf")
 
 Factors = Mapping[str, "tuple[Sequence[float], Sequence[int]]"]
-
-
-class RecordFileError(Exception):
-    """The record file cannot be read, parsed or replaced; it was left untouched."""
-
-
-class RecordOverwriteWarning(UserWarning):
-    """A layer already had ``kv_cache_value`` in the record file and was overwritten."""
 
 
 # --------------------------------------------------------------------------- schema

@@ -1,31 +1,35 @@
 """amct_hf: INT8 KV-cache calibration (IFMR / HFMG) for Hugging Face transformers,
-writing Ascend AMCT record files."""
-from .errors import (AmctHfError, AssetNotFoundError, CalibrationInputError, DatasetError,
-                     ExportError, ModelLoadError, QuantParamsError, RecordFileError,
-                     RecordMismatchError, RecordOverwriteWarning, UnpatchableModelError)
-from .op import QuantCalibrationOp
-from .params import QuantParams, parse_quant_algo_params
-from .record import read_kv_factors, write_kv_factors
+writing Ascend AMCT record files.
 
-__all__ = [
-    "QuantCalibrationOp", "QuantParams", "parse_quant_algo_params", "read_kv_factors",
-    "write_kv_factors", "AmctHfError", "AssetNotFoundError", "CalibrationInputError",
-    "DatasetError", "ExportError", "ModelLoadError", "QuantParamsError", "RecordFileError",
-    "RecordMismatchError", "RecordOverwriteWarning", "UnpatchableModelError",
-]
+Every name is imported on first use (PEP 562): ``import amct_hf`` costs nothing, the
+operator does not import transformers, and the command line starts at once.
+"""
+from .errors import (AmctHfError, AssetNotFoundError, CalibrationInputError, DatasetError,
+                     ExportError, InvalidArgumentError, MissingFileError, ModelLoadError,
+                     QuantParamsError, RecordFileError, RecordMismatchError,
+                     RecordOverwriteWarning, UnpatchableModelError)
+
 __version__ = "0.1.0"
 
-
 _LAZY = {
-    # the transformers side is imported on first use: the operator alone must not pay for it
+    "QuantCalibrationOp": "op",
+    "QuantParams": "params", "parse_quant_algo_params": "params",
+    "read_kv_factors": "record", "write_kv_factors": "record", "load_kv_factors": "record",
     "calibrate_kv_cache": "calibrate", "CalibrationResult": "calibrate",
-    "kv_calibration": "hooks", "kv_transform": "hooks", "KVCalibrationHooks": "hooks",
+    "kv_calibration": "modeling.attention", "kv_transform": "modeling.attention",
+    "KVCalibrationHooks": "modeling.attention",
+    "StaticInt8KVCache": "modeling.cache",
     "evaluate_kv_quant": "evaluate", "EvalResult": "evaluate",
-    "StaticInt8KVCache": "cache",
     "export_json": "export", "export_safetensors": "export", "load_export": "export",
     "plot_report": "report",
 }
-__all__ += list(_LAZY)
+
+__all__ = [
+    "AmctHfError", "AssetNotFoundError", "CalibrationInputError", "DatasetError", "ExportError",
+    "InvalidArgumentError", "MissingFileError", "ModelLoadError", "QuantParamsError",
+    "RecordFileError", "RecordMismatchError", "RecordOverwriteWarning", "UnpatchableModelError",
+    *_LAZY,
+]
 
 
 def __getattr__(name):

@@ -1,38 +1,341 @@
-"""``amct-hf`` command line: calibrate, eval, export, report.
+"""amct-hf command line: calibrate, eval, export, report.
 
-Each subcommand lives in the module that owns its concern and exposes
-``add_parser(subparsers)``; the parser's ``func`` default runs it."""
+Every subcommand's parser lives here; the library modules only return results and
+raise. Nothing heavy is imported until a subcommand runs, so --help is instant. An
+error of amct_hf's own (bad input, unusable file or model) prints as one line with
+exit status 2; anything else is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
 import argparse
-import importlib
+import json
 import logging
+import os
 import sys
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "recipe_args", "quant_algo_params_from_args", "load_params"]
 
-# subcommand -> module providing add_parser(subparsers)
-_SUBCOMMANDS = {
-    "calibrate": "amct_hf.calibrate_cli",
-    "eval": "amct_hf.evaluate",
-    "export": "amct_hf.export",
-    "report": "amct_hf.report",
-}
+# flag attribute -> quant_algo_params field
+_FLAG_FIELDS = (("algo", "act_algo"), ("granularity", "quant_granularity"),
+                ("asymmetric", "asymmetric"), ("num_of_bins", "num_of_bins"))
 
+
+# --------------------------------------------------------------------------- shared arguments
+
+def _add_model_data(p, *, num_samples: int, seq_len: int, dataset_default: str) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", metavar="ID_OR_DIR",
+                   help="model id or local folder (default: the bundled SmolLM2-135M-Instruct, "
+                        "converted once into the amct_hf cache)")
+    g.add_argument("--dataset", metavar="FILE_OR_NAME",
+                   help="text/json/jsonl/parquet/csv file, folder or cached datasets name "
+                        f"(default: {dataset_default})")
+    g.add_argument("--split", default="train", help="dataset split of a datasets name (default: train)")
+    g.add_argument("--text-column", default="text", help="text column (default: text)")
+    g.add_argument("--num-samples", type=int, default=num_samples, metavar="N",
+                   help=f"samples (default: {num_samples})")
+    g.add_argument("--seq-len", type=int, default=seq_len, metavar="N",
+                   help=f"tokens per sample (default: {seq_len})")
+    g.add_argument("--batch-size", type=int, default=1, metavar="N",
+                   help="samples per forward pass (default: 1)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"),
+                   help="model dtype (default: transformers' default)")
+    g.add_argument("--device-map", metavar="MAP", help="from_pretrained device_map, e.g. auto")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow custom model code from the model folder/repo")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_calibrate_arguments(p) -> None:
+    _add_model_data(p, num_samples=128, seq_len=2048, dataset_default="the bundled news corpus")
+    q = p.add_argument_group(
+        "quantization (override the fields of --params; unset fields keep the library defaults: "
+        "IFMR, per-tensor, asymmetric)")
+    q.add_argument("--params", metavar="JSON_OR_FILE",
+                   help="quant_algo_params: a JSON object inline, or a .json file holding one")
+    q.add_argument("--algo", choices=("ifmr", "hfmg"), help="act_algo")
+    q.add_argument("--granularity", choices=("per_tensor", "per_channel"), help="quant_granularity")
+    sym = q.add_mutually_exclusive_group()
+    # both directions, so a flag can override either value coming from --params
+    sym.add_argument("--symmetric", dest="asymmetric", action="store_const", const=False,
+                     help="symmetric factors (offset 0)")
+    sym.add_argument("--asymmetric", dest="asymmetric", action="store_const", const=True,
+                     help="asymmetric factors (the default)")
+    q.add_argument("--num-of-bins", type=int, metavar="N",
+                   help="HFMG histogram bins: 1024, 2048, 4096 or 8192")
+    r = p.add_argument_group("run")
+    r.add_argument("--tap", choices=("cache", "proj"), default="cache",
+                   help="cache: K/V as stored in the KV cache (post-RoPE, default); "
+                        "proj: raw k_proj/v_proj outputs, as AMCT taps them")
+    r.add_argument("--mode", choices=("streaming", "exact"), default="streaming",
+                   help="streaming: bounded-memory histograms (default); exact: keep all values")
+    r.add_argument("--range-margin", type=float, default=0.0, metavar="M",
+                   help="widen every calibrated range by this fraction (e.g. 0.1), a remedy "
+                        "for per-channel ranges clipping on text unlike the calibration data")
+    r.add_argument("--record", default="kv_cache.txt", metavar="FILE",
+                   help="record file to merge the factors into (default: kv_cache.txt)")
+
+
+# --------------------------------------------------------------------------- calibrate
+
+def load_params(value: str) -> dict:
+    """quant_algo_params from ``--params``: an inline JSON object, or a JSON file."""
+    from .errors import InvalidArgumentError, MissingFileError
+    text, where = value, "--params"
+    if not value.lstrip().startswith("{"):
+        if not os.path.isfile(value):
+            raise MissingFileError(f"--params file {value} does not exist (nor is it an inline "
+                                   "JSON object)")
+        with open(value, "rb") as f:
+            text, where = f.read().decode("utf-8", "replace"), f"--params file {value}"
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InvalidArgumentError(f"{where} is not valid JSON: {err}") from err
+    if not isinstance(params, dict):
+        raise InvalidArgumentError(f"{where} must hold a JSON object of quant_algo_params "
+                                   f"fields, got a JSON {type(params).__name__}")
+    return params
+
+
+def quant_algo_params_from_args(args) -> dict:
+    """--params fields, overridden by the flags that were given (None = not given).
+
+    Only given fields are included, so the library's per-algorithm validation sees exactly
+    what the user asked for rather than CLI-invented defaults."""
+    params = load_params(args.params) if getattr(args, "params", None) else {}
+    for attr, name in _FLAG_FIELDS:
+        value = getattr(args, attr, None)
+        if value is not None:
+            params[name] = value
+    return params
+
+
+def _check_positive(args, flags) -> None:
+    # checked before the default model is converted, with the flag's own name
+    from .errors import InvalidArgumentError
+    for flag in flags:
+        value = getattr(args, flag)
+        if value <= 0:
+            raise InvalidArgumentError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def _quiet_loading(args) -> None:
+    if args.no_progress:  # transformers' own "Loading weights" bars too
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+
+
+def _default_model(args, log) -> str:
+    if args.model is not None:
+        return args.model
+    from .assets import smollm2_folder
+    folder = str(smollm2_folder())
+    log(f"model: bundled SmolLM2-135M-Instruct at {folder}")
+    return folder
+
+
+def calibrate_kwargs(args) -> dict:
+    """calibrate_kv_cache keyword arguments from parsed calibrate arguments."""
+    return dict(record_file=args.record, quant_algo_params=quant_algo_params_from_args(args),
+                split=args.split, text_column=args.text_column, num_samples=args.num_samples,
+                seq_len=args.seq_len, batch_size=args.batch_size, tap=args.tap,
+                device_map=args.device_map, dtype=args.dtype,
+                trust_remote_code=args.trust_remote_code, mode=args.mode,
+                range_margin=args.range_margin, progress=not args.no_progress)
+
+
+def run_calibrate(args) -> int:
+    from .params import parse_quant_algo_params
+    main_process = _is_main_process()
+    log = (lambda msg: print(msg, file=sys.stderr)) if main_process else (lambda msg: None)
+    kwargs = calibrate_kwargs(args)
+    parse_quant_algo_params(kwargs["quant_algo_params"])  # fail before any model is touched
+    _check_positive(args, ("num_samples", "seq_len", "batch_size"))
+    dataset = args.dataset
+    if dataset is None:
+        from .assets import default_corpus_file
+        dataset = str(default_corpus_file())
+        log(f"dataset: bundled news corpus at {dataset}")
+    model = _default_model(args, log)
+    _quiet_loading(args)
+    from .calibrate import calibrate_kv_cache
+    result = calibrate_kv_cache(model, dataset, **kwargs)
+    if main_process:
+        print(result.totals() if args.no_progress else result.summary())
+        if args.no_progress and result.shortfall:
+            print(f"warning: {result.shortfall}")
+        model_hint = "" if args.model is None else f" --model {args.model}"
+        log(f"next: amct-hf eval{model_hint} --record {args.record}   "
+            "(perplexity on held-out text, with and without these factors)")
+    return 0
+
+
+def _is_main_process() -> bool:
+    for var in ("RANK", "LOCAL_RANK"):  # torchrun / accelerate launch
+        if os.environ.get(var, "0") != "0":
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- eval
+
+def run_eval(args) -> int:
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    _check_positive(args, ("num_samples", "seq_len", "batch_size"))
+    dataset = args.dataset
+    from .assets import default_corpus_file, shakespeare_texts
+    if dataset is None:
+        dataset = shakespeare_texts()
+        log(f"dataset: bundled Shakespeare plays (held out from calibration's news corpus), "
+            f"{len(dataset)} files under {dataset[0].parent}")
+    elif args.skip_tokens == 0 and os.path.abspath(str(dataset)) == os.path.abspath(str(default_corpus_file())):
+        log("warning: evaluating on the calibration corpus from its first token scores the very "
+            "tokens calibration used; pass --skip-tokens N (N = calibration samples x seq-len)")
+    model = _default_model(args, log)
+    _quiet_loading(args)
+    from .evaluate import evaluate_kv_quant
+    result = evaluate_kv_quant(
+        model, dataset, args.record, num_samples=args.num_samples, seq_len=args.seq_len,
+        batch_size=args.batch_size, skip_tokens=args.skip_tokens, split=args.split,
+        text_column=args.text_column, references=not args.no_references,
+        device_map=args.device_map, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+        progress=not args.no_progress)
+    print(result.table(worst=args.worst))
+    if args.json:
+        from .fileio import atomic_replace
+        data = {**result.to_dict(), "model": model, "dataset": [str(d) for d in dataset]
+                if isinstance(dataset, list) else str(dataset)}
+
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=2, allow_nan=False)
+                f.write("\n")
+        atomic_replace(args.json, write)
+        print(f"wrote {args.json}")
+    return 0
+
+
+# --------------------------------------------------------------------------- export, report
+
+_EXPORT_FORMATS = ("json", "safetensors")
+
+
+def run_export(args) -> int:
+    from .export import export_json, export_safetensors
+    out = args.out or os.path.splitext(args.record)[0] + "." + args.format
+    if args.format == "json":
+        n = len(export_json(args.record, out)["layers"])
+    else:
+        n = len(export_safetensors(args.record, out)) // 2
+    print(f"wrote {n} K/V entr{'ies' if n != 1 else 'y'} ({args.format}) to {out}")
+    return 0
+
+
+def run_report(args) -> int:
+    from .report import OUTLIER_RATIO, plot_report
+    out = args.out or os.path.splitext(args.record)[0] + ".png"
+    summary = plot_report(args.record, out, title=args.title)
+    n = len(summary["layers"])
+    print(f"wrote report for {n} K/V entr{'ies' if n != 1 else 'y'} to {out}")
+    if summary["outliers"]:
+        parts = [f"{name} (ch {summary['layers'][name]['worst_channel']}, "
+                 f"{summary['layers'][name]['range_ratio']:.1f}x)" for name in summary["outliers"]]
+        print(f"outlier layers (widest channel range > {OUTLIER_RATIO:g}x median): " + "; ".join(parts))
+    elif any(s["channels"] > 1 for s in summary["layers"].values()):
+        print("no outlier layers")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amct-hf", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log each step (layers calibrated, records written) on stderr")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, module in _SUBCOMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
-            continue  # subcommand not built yet
-        mod.add_parser(sub)
+
+    p = sub.add_parser("calibrate", help="calibrate INT8 KV-cache factors and write an AMCT record",
+                       description="Run a causal LM over calibration text and write per-layer INT8 "
+                                   "key/value scales and offsets (IFMR or HFMG) into an AMCT record "
+                                   "file. Without --model/--dataset: the bundled SmolLM2-135M on "
+                                   "the bundled news corpus.")
+    _add_calibrate_arguments(p)
+    p.set_defaults(func=run_calibrate)
+
+    p = sub.add_parser("eval", help="perplexity with a record's INT8 K/V vs full precision",
+                       description="Perplexity on packed chunks with the full-precision KV cache and "
+                                   "with K/V quantize-dequantized by the record's factors, plus "
+                                   "min-max (oracle, on the eval data) and dynamic per-token INT8 "
+                                   "references, and per-layer K/V relative MSE. Without "
+                                   "--model/--dataset: the bundled SmolLM2-135M on the bundled "
+                                   "Shakespeare plays (text calibration never saw).")
+    _add_model_data(p, num_samples=8, seq_len=512,
+                    dataset_default="the bundled Shakespeare plays, held out from calibration")
+    p.add_argument("--record", default="kv_cache.txt", metavar="FILE",
+                   help="AMCT record file (default: kv_cache.txt)")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    p.add_argument("--skip-tokens", type=int, default=0, metavar="N",
+                   help="skip the first N tokens of the packed text, e.g. the calibration tokens "
+                        "when evaluating on the calibration corpus (default 0)")
+    p.add_argument("--no-references", action="store_true",
+                   help="skip the min-max and dynamic per-token reference runs")
+    p.add_argument("--worst", type=int, default=3, help="layers to mark as worst (default 3)")
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("export", help="export a record's factors for other tools",
+                       description="Export the kv_cache_value entries of an AMCT record file as "
+                                   "JSON or safetensors (<layer>.kv_cache_scale float32, "
+                                   "<layer>.kv_cache_offset int32).")
+    p.add_argument("--record", required=True, metavar="FILE", help="AMCT record file")
+    p.add_argument("--format", choices=_EXPORT_FORMATS, default="json", help="output format (default: json)")
+    p.add_argument("--out", metavar="PATH",
+                   help="output path (default: the record path with the format's suffix)")
+    p.set_defaults(func=run_export)
+
+    p = sub.add_parser("report", help="plot the clip ranges of a record's factors",
+                       description="Plot per-layer (and, for per-channel records, per-channel) INT8 "
+                                   "clip ranges implied by the kv_cache_value factors of an AMCT "
+                                   "record, flagging outlier layers.")
+    p.add_argument("--record", required=True, metavar="FILE", help="AMCT record file")
+    p.add_argument("--out", metavar="PATH", help="image to write (default: the record path with .png)")
+    p.add_argument("--title", help="figure title (default: names the record)")
+    p.set_defaults(func=run_report)
     return parser
+
+
+def recipe_args(defaults: dict, argv=None, description: str | None = None,
+                model_required: str | None = None) -> argparse.Namespace:
+    """The calibrate arguments for a recipe script: the CLI's own flags, with the recipe's
+    ``defaults`` (flag destinations such as ``model``, ``params``, ``algo``) in place of
+    the CLI's. ``model_required``: the usage error to give when no model is set."""
+    p = argparse.ArgumentParser(description=description)
+    _add_calibrate_arguments(p)
+    unknown = set(defaults) - {a.dest for a in p._actions}
+    if unknown:
+        raise ValueError(f"recipe defaults name no calibrate flag: {sorted(unknown)}")
+    p.set_defaults(**defaults)
+    args = p.parse_args(argv)
+    if model_required and args.model is None:
+        p.error(model_required)  # usage + the message, exit status 2
+    return args
+
+
+def run_recipe(defaults: dict, argv=None, description: str | None = None,
+               model_required: str | None = None) -> int:
+    """Parse a recipe's flags and calibrate, reporting errors as the CLI does."""
+    args = recipe_args(defaults, argv, description, model_required)
+    args.command = "calibrate"
+    return _run(args, run_calibrate)
+
+
+def _run(args, func) -> int:
+    from .errors import AmctHfError
+    try:
+        return int(func(args) or 0)
+    except AmctHfError as err:
+        print(f"amct-hf {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
 
 
 def main(argv=None) -> int:
@@ -40,13 +343,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .record import RecordFileError
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError, RecordFileError) as err:
-        # user-facing errors: one clear line, no traceback
-        print(f"amct-hf {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    return _run(args, args.func)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from .errors import DatasetError, MissingFileError
+from .fileio import looks_like_path
+
 __all__ = ["load_texts", "tokenize_samples", "make_batches", "shard", "FILE_BUILDERS"]
 
 logger = logging.getLogger("amct_hf")
@@ -72,21 +75,16 @@ def load_texts(dataset: Any, *, split: str = "train", text_column: str = "text",
             "DatasetDict, a file or directory path, a dataset name or a list of strings")
 
     if text_column not in ds.column_names:
-        raise ValueError(f"dataset {name} has no column {text_column!r}; "
+        raise DatasetError(f"dataset {name} has no column {text_column!r}; "
                          f"columns present: {ds.column_names}")
     texts = _clean(ds[text_column], f"column {text_column!r} of dataset {name}, row")
     return _check_not_empty(texts, name)
 
 
 def _looks_like_path(s: str) -> bool:
-    # A hub id is "name" or "org/name"; anything else with a separator, a leading ./ ~ or a
-    # known data-file suffix was meant as a local path, so a typo gets FileNotFoundError
-    # rather than a confusing "not found on the Hub".
-    if Path(s).suffix.lower() in FILE_BUILDERS or "\\" in s or os.path.isabs(s):
-        return True
-    if s.startswith((".", "~")) or s.endswith("/"):
-        return True
-    return s.count("/") > 1
+    # a known data-file suffix also means a local file, so a typo gets FileNotFoundError
+    # rather than a confusing "not found on the Hub"
+    return Path(s).suffix.lower() in FILE_BUILDERS or looks_like_path(s)
 
 
 def _load_named(dataset: str | os.PathLike, split: str, cache_dir):
@@ -99,20 +97,23 @@ def _load_named(dataset: str | os.PathLike, split: str, cache_dir):
     path = Path(text).expanduser()
 
     if path.is_file():
+        if split != "train":
+            raise DatasetError(f"split={split!r} does not apply to the file {text}: a single "
+                               "data file has only the 'train' split")
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"unsupported data file type {path.suffix!r} for {text}; "
+            raise DatasetError(f"unsupported data file type {path.suffix!r} for {text}; "
                              f"expected one of {sorted(FILE_BUILDERS)}")
         # the builders fail with unhelpful errors (StopIteration, DatasetGenerationError)
         # on an empty file; detect it first
         if _blank_file(path) and builder != "parquet":
-            raise ValueError(f"dataset {text} has no text (the file is empty)")
+            raise DatasetError(f"dataset {text} has no text (the file is empty)")
         try:
             # a single file always lands in the builder's "train" split
             ds = datasets.load_dataset(builder, data_files=str(path), split="train",
                                        cache_dir=cache_dir)
         except datasets.exceptions.DatasetGenerationError as err:
-            raise ValueError(f"could not read {text} as {builder}: {err.__cause__ or err}") \
+            raise DatasetError(f"could not read {text} as {builder}: {err.__cause__ or err}") \
                 from err
         return ds, text
 
@@ -120,12 +121,12 @@ def _load_named(dataset: str | os.PathLike, split: str, cache_dir):
         try:
             loaded = datasets.load_dataset(str(path), cache_dir=cache_dir)
         except datasets.data_files.EmptyDatasetError as err:
-            raise ValueError(f"dataset {text} has no text (the directory holds no data "
+            raise DatasetError(f"dataset {text} has no text (the directory holds no data "
                              f"files: {sorted(FILE_BUILDERS)})") from err
         return _pick_split(loaded, split, text), f"{text} split {split!r}"
 
     if is_path or _looks_like_path(text):
-        raise FileNotFoundError(f"calibration dataset {text} does not exist")
+        raise MissingFileError(f"dataset {text} does not exist")
 
     try:
         # load all splits and pick one ourselves, so a wrong split gets the same error as
@@ -137,7 +138,7 @@ def _load_named(dataset: str | os.PathLike, split: str, cache_dir):
     except (OSError, datasets.exceptions.DatasetsError) as err:
         # offline, a name not in the local cache is a ConnectionError; online a
         # DatasetNotFoundError: either way the user needs a local file or a cached dataset
-        raise ValueError(
+        raise DatasetError(
             f"dataset {text!r} could not be found locally or offline (it is not a local "
             f"file or directory, and not in the datasets cache): {err}") from err
     return _pick_split(loaded, split, text), f"{text} split {split!r}"
@@ -145,7 +146,7 @@ def _load_named(dataset: str | os.PathLike, split: str, cache_dir):
 
 def _pick_split(dataset_dict, split: str, name: str):
     if split not in dataset_dict:
-        raise ValueError(f"dataset {name} has no split {split!r}; "
+        raise DatasetError(f"dataset {name} has no split {split!r}; "
                          f"available splits: {list(dataset_dict.keys())}")
     return dataset_dict[split]
 
@@ -163,7 +164,7 @@ def _clean(values, what: str) -> list[str]:
     texts = []
     for i, v in enumerate(values):
         if not isinstance(v, str):
-            raise ValueError(f"{what} {i} is {type(v).__name__} ({v!r:.60}), expected a string")
+            raise DatasetError(f"{what} {i} is {type(v).__name__} ({v!r:.60}), expected a string")
         if v.strip():
             texts.append(v)
     return texts
@@ -171,7 +172,7 @@ def _clean(values, what: str) -> list[str]:
 
 def _check_not_empty(texts: list[str], name: str) -> list[str]:
     if not texts:
-        raise ValueError(f"dataset {name} has no text (no non-blank entries)")
+        raise DatasetError(f"dataset {name} has no text (no non-blank entries)")
     return texts
 
 
@@ -198,7 +199,7 @@ def tokenize_samples(tokenizer, texts: Sequence[str], *, seq_len: int, num_sampl
     """
     for arg, value in (("seq_len", seq_len), ("num_samples", num_samples)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{arg} must be a positive integer, got {value!r}")
+            raise DatasetError(f"{arg} must be a positive integer, got {value!r}")
     texts = list(texts)
 
     if pack:
@@ -213,7 +214,7 @@ def tokenize_samples(tokenizer, texts: Sequence[str], *, seq_len: int, num_sampl
         samples = samples[:num_samples]
 
     if not samples:
-        raise ValueError(f"the {len(texts)} calibration texts produced no tokens")
+        raise DatasetError(f"the {len(texts)} calibration texts produced no tokens")
     if len(samples) < num_samples or (pack and len(samples[0]) < seq_len):
         logger.warning(
             "made %d calibration sample(s) (%s), asked for %d of %d tokens; use more text%s",
@@ -274,19 +275,19 @@ def make_batches(samples: Sequence[Sequence[int]], *, batch_size: int,
     import torch
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise DatasetError(f"batch_size must be a positive integer, got {batch_size!r}")
     if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        raise DatasetError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     for i, s in enumerate(samples):
         if len(s) == 0:
-            raise ValueError(f"sample {i} is empty; every sample needs at least one token")
+            raise DatasetError(f"sample {i} is empty; every sample needs at least one token")
 
     batches = []
     for start in range(0, len(samples), batch_size):
         group = [list(s) for s in samples[start:start + batch_size]]
         length = max(len(s) for s in group)
         if pad_token_id is None and any(len(s) < length for s in group):
-            raise ValueError(
+            raise DatasetError(
                 f"samples {start}..{start + len(group) - 1} have different lengths and need "
                 "padding, but pad_token_id is None (use the tokenizer's pad or eos token id)")
         ids = torch.full((len(group), length), pad_token_id if pad_token_id is not None else 0,
@@ -312,11 +313,11 @@ def shard(items: Sequence, rank: int, world_size: int) -> list:
     """
     for arg, value in (("world_size", world_size), ("rank", rank)):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{arg} must be an integer, got {value!r}")
+            raise DatasetError(f"{arg} must be an integer, got {value!r}")
     if world_size <= 0:
-        raise ValueError(f"world_size must be positive, got {world_size}")
+        raise DatasetError(f"world_size must be positive, got {world_size}")
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        raise DatasetError(f"rank must be in [0, {world_size}), got {rank}")
     items = list(items)
     per_rank = math.ceil(len(items) / world_size)
     return items[rank * per_rank:(rank + 1) * per_rank]

@@ -57,6 +57,20 @@ class Comm:
         dist.all_gather(parts, padded)
         return torch.cat([p.narrow(dim, 0, s).to(t.device) for p, s in zip(parts, sizes)], dim)
 
+    def gather_object(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.active:
+            return [obj]
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, obj)
+        return everyone
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank."""
+        if not self.active:
+            return flag
+        return bool(self.all_reduce(torch.tensor([int(flag)]), "max").item())
+
     def broadcast_object(self, obj, src: int = 0):
         if not self.active:
             return obj

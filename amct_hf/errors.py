@@ -9,7 +9,7 @@ from __future__ import annotations
 __all__ = [
     "AmctHfError", "QuantParamsError", "CalibrationInputError", "RecordFileError",
     "RecordMismatchError", "UnpatchableModelError", "AssetNotFoundError", "ModelLoadError",
-    "DatasetError", "ExportError", "RecordOverwriteWarning",
+    "DatasetError", "ExportError", "InvalidArgumentError", "MissingFileError", "RecordOverwriteWarning",
 ]
 
 
@@ -25,8 +25,8 @@ class CalibrationInputError(AmctHfError, RuntimeError):
     """A calibration batch cannot be used (dtype, NaN/Inf, shape, channel count)."""
 
 
-class RecordFileError(AmctHfError):
-    """A record file cannot be read, parsed or written."""
+class RecordFileError(AmctHfError, ValueError):
+    """A record file cannot be read, parsed or written, or holds unusable factors."""
 
 
 class RecordMismatchError(AmctHfError, ValueError):
@@ -53,5 +53,13 @@ class ExportError(AmctHfError, ValueError):
     """An export cannot be written (its target or its record is unusable)."""
 
 
+class MissingFileError(AmctHfError, FileNotFoundError):
+    """A file the user named (record, export, model folder, dataset) does not exist."""
+
+
 class RecordOverwriteWarning(UserWarning):
     """An entry already in the record is replaced with different values."""
+
+
+class InvalidArgumentError(AmctHfError, ValueError):
+    """An argument of a library function or a CLI flag is out of its allowed range."""

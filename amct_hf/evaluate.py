@@ -8,8 +8,8 @@ tokens 2..seq_len -- on the same chunks for:
 * ``baseline``: the full-precision KV cache;
 * ``quantized``: K/V quantize-dequantized with the record's factors (SPEC §3,
   ``q = clip(round(x/s) + o, -128, 127)``, ``x_hat = (q - o) * s``), applied to the
-  post-RoPE states every attention reads (:func:`amct_hf.hooks.kv_transform`), i.e.
-  exactly what :class:`amct_hf.cache.StaticInt8KVCache` hands the attention;
+  post-RoPE states every attention reads (:func:`amct_hf.modeling.attention.kv_transform`),
+  i.e. exactly what :class:`amct_hf.modeling.cache.StaticInt8KVCache` hands the attention;
 * reference ``minmax``: static asymmetric min-max factors at the record's granularity
   (per layer: one factor, or one per channel), taken over the **evaluation chunks
   themselves** during the baseline pass. It is an oracle: it has seen the test tokens
@@ -19,9 +19,8 @@ tokens 2..seq_len -- on the same chunks for:
   every token and head (one scale/offset per ``head_dim`` vector): the usual dynamic
   INT8 KV baseline, which needs no calibration.
 
-Min-max factors use the SPEC's asymmetric rule (the range always includes 0):
-``s = (max(hi, 0) - min(lo, 0)) / 255``, ``o = round(-128 - min(lo, 0) / s)``, and
-``s < FLT_EPSILON`` becomes ``s = 1, o = -128``.
+Min-max factors use the SPEC's asymmetric rule (the range always includes 0), as
+:func:`amct_hf.algorithms.convention.minmax_factors` computes them.
 
 Per layer, for each quantized run, ``rel_mse = sum ||x_hat - x||^2 / sum ||x||^2`` over
 all evaluation tokens, with ``x`` the K (or V) states that layer computes in that run
@@ -39,43 +38,29 @@ mismatch is refused naming the first mismatching layer.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibrate import input_device
-from .cache import (QMAX, QMIN, RecordMismatchError, _read_factors, broadcast_factor,
-                    check_record, kv_layout)
+from .algorithms.convention import fake_quantize, minmax_factors
+from .errors import InvalidArgumentError
+from .modeling.attention import kv_calibration, kv_transform
+from .modeling.layout import broadcast_factor, check_record, kv_layout
+from .modeling.loading import input_device, load_model
+from .naming import attention_path, layer_kind
+from .record import load_kv_factors
 
-__all__ = ["evaluate_kv_quant", "EvalResult", "RecordMismatchError", "minmax_factors",
-           "add_parser", "run"]
+__all__ = ["evaluate_kv_quant", "EvalResult"]
 
 logger = logging.getLogger("amct_hf")
-FLT_EPSILON = 1.192092896e-7
-REFERENCES = ("minmax", "dynamic_per_token")
 _LABELS = {"baseline": "full precision", "quantized": "record (static INT8)",
            "minmax": "min-max on eval data (oracle)", "dynamic_per_token": "dynamic per-token INT8"}
-
-
-# --------------------------------------------------------------------------- factors
-
-def minmax_factors(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric INT8 (scale, offset) covering [lo, hi] (and 0), elementwise, float32."""
-    hi = hi.float().clamp(min=0)
-    lo = lo.float().clamp(max=0)
-    scale = (hi - lo) / 255
-    tiny = scale < FLT_EPSILON
-    scale = torch.where(tiny, torch.ones_like(scale), scale)
-    offset = torch.where(tiny, torch.full_like(scale, -128.0), torch.round(-128 - lo / scale))
-    return scale, offset
 
 
 class _LayerError:
@@ -118,9 +103,8 @@ class _StaticFakeQuant:
             self._shaped[key] = (broadcast_factor(s, states, name), broadcast_factor(o, states, name))
         s, o = self._shaped[key]
         x = states.float()
-        raw = torch.round(x / s) + o
-        x_hat = (raw.clamp(QMIN, QMAX) - o) * s
-        self.errors.setdefault(name, _LayerError()).add(x, x_hat, (raw < QMIN) | (raw > QMAX))
+        x_hat, clipped = fake_quantize(x, s, o, clipped=True)
+        self.errors.setdefault(name, _LayerError()).add(x, x_hat, clipped)
         return x_hat.to(states.dtype)
 
 
@@ -133,7 +117,7 @@ class _DynamicPerToken:
     def __call__(self, name: str, states: torch.Tensor) -> torch.Tensor:
         x = states.float()
         s, o = minmax_factors(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True))
-        x_hat = ((torch.round(x / s) + o).clamp(QMIN, QMAX) - o) * s
+        x_hat = fake_quantize(x, s, o)
         self.errors.setdefault(name, _LayerError()).add(x, x_hat, None)
         return x_hat.to(states.dtype)
 
@@ -186,20 +170,9 @@ class EvalResult:
         return self.quantized_ppl / self.baseline_ppl - 1.0
 
     def to_dict(self) -> dict:
-        return {
-            "baseline_ppl": self.baseline_ppl,
-            "quantized_ppl": self.quantized_ppl,
-            "relative_increase": self.relative_increase,
-            "references": self.references,
-            "layers": self.layers,
-            "record_file": self.record_file,
-            "granularity": self.granularity,
-            "num_samples": self.num_samples,
-            "seq_len": self.seq_len,
-            "num_tokens": self.num_tokens,
-            "seconds": self.seconds,
-            **self.meta,
-        }
+        data = asdict(self)
+        meta = data.pop("meta")
+        return {**data, "relative_increase": self.relative_increase, **meta}
 
     def table(self, worst: int = 3) -> str:
         """The perplexity table, then per-layer relative MSE of K and V (the ``worst``
@@ -215,8 +188,7 @@ class EvalResult:
 
         pairs: dict[str, dict[str, str]] = {}  # attention module -> {"K": key name, "V": ...}
         for name in self.layers:
-            base, _, part = name.rpartition(".")
-            pairs.setdefault(base, {})["K" if part in ("k_proj", "key_states") else "V"] = name
+            pairs.setdefault(attention_path(name), {})["K" if layer_kind(name) == "key" else "V"] = name
         marked = sorted(self.layers, key=lambda n: -self.layers[n]["rel_mse"])[:worst]
         has_refs = any("rel_mse_minmax" in s for s in self.layers.values())
         head = ["layer", "K rel MSE", "K clip", "V rel MSE", "V clip"]
@@ -307,18 +279,17 @@ def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_sample
     ``num_samples * seq_len`` tokens calibration used when evaluating on the same corpus.
     ``record_file`` may also be a ``{record key: (scales, offsets)}`` mapping.
     """
-    from .calibrate import load_model
     from .data import load_texts, tokenize_samples
 
     started = time.time()
     for arg, value in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{arg} must be a positive int, got {value!r}")
+            raise InvalidArgumentError(f"{arg} must be a positive int, got {value!r}")
     if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2 (one token to predict), got {seq_len}")
+        raise InvalidArgumentError(f"seq_len must be at least 2 (one token to predict), got {seq_len}")
     if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
-        raise ValueError(f"skip_tokens must be a non-negative int, got {skip_tokens!r}")
-    factors, where = _read_factors(record_file)  # a bad file fails before the model loads
+        raise InvalidArgumentError(f"skip_tokens must be a non-negative int, got {skip_tokens!r}")
+    factors, where = load_kv_factors(record_file)  # a bad file fails before the model loads
     texts = load_texts(dataset, split=split, text_column=text_column)
     model, tok = load_model(model, device_map=device_map, dtype=dtype,
                             trust_remote_code=trust_remote_code, tokenizer=tokenizer)
@@ -332,11 +303,11 @@ def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_sample
             skip = -(-skip_tokens // seq_len)
             samples = tokenize_samples(tok, texts, seq_len=seq_len, num_samples=skip + num_samples)
             if skip and len(samples) <= skip:
-                raise ValueError(f"skip_tokens={skip_tokens} leaves no evaluation text: the dataset "
+                raise InvalidArgumentError(f"skip_tokens={skip_tokens} leaves no evaluation text: the dataset "
                                  f"packs into only {len(samples)} chunk(s) of {seq_len} tokens")
             samples = samples[skip:]
             if sum(len(sample) - 1 for sample in samples) == 0:
-                raise ValueError("the evaluation text has a single token: nothing to predict")
+                raise InvalidArgumentError("the evaluation text has a single token: nothing to predict")
             batches = _batches(samples, batch_size)
             device = input_device(model)
             result = _evaluate(model, batches, device, factors, layout, references, progress)
@@ -352,8 +323,6 @@ def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_sample
 
 
 def _evaluate(model, batches, device, factors, layout, references, progress):
-    from .hooks import kv_calibration, kv_transform
-
     ranges = _RangeObserver()
     if references:  # the baseline pass also collects the min-max reference's ranges
         with kv_calibration(model, ranges):
@@ -361,6 +330,10 @@ def _evaluate(model, batches, device, factors, layout, references, progress):
     else:
         nll, count = _nll(model, batches, device, "full precision", progress)
     baseline = _ppl(nll, count)
+    if not math.isfinite(baseline):
+        raise InvalidArgumentError(
+            f"the model's own full-precision perplexity is {baseline}: its outputs are not "
+            "finite (NaN/Inf weights, or float16 overflow: load it in float32 or bfloat16)")
 
     record = _StaticFakeQuant(factors)
     with kv_transform(model, record):
@@ -381,53 +354,3 @@ def _evaluate(model, batches, device, factors, layout, references, progress):
             for name, err in transform.errors.items():
                 layers.setdefault(name, {})[f"rel_mse_{ref_name}"] = err.rel_mse
     return baseline, quantized, refs, layers, count
-
-
-# --------------------------------------------------------------------------- CLI
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "eval", help="perplexity with an INT8 KV cache from a record vs full precision",
-        description="Perplexity on packed chunks with the full-precision KV cache and with K/V "
-                    "quantize-dequantized by the record's factors, plus min-max (oracle, on the "
-                    "eval data) and dynamic per-token INT8 references, and per-layer K/V "
-                    "relative MSE.")
-    p.add_argument("--model", required=True, help="model id or local folder")
-    p.add_argument("--dataset", required=True,
-                   help="evaluation text: a .txt/.cor/.json/.jsonl/.parquet/.csv file, a folder, "
-                        "or a cached datasets name")
-    p.add_argument("--record", required=True, metavar="FILE", help="AMCT record file (text)")
-    p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
-    p.add_argument("--num-samples", type=int, default=8, help="chunks to evaluate (default 8)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per chunk (default 512)")
-    p.add_argument("--batch-size", type=int, default=1, help="chunks per forward (default 1)")
-    p.add_argument("--skip-tokens", type=int, default=0,
-                   help="skip the first N tokens of the packed text, e.g. the calibration tokens "
-                        "when evaluating on the calibration corpus (default 0)")
-    p.add_argument("--split", default="train", help="dataset split (default train)")
-    p.add_argument("--text-column", default="text", help="text column (default text)")
-    p.add_argument("--dtype", help="model dtype, e.g. float32, bfloat16 (default: the model's)")
-    p.add_argument("--device-map", help="e.g. auto, cpu, cuda:0")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--no-references", action="store_true",
-                   help="skip the min-max and dynamic per-token reference runs")
-    p.add_argument("--worst", type=int, default=3, help="layers to mark as worst (default 3)")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    result = evaluate_kv_quant(
-        args.model, args.dataset, args.record, num_samples=args.num_samples, seq_len=args.seq_len,
-        batch_size=args.batch_size, skip_tokens=args.skip_tokens, split=args.split,
-        text_column=args.text_column, references=not args.no_references, device_map=args.device_map,
-        dtype=args.dtype, trust_remote_code=args.trust_remote_code, progress=sys.stderr.isatty())
-    print(result.table(worst=args.worst))
-    if args.json:
-        data = {**result.to_dict(), "model": args.model, "dataset": args.dataset}
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, args.json)  # no half-written JSON for a reader
-        print(f"wrote {args.json}")
-    return 0

@@ -10,35 +10,22 @@ offsets, so ``load_export(out) == read_kv_factors(record)``:
   (int32, [C]) per record layer, the names Ascend inference engines look up for
   per-channel INT8 KV (C = 1 for per-tensor factors).
 
-torch/safetensors are imported only when a safetensors file is written or read, so
-``amct-hf --help`` and the JSON path stay light.
+safetensors is imported only when a safetensors file is written or read.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import struct
-import sys
 
+from .algorithms.convention import factor_problem
+from .errors import ExportError, MissingFileError
 from .fileio import atomic_replace
-from .record import RecordFileError, read_kv_factors
+from .naming import layer_kind
+from .record import load_kv_factors
 
-__all__ = [
-    "EXPORT_FORMAT",
-    "EXPORT_VERSION",
-    "SCALE_SUFFIX",
-    "OFFSET_SUFFIX",
-    "export_json",
-    "export_safetensors",
-    "load_export",
-    "load_record",
-    "layer_kind",
-    "layer_index",
-    "add_parser",
-    "run",
-]
+__all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "SCALE_SUFFIX", "OFFSET_SUFFIX", "export_json",
+           "export_safetensors", "load_export", "check_output_path"]
 
 EXPORT_FORMAT = "amct_hf.kv_cache_factors"
 EXPORT_VERSION = 1
@@ -46,76 +33,26 @@ SCALE_SUFFIX = ".kv_cache_scale"
 OFFSET_SUFFIX = ".kv_cache_offset"
 
 Factors = "dict[str, tuple[list[float], list[int]]]"
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
-_I32 = (-(2 ** 31), 2 ** 31 - 1)
-
-
-def layer_kind(name: str) -> str:
-    """``"key"`` / ``"value"`` for names ending in ``k_proj`` / ``v_proj``, else ``"unknown"``."""
-    if name.endswith("k_proj"):
-        return "key"
-    if name.endswith("v_proj"):
-        return "value"
-    return "unknown"
-
-
-def layer_index(name: str) -> int | None:
-    """Decoder layer number from ``...layers.{i}....``, or None when the name has none."""
-    m = _LAYER_INDEX.search(name)
-    return int(m.group(1)) if m else None
 
 
 def _f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
-def load_record(record_file: str | os.PathLike) -> Factors:
-    """``read_kv_factors`` for an export: the file must exist and hold KV factors.
-
-    read_kv_factors treats a missing file as empty (right for an incremental writer,
-    wrong here), and its RecordFileError is turned into ValueError so the CLI prints
-    one line.
-    """
-    path = os.fspath(record_file)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"record file not found: {path}")
-    if os.path.isdir(path):
-        raise ValueError(f"record {path} is a directory, expected a record file")
-    try:
-        factors = read_kv_factors(path)
-    except RecordFileError as e:
-        raise ValueError(str(e)) from None
-    if not factors:
-        raise ValueError(f"record {path} has no kv_cache_value entries; nothing to export")
-    for name, (scales, offsets) in factors.items():
-        # Hand-edited records may say "nan"/"inf"; JSON cannot hold them and no engine wants them.
-        bad = [s for s in scales if not (math.isfinite(s) and s > 0)]
-        if bad:
-            raise ValueError(f"record {path}: layer {name!r} has scale {bad[0]!r}, "
-                             f"expected finite positive values")
-        if len(scales) != len(offsets):
-            raise ValueError(f"record {path}: layer {name!r} has {len(scales)} scales "
-                             f"but {len(offsets)} offsets")
-    return factors
-
-
-def _atomic_replace(out_path: str, write) -> None:
-    atomic_replace(out_path, write)
-
-
-def _check_out(record_file: str, out_path: str) -> None:
+def check_output_path(record_file: str, out_path: str) -> None:
+    """An output beside a record must not be the record itself nor a directory."""
     if os.path.exists(out_path) and os.path.samefile(record_file, out_path):
-        raise ValueError(f"output {out_path} is the record file itself; choose another --out")
+        raise ExportError(f"output {out_path} is the record file itself; choose another --out")
     if os.path.isdir(out_path):
-        raise ValueError(f"output {out_path} is a directory, expected a file path")
+        raise ExportError(f"output {out_path} is a directory, expected a file path")
 
 
 # --------------------------------------------------------------------------- JSON
 def export_json(record_file: str | os.PathLike, out_path: str | os.PathLike) -> dict:
     """Write the record's KV factors as JSON; returns the document written."""
     record_file, out_path = os.fspath(record_file), os.fspath(out_path)
-    factors = load_record(record_file)
-    _check_out(record_file, out_path)
+    factors, _ = load_kv_factors(record_file)
+    check_output_path(record_file, out_path)
     doc = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
@@ -124,7 +61,7 @@ def export_json(record_file: str | os.PathLike, out_path: str | os.PathLike) -> 
                 "scale": [float(s) for s in scales],
                 "offset": [int(o) for o in offsets],
                 "granularity": "per_tensor" if len(scales) == 1 else "per_channel",
-                "kind": layer_kind(name),
+                "kind": layer_kind(name) or "unknown",
             }
             for name, (scales, offsets) in factors.items()
         },
@@ -135,7 +72,7 @@ def export_json(record_file: str | os.PathLike, out_path: str | os.PathLike) -> 
             json.dump(doc, f, indent=1, allow_nan=False)
             f.write("\n")
 
-    _atomic_replace(out_path, write)
+    atomic_replace(out_path, write)
     return doc
 
 
@@ -144,15 +81,15 @@ def _load_json(path: str) -> Factors:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise ExportError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{path} is not an {EXPORT_FORMAT} export (missing or wrong 'format')")
+        raise ExportError(f"{path} is not an {EXPORT_FORMAT} export (missing or wrong 'format')")
     if doc.get("version") != EXPORT_VERSION:
-        raise ValueError(f"{path}: unsupported export version {doc.get('version')!r}, "
+        raise ExportError(f"{path}: unsupported export version {doc.get('version')!r}, "
                          f"expected {EXPORT_VERSION}")
     layers = doc.get("layers")
     if not isinstance(layers, dict):
-        raise ValueError(f"{path}: 'layers' must be an object of layer name -> factors")
+        raise ExportError(f"{path}: 'layers' must be an object of layer name -> factors")
     out = {}
     for name, entry in layers.items():
         try:
@@ -162,9 +99,9 @@ def _load_json(path: str) -> Factors:
             if not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets):
                 raise TypeError("offset must be a list of integers")
         except (KeyError, TypeError) as e:
-            raise ValueError(f"{path}: layer {name!r}: bad entry ({e})") from None
+            raise ExportError(f"{path}: layer {name!r}: bad entry ({e})") from None
         if not scales or len(scales) != len(offsets):
-            raise ValueError(f"{path}: layer {name!r} has {len(scales)} scales "
+            raise ExportError(f"{path}: layer {name!r} has {len(scales)} scales "
                              f"and {len(offsets)} offsets")
         # Rounding to float32 matches what a record would hold for a hand-written 0.1.
         out[name] = ([_f32(float(s)) for s in scales], [int(o) for o in offsets])
@@ -177,15 +114,15 @@ def _require_safetensors():
         import safetensors.torch  # noqa: F401
         import torch  # noqa: F401
     except ImportError as e:
-        raise RuntimeError(f"the safetensors format needs the 'safetensors' package ({e}); "
+        raise ExportError(f"the safetensors format needs the 'safetensors' package ({e}); "
                            f"pip install safetensors") from None
 
 
 def export_safetensors(record_file: str | os.PathLike, out_path: str | os.PathLike) -> dict:
     """Write ``<layer>.kv_cache_scale`` / ``<layer>.kv_cache_offset`` tensors; returns them."""
     record_file, out_path = os.fspath(record_file), os.fspath(out_path)
-    factors = load_record(record_file)
-    _check_out(record_file, out_path)
+    factors, _ = load_kv_factors(record_file)
+    check_output_path(record_file, out_path)
     _require_safetensors()
     import torch
     from safetensors.torch import save_file
@@ -194,11 +131,11 @@ def export_safetensors(record_file: str | os.PathLike, out_path: str | os.PathLi
     for name, (scales, offsets) in factors.items():
         for key in (name + SCALE_SUFFIX, name + OFFSET_SUFFIX):
             if key in tensors:  # e.g. layers "x" and "x.kv_cache_scale" in one record
-                raise ValueError(f"record {record_file}: tensor name {key!r} would be used twice")
+                raise ExportError(f"record {record_file}: tensor name {key!r} would be used twice")
         tensors[name + SCALE_SUFFIX] = torch.tensor(scales, dtype=torch.float32)
         tensors[name + OFFSET_SUFFIX] = torch.tensor(offsets, dtype=torch.int32)
     metadata = {"format": EXPORT_FORMAT, "source_record": os.path.basename(record_file)}
-    _atomic_replace(out_path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_replace(out_path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return tensors
 
 
@@ -212,28 +149,28 @@ def _load_safetensors(path: str) -> Factors:
             # Other tools' files (e.g. model weights with these tensors merged in) carry
             # no or other metadata; only a different *claimed* format is an error.
             if "format" in meta and meta["format"] != EXPORT_FORMAT:
-                raise ValueError(f"{path}: metadata format {meta['format']!r}, "
+                raise ExportError(f"{path}: metadata format {meta['format']!r}, "
                                  f"expected {EXPORT_FORMAT!r}")
             names = list(f.keys())
             layers = [n[: -len(SCALE_SUFFIX)] for n in names if n.endswith(SCALE_SUFFIX)]
             if not layers:
-                raise ValueError(f"{path} has no '*{SCALE_SUFFIX}' tensors")
+                raise ExportError(f"{path} has no '*{SCALE_SUFFIX}' tensors")
             out = {}
             for layer in layers:
                 if layer + OFFSET_SUFFIX not in names:
-                    raise ValueError(f"{path}: {layer + SCALE_SUFFIX!r} has no matching "
+                    raise ExportError(f"{path}: {layer + SCALE_SUFFIX!r} has no matching "
                                      f"{layer + OFFSET_SUFFIX!r} tensor")
                 s = f.get_tensor(layer + SCALE_SUFFIX)
                 o = f.get_tensor(layer + OFFSET_SUFFIX)
                 if s.ndim != 1 or o.ndim != 1 or s.numel() != o.numel() or s.numel() == 0:
-                    raise ValueError(f"{path}: layer {layer!r}: scale {list(s.shape)} and "
+                    raise ExportError(f"{path}: layer {layer!r}: scale {list(s.shape)} and "
                                      f"offset {list(o.shape)} must be 1-D of the same length")
                 if not s.is_floating_point() or o.is_floating_point() or o.dtype.is_complex:
-                    raise ValueError(f"{path}: layer {layer!r}: expected float scale and "
+                    raise ExportError(f"{path}: layer {layer!r}: expected float scale and "
                                      f"integer offset, got {s.dtype} and {o.dtype}")
                 out[layer] = (s.float().tolist(), [int(v) for v in o.tolist()])
     except SafetensorError as e:
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+        raise ExportError(f"{path} is not a readable safetensors file: {e}") from None
     return out
 
 
@@ -246,33 +183,13 @@ def load_export(path: str | os.PathLike) -> Factors:
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".json", ".safetensors"):
-        raise ValueError(f"cannot tell the export format of {path}: expected a .json or "
+        raise ExportError(f"cannot tell the export format of {path}: expected a .json or "
                          f".safetensors file")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"export file not found: {path}")
-    return _load_json(path) if ext == ".json" else _load_safetensors(path)
-
-
-# --------------------------------------------------------------------------- CLI
-_WRITERS = {"json": export_json, "safetensors": export_safetensors}
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "export", help="export KV-cache factors from a record to JSON or safetensors",
-        description="Export the kv_cache_value entries of an AMCT record file as JSON or as "
-                    "safetensors (<layer>.kv_cache_scale float32 / <layer>.kv_cache_offset int32).")
-    p.add_argument("--record", required=True, metavar="FILE", help="AMCT record file (text)")
-    p.add_argument("--format", choices=sorted(_WRITERS), default="json",
-                   help="output format (default: json)")
-    p.add_argument("--out", metavar="PATH",
-                   help="output file (default: the record path with a .json/.safetensors suffix)")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    out = args.out or os.path.splitext(args.record)[0] + "." + args.format
-    written = _WRITERS[args.format](args.record, out)
-    n = len(written["layers"]) if args.format == "json" else len(written) // 2
-    print(f"wrote {n} layer{'s' if n != 1 else ''} ({args.format}) to {out}", file=sys.stdout)
-    return 0
+        raise MissingFileError(f"export file not found: {path}")
+    factors = _load_json(path) if ext == ".json" else _load_safetensors(path)
+    for name, (scales, offsets) in factors.items():
+        problem = factor_problem(scales, offsets)
+        if problem:
+            raise ExportError(f"{path}: layer {name!r} has unusable factors: {problem}")
+    return factors

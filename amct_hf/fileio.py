@@ -6,7 +6,16 @@ import secrets
 import stat
 from typing import Callable
 
-__all__ = ["atomic_replace"]
+__all__ = ["atomic_replace", "looks_like_path"]
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a name was meant as a local path rather than a hub id (``name`` or
+    ``owner/name``): absolute, starting with ``.`` or ``~``, ending in ``/``, holding a
+    backslash, or with more than one ``/``. A typo in such a name then fails at once as
+    a missing path instead of after minutes of hub retries."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.endswith("/")
+            or "\\" in name or name.count("/") > 1)
 
 
 def atomic_replace(path: str, write: Callable[[str], None]) -> None:

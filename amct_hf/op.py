@@ -7,41 +7,13 @@ import os
 import torch
 from torch import nn
 
-from .errors import CalibrationInputError
-from .observers import Observer, make_observer
+from .observers import LayerBank
 from .params import QuantParams, parse_quant_algo_params
 from .record import read_kv_factors, write_kv_factors
 
-__all__ = ["QuantCalibrationOp", "CalibrationInputError", "as_channels", "check_activation"]
+__all__ = ["QuantCalibrationOp"]
 
 logger = logging.getLogger("amct_hf")
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def check_activation(layer_name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise CalibrationInputError(
-            f"layer {layer_name!r}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _DTYPES:
-        raise CalibrationInputError(
-            f"layer {layer_name!r}: dtype {x.dtype} is not supported; "
-            "use float32, float16 or bfloat16")
-    if x.dim() == 0 or x.numel() == 0:
-        raise CalibrationInputError(
-            f"layer {layer_name!r}: got an empty or 0-d tensor of shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        raise CalibrationInputError(
-            f"layer {layer_name!r}: the activation contains NaN or Inf values; "
-            "nothing is recorded for this layer")
-
-
-def as_channels(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    """[tokens, channels] float32 view: channel = last dim, or one channel for per-tensor."""
-    x = x.detach()
-    if x.dtype != torch.float32:
-        x = x.to(torch.float32)
-    return x.reshape(-1, x.shape[-1]) if per_channel else x.reshape(-1, 1)
 
 
 class QuantCalibrationOp(nn.Module):
@@ -50,7 +22,10 @@ class QuantCalibrationOp(nn.Module):
     ``op(layer_name, x)`` returns ``x`` itself. The first ``batch_num`` calls for a
     name feed that name's observer; on the ``batch_num``-th the algorithm runs and
     the factors are merged into ``record_file`` (other layers' entries are kept; an
-    overwritten entry is reported by a warning)."""
+    overwritten entry is reported by a warning). A batch or a result that cannot be
+    used raises :class:`~amct_hf.errors.CalibrationInputError`: a refused batch leaves the
+    layer's statistics as they were; after a failed solve or write the layer starts again
+    from its first batch."""
 
     def __init__(self, record_file, quant_algo_params=None, quant_method="kv_cache_quant"):
         super().__init__()
@@ -70,8 +45,8 @@ class QuantCalibrationOp(nn.Module):
         # refuse an unparsable record now, before any calibration work is spent
         read_kv_factors(self.record_file)
         self.quant_method = quant_method
-        self._observers: dict[str, Observer] = {}
-        self._calls: dict[str, int] = {}
+        self._bank = LayerBank(self.params, "amct")
+        self._done: set[str] = set()
         self.factors: dict[str, tuple[list[float], list[int]]] = {}
 
     @property
@@ -79,39 +54,23 @@ class QuantCalibrationOp(nn.Module):
         return self.params.batch_num
 
     def calls(self, layer_name: str) -> int:
-        return self._calls.get(layer_name, 0)
+        """Batches taken for ``layer_name`` so far (``batch_num`` once it is calibrated)."""
+        return self.params.batch_num if layer_name in self._done else self._bank.batches(layer_name)
 
     def forward(self, layer_name: str, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(layer_name, str) or not layer_name:
             raise ValueError(f"layer_name must be a non-empty str, got {layer_name!r}")
-        if self._calls.get(layer_name, 0) >= self.params.batch_num:
+        if layer_name in self._done:
             return x
-        with torch.no_grad():
-            check_activation(layer_name, x)
-            batch = as_channels(x, self.params.per_channel)
-            obs = self._observers.get(layer_name)
-            if obs is None:
-                obs = self._observers[layer_name] = make_observer(self.params)
-            if obs.num_channels is None:
-                obs.num_channels = batch.shape[1]
-            elif obs.num_channels != batch.shape[1]:
-                raise CalibrationInputError(
-                    f"layer {layer_name!r}: {batch.shape[1]} channels (last dim of shape "
-                    f"{tuple(x.shape)}) but earlier batches had {obs.num_channels}")
-            obs.update(batch)
-            self._calls[layer_name] = obs.batches
-            if obs.batches == self.params.batch_num:
-                del self._observers[layer_name]
-                scales, offsets = obs.compute()
-                self._record(layer_name, scales, offsets)
+        self._bank(layer_name, x)  # a refused batch leaves the layer's statistics as they were
+        if self._bank.batches(layer_name) == self.params.batch_num:
+            entry, _ = self._bank.finalize(layer_name)
+            write_kv_factors(self.record_file, {layer_name: entry})
+            self._done.add(layer_name)
+            self.factors[layer_name] = entry
+            logger.info("calibrated %s: %d channel(s) written to %s", layer_name,
+                        len(entry[0]), self.record_file)
         return x
-
-    def _record(self, layer_name, scales, offsets):
-        entry = ([float(s) for s in scales.cpu().tolist()], [int(o) for o in offsets.cpu().tolist()])
-        self.factors[layer_name] = entry
-        write_kv_factors(self.record_file, {layer_name: entry})
-        logger.info("calibrated %s: %d channel(s) written to %s", layer_name, len(entry[0]),
-                    self.record_file)
 
     def extra_repr(self) -> str:
         return f"record_file={self.record_file!r}, params={self.params.to_dict()}"

@@ -6,14 +6,18 @@ raised before anything is created or written.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import QuantParamsError
 
-__all__ = ["QuantParams", "QuantParamsError", "parse_quant_algo_params", "ALGORITHMS"]
+__all__ = ["QuantParams", "QuantParamsError", "parse_quant_algo_params", "ALGORITHMS",
+           "MAX_IFMR_CANDIDATES"]
 
 ALGORITHMS = ("ifmr", "hfmg")
+#: IFMR tries (end - start) / search_step + 1 clips per channel (61 by default); the solve's
+#: memory and time grow with that count, so it is bounded where the parameters are checked
+MAX_IFMR_CANDIDATES = 10_001
 _COMMON = ("act_algo", "num_bits", "with_offset", "asymmetric", "quant_granularity", "batch_num")
 _IFMR_ONLY = ("max_percentile", "min_percentile", "search_range", "search_step")
 _HFMG_ONLY = ("num_of_bins",)
@@ -36,8 +40,6 @@ class QuantParams:
     search_range: tuple = (0.7, 1.3)
     search_step: float = 0.01
     num_of_bins: int = 4096
-    # the dict the user passed, kept for messages and round-tripping
-    source: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def granularity(self) -> str:
@@ -87,7 +89,8 @@ def parse_quant_algo_params(params: Mapping[str, Any] | None) -> QuantParams:
     if params is None:
         params = {}
     if isinstance(params, QuantParams):
-        return params
+        # a hand-built QuantParams gets the same checks as the dict it stands for
+        return parse_quant_algo_params(params.to_dict())
     if not isinstance(params, Mapping):
         raise QuantParamsError(
             f"quant_algo_params must be a dict or None, got {type(params).__name__}: {params!r}")
@@ -110,7 +113,7 @@ def parse_quant_algo_params(params: Mapping[str, Any] | None) -> QuantParams:
                 f"quant_algo_params has unknown field {key!r} (value {value!r}); "
                 f"fields allowed with {algo!r}: {', '.join(_COMMON + own)}")
 
-    kw: dict[str, Any] = {"act_algo": algo, "source": dict(params)}
+    kw: dict[str, Any] = {"act_algo": algo}
     if "num_bits" in params:
         value = params["num_bits"]
         if not (isinstance(value, int) and not isinstance(value, bool)) or value != 8:
@@ -156,6 +159,13 @@ def parse_quant_algo_params(params: Mapping[str, Any] | None) -> QuantParams:
         elif 0.01 > end - start:
             raise _fail("search_range", list(params["search_range"]),
                         "a range wider than the default search_step 0.01 (or set search_step)")
+        step = kw.get("search_step", 0.01)
+        candidates = int((end - start) / step) + 1
+        if candidates > MAX_IFMR_CANDIDATES:
+            name = "search_step" if "search_step" in params else "search_range"
+            raise _fail(name, params[name],
+                        f"at most {MAX_IFMR_CANDIDATES} candidate clips, (end - start) / "
+                        f"search_step + 1; this gives {candidates}")
     else:
         if "num_of_bins" in params:
             value = params["num_of_bins"]

@@ -43,6 +43,7 @@ from .errors import RecordFileError, RecordOverwriteWarning
 from .fileio import atomic_replace
 
 __all__ = [
+    "load_kv_factors",
     "RecordFileError",
     "RecordOverwriteWarning",
     "ScaleOffsetRecord",
@@ -422,3 +423,32 @@ def write_kv_factors(path: str | os.PathLike, factors: Factors, *,
         logger.warning(msg)
         warnings.warn(msg, RecordOverwriteWarning, stacklevel=2)
     return [layer for layer in new if layer in old]
+
+
+def load_kv_factors(record) -> tuple[dict[str, tuple[list[float], list[int]]], str]:
+    """The factors to *use* (INT8 cache, evaluation, exports, report) and a description of
+    where they came from: a record file that must exist and hold ``kv_cache_value``
+    entries, or a ``{record key: (scales, offsets)}`` mapping. Every entry is checked
+    with the INT8 convention (:func:`~amct_hf.algorithms.convention.factor_problem`),
+    naming the first unusable layer."""
+    from .algorithms.convention import factor_problem
+    from .errors import MissingFileError
+
+    if isinstance(record, Mapping):
+        factors = {name: (list(s), list(o)) for name, (s, o) in record.items()}
+        where = "the given factors"
+    else:
+        path = os.fspath(record)
+        where = f"record {path}"
+        if not os.path.exists(path):
+            raise MissingFileError(f"record file not found: {path}")
+        if os.path.isdir(path):
+            raise RecordFileError(f"record {path} is a directory, expected a record file")
+        factors = read_kv_factors(path)
+        if not factors:
+            raise RecordFileError(f"record {path} has no kv_cache_value entries")
+    for name, (scales, offsets) in factors.items():
+        problem = factor_problem(scales, offsets)
+        if problem:
+            raise RecordFileError(f"{where}: layer {name!r} has unusable factors: {problem}")
+    return factors, where

@@ -16,11 +16,15 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import sys
 
-from .export import _atomic_replace, _check_out, layer_index, layer_kind, load_record
+from .algorithms.convention import clip_range
+from .errors import ExportError
+from .export import check_output_path
+from .fileio import atomic_replace
+from .naming import layer_index, layer_kind
+from .record import load_kv_factors
 
-__all__ = ["OUTLIER_RATIO", "layer_clip_stats", "plot_report", "add_parser", "run"]
+__all__ = ["OUTLIER_RATIO", "layer_clip_stats", "plot_report"]
 
 # A channel range this many times the layer's median marks the layer as an outlier.
 OUTLIER_RATIO = 4.0
@@ -34,8 +38,8 @@ _KIND_COLOR = {"key": "tab:blue", "value": "tab:orange", "unknown": "tab:gray"}
 
 def layer_clip_stats(scales, offsets) -> dict:
     """Clip range per channel and its summary for one layer's factors."""
-    x_min = [(-128 - o) * s for s, o in zip(scales, offsets)]
-    x_max = [(127 - o) * s for s, o in zip(scales, offsets)]
+    x_min, x_max = zip(*(clip_range(s, o) for s, o in zip(scales, offsets)))
+    x_min, x_max = list(x_min), list(x_max)
     ranges = [hi - lo for lo, hi in zip(x_min, x_max)]
     median = statistics.median(ranges)
     worst = max(range(len(ranges)), key=ranges.__getitem__)  # first of equal widest
@@ -52,6 +56,10 @@ def layer_clip_stats(scales, offsets) -> dict:
         "x_min": x_min,
         "x_max": x_max,
     }
+
+
+def _kind(name: str) -> str:
+    return layer_kind(name) or "unknown"
 
 
 def _order(names: list[str]) -> list[str]:
@@ -77,12 +85,12 @@ def _set_ticks(ax, labels: list[str]) -> None:
     ax.set_xlim(-0.75, max(len(labels), 1) - 0.25)
 
 
-def _clip_panel(ax, names, stats, kind) -> None:
+def _clip_panel(ax, names, stats, kind, per_channel: bool = True) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     ax.set_title(f"{_KIND_TITLE[kind]}: clip range per layer", fontsize=10, loc="left")
-    ax.set_ylabel("x")
+    ax.set_ylabel("clip range (activation value)")
     if not names:
         ax.text(0.5, 0.5, f"no {_KIND_TITLE[kind]} in the record", ha="center", va="center",
                 transform=ax.transAxes, color="gray")
@@ -93,13 +101,14 @@ def _clip_panel(ax, names, stats, kind) -> None:
     ax.bar(xs, [s["max_clip"] - s["min_clip"] for s in st], bottom=[s["min_clip"] for s in st],
            width=0.7, color=_KIND_COLOR[kind], alpha=0.25,
            edgecolor=["red" if s["outlier"] else "none" for s in st], linewidth=1.5)
-    px, hi, lo = [], [], []
-    for x, s in zip(xs, st):
-        px += [x] * s["channels"]
-        hi += s["x_max"]
-        lo += s["x_min"]
-    ax.scatter(px, hi, s=3, color="tab:green", linewidths=0, zorder=3)
-    ax.scatter(px, lo, s=3, color="tab:purple", linewidths=0, zorder=3)
+    if per_channel:
+        px, hi, lo = [], [], []
+        for x, s in zip(xs, st):
+            px += [x] * s["channels"]
+            hi += s["x_max"]
+            lo += s["x_min"]
+        ax.scatter(px, hi, s=3, color="tab:green", linewidths=0, zorder=3)
+        ax.scatter(px, lo, s=3, color="tab:purple", linewidths=0, zorder=3)
     for x, s in zip(xs, st):
         if s["outlier"]:
             w = s["worst_channel"]
@@ -115,6 +124,10 @@ def _clip_panel(ax, names, stats, kind) -> None:
     ax.set_ylim(lo - pad, hi + 3 * pad)
     _set_ticks(ax, [_label(n) for n in names])
     ax.set_xlabel("layer")
+    if not per_channel:
+        ax.legend(handles=[Patch(facecolor=_KIND_COLOR[kind], alpha=0.25,
+                                 label="per-tensor clip range")], **_LEGEND)
+        return
     ax.legend(handles=[
         Patch(facecolor=_KIND_COLOR[kind], alpha=0.25, label="min..max over channels"),
         Line2D([], [], marker="o", ls="", ms=3, color="tab:green", label="channel x_max"),
@@ -142,14 +155,14 @@ def _ratio_panel(ax, names, stats) -> None:
         for j, n in enumerate(members):
             s = stats[n]
             ax.bar(x + (j - (len(members) - 1) / 2) * width, min(s["range_ratio"], top),
-                   width=width * 0.9, color=_KIND_COLOR[layer_kind(n)],
+                   width=width * 0.9, color=_KIND_COLOR[_kind(n)],
                    edgecolor="red" if s["outlier"] else "none", linewidth=1.5)
     ax.axhline(1, color="black", linewidth=0.5)
     ax.set_ylim(0, top)
     ax.set_ylabel("ratio")
     _set_ticks(ax, [_label(g[0]) for g in groups.values()])
     ax.set_xlabel("layer")
-    kinds = [k for k in _KIND_TITLE if any(layer_kind(n) == k for n in names)]
+    kinds = [k for k in _KIND_TITLE if any(_kind(n) == k for n in names)]
     threshold = ax.axhline(OUTLIER_RATIO, color="red", linestyle="--", linewidth=1,
                            label=f"outlier threshold ({OUTLIER_RATIO:g}x)")
     ax.legend(handles=[Patch(color=_KIND_COLOR[k], label=_KIND_TITLE[k]) for k in kinds]
@@ -161,7 +174,7 @@ def _image_format(out_png: str, canvas) -> str:
     if not ext:
         return "png"
     if ext not in canvas.get_supported_filetypes():
-        raise ValueError(f"cannot write a report to {out_png}: unsupported image type "
+        raise ExportError(f"cannot write a report to {out_png}: unsupported image type "
                          f"'.{ext}' (use .png)")
     return ext
 
@@ -176,36 +189,39 @@ def plot_report(record_file: str | os.PathLike, out_png: str | os.PathLike, *,
     layers in plot order (decoder layer index, then record order).
     """
     record_file, out_png = os.fspath(record_file), os.fspath(out_png)
-    factors = load_record(record_file)
-    _check_out(record_file, out_png)
+    factors, _ = load_kv_factors(record_file)
+    check_output_path(record_file, out_png)
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise RuntimeError(f"the report needs matplotlib ({e}); pip install matplotlib") from None
+        raise ExportError(f"the report needs matplotlib ({e}); pip install matplotlib") from None
 
     names = _order(list(factors))
     stats = {n: layer_clip_stats(*factors[n]) for n in names}
-    by_kind = {k: [n for n in names if layer_kind(n) == k] for k in ("key", "value", "unknown")}
+    by_kind = {k: [n for n in names if _kind(n) == k] for k in ("key", "value", "unknown")}
     kinds = ["key", "value"] + (["unknown"] if by_kind["unknown"] else [])
 
-    n_panels = len(kinds) + 1
+    # per-tensor records have one range per layer: no channel dots, no channel-ratio panel
+    per_channel = any(st["channels"] > 1 for st in stats.values())
+    n_panels = len(kinds) + per_channel
     widest = max(len(v) for v in by_kind.values())
     fig = Figure(figsize=(min(40.0, max(10.0, 0.22 * widest + 3)), 3.4 * n_panels), dpi=100)
     canvas = FigureCanvasAgg(fig)
     fmt = _image_format(out_png, canvas)
     axes = fig.subplots(n_panels, 1, squeeze=False)[:, 0]
     for ax, kind in zip(axes, kinds):
-        _clip_panel(ax, by_kind[kind], stats, kind)
-    _ratio_panel(axes[-1], names, stats)
+        _clip_panel(ax, by_kind[kind], stats, kind, per_channel)
+    if per_channel:
+        _ratio_panel(axes[-1], names, stats)
     fig.suptitle(title or f"KV-cache INT8 clip ranges: {os.path.basename(record_file)}",
                  fontsize=12)
     fig.tight_layout()
-    _atomic_replace(out_png, lambda tmp: fig.savefig(tmp, format=fmt))
+    atomic_replace(out_png, lambda tmp: fig.savefig(tmp, format=fmt))
 
     public = ("channels", "min_clip", "max_clip", "median_range", "max_range",
               "worst_channel", "range_ratio", "outlier")
-    layers = {n: {"kind": layer_kind(n), "index": layer_index(n),
+    layers = {n: {"kind": _kind(n), "index": layer_index(n),
                   **{k: stats[n][k] for k in public}} for n in names}
     return {
         "record": record_file,
@@ -214,36 +230,3 @@ def plot_report(record_file: str | os.PathLike, out_png: str | os.PathLike, *,
         "outliers": [n for n in names if stats[n]["outlier"]],
         "layers": layers,
     }
-
-
-# --------------------------------------------------------------------------- CLI
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        "report", help="plot the clip ranges of a record's KV-cache factors",
-        description="Plot per-layer and per-channel INT8 clip ranges implied by the "
-                    "kv_cache_value factors of an AMCT record, flagging outlier layers.")
-    p.add_argument("--record", required=True, metavar="FILE", help="AMCT record file (text)")
-    p.add_argument("--out", metavar="PATH",
-                   help="image to write (default: the record path with a .png suffix)")
-    p.add_argument("--title", help="figure title (default: names the record)")
-    p.add_argument("--model", help="reserved for activation overlays (not implemented yet)")
-    p.add_argument("--dataset", help="reserved for activation overlays (not implemented yet)")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    if args.model or args.dataset:
-        print("note: activation overlays (--model/--dataset) are not implemented yet; "
-              "the report uses the record only", file=sys.stderr)
-    out = args.out or os.path.splitext(args.record)[0] + ".png"
-    summary = plot_report(args.record, out, title=args.title)
-    n = len(summary["layers"])
-    print(f"wrote report for {n} layer{'s' if n != 1 else ''} to {out}")
-    if summary["outliers"]:
-        parts = [f"{name} (ch {summary['layers'][name]['worst_channel']}, "
-                 f"{summary['layers'][name]['range_ratio']:.1f}x)" for name in summary["outliers"]]
-        print(f"outlier layers (widest channel range > {OUTLIER_RATIO:g}x median): "
-              + "; ".join(parts))
-    else:
-        print("no outlier layers")
-    return 0

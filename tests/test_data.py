@@ -8,6 +8,8 @@ from pathlib import Path
 
 import datasets
 import pytest
+
+from amct_hf.errors import DatasetError
 import torch
 
 from amct_hf.data import load_texts, make_batches, shard, tokenize_samples
@@ -69,9 +71,10 @@ def test_text_files_drop_blank_lines(tmp_path, cache):
         path = tmp_path / f"corpus{suffix}"
         path.write_text(body)
         assert load_texts(path, cache_dir=cache) == ["first line", "second line", "third line"]
-    # a plain str path works as well, whatever split is asked (one file = one split)
-    assert load_texts(str(tmp_path / "corpus.txt"), split="validation", cache_dir=cache)[0] \
-        == "first line"
+    # a plain str path works as well; a file has one split, so asking for another is an error
+    assert load_texts(str(tmp_path / "corpus.txt"), cache_dir=cache)[0] == "first line"
+    with pytest.raises(DatasetError, match="split='validation' does not apply to the file"):
+        load_texts(str(tmp_path / "corpus.txt"), split="validation", cache_dir=cache)
 
 
 def test_jsonl_custom_column(tmp_path, cache):

@@ -73,7 +73,7 @@ def test_llama_recipe_subprocess(smollm2_dir, tmp_path):
     factors = read_kv_factors(rec)
     _check_record(factors, channels=1)
     assert all(offsets == [0] for _, offsets in factors.values())  # symmetric, as overridden
-    assert "60 layers, 2 samples, 128 tokens" in proc.stdout
+    assert "60 K/V entries (30 attention layers), 2 samples, 128 tokens" in proc.stdout
 
 
 def test_cli_embedded_defaults(smollm2_dir, tmp_path, monkeypatch, capsys):
@@ -85,4 +85,4 @@ def test_cli_embedded_defaults(smollm2_dir, tmp_path, monkeypatch, capsys):
                "--no-progress"])
     assert rc == 0
     _check_record(read_kv_factors(tmp_path / "kv_cache.txt"), channels=1)  # library default
-    assert "60 layers, 2 samples, 128 tokens" in capsys.readouterr().out
+    assert "60 K/V entries (30 attention layers), 2 samples, 128 tokens" in capsys.readouterr().out

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from amct_hf import calibrate_kv_cache, write_kv_factors
 from amct_hf.cli import main
 from amct_hf.data import load_texts, tokenize_samples
-from amct_hf.evaluate import RecordMismatchError, evaluate_kv_quant
+from amct_hf.errors import RecordMismatchError
+from amct_hf.evaluate import evaluate_kv_quant
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
          "sigma tau upsilon phi chi psi omega").split()
@@ -171,7 +172,7 @@ def test_quantized_ppl_equals_hand_written_fake_quant_forward(tiny, gran):
 def test_minmax_reference_equals_a_record_of_min_max_factors(tiny, tmp_path):
     """The min-max reference = the record path fed min-max factors taken by hand over the
     evaluation chunks' K/V (same granularity as the record)."""
-    from amct_hf.hooks import kv_calibration
+    from amct_hf.modeling.attention import kv_calibration
     d, records = tiny
     model, tok = load(d)
     ranges = {}

@@ -132,7 +132,7 @@ def test_cli_export_json(record, tmp_path, capsys):
     assert rc == 0
     assert_exact(load_export(out), read_kv_factors(record))
     printed = capsys.readouterr().out
-    assert str(out) in printed and "7 layers" in printed
+    assert str(out) in printed and "7 K/V entries" in printed
 
 
 def test_cli_export_default_out(record, capsys):

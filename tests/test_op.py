@@ -100,7 +100,8 @@ def test_nan_or_inf_names_layer_and_records_nothing(tmp_path, bad):
     before = record.read_bytes()
     x = torch.randn(8, 8)
     x[3, 4] = bad
-    with pytest.raises(CalibrationInputError, match="'model.layers.7.self_attn.v_proj'.*NaN or Inf"):
+    kind = "NaN" if bad != bad else "Inf"
+    with pytest.raises(CalibrationInputError, match=f"'model.layers.7.self_attn.v_proj', batch 1: .*{kind}"):
         op("model.layers.7.self_attn.v_proj", x)
     assert record.read_bytes() == before
     assert op.calls("model.layers.7.self_attn.v_proj") == 0
@@ -148,3 +149,33 @@ def test_bad_record_paths(tmp_path):
         QuantCalibrationOp(str(tmp_path / "missing" / "kv.txt"))
     with pytest.raises(ValueError, match="layer_name"):
         QuantCalibrationOp(str(tmp_path / "kv.txt"))("", torch.randn(2, 2))
+
+
+def test_hfmg_range_too_wide_for_float32_binning_is_refused(tmp_path):
+    record = tmp_path / "kv.txt"
+    op = QuantCalibrationOp(str(record), {"act_algo": "hfmg"})
+    x = torch.randn(64, 8) * 1e35
+    with pytest.raises(CalibrationInputError, match="'l'.*too wide for HFMG"):
+        op("l", x)
+    assert not record.exists()
+
+
+def test_a_failed_solve_leaves_the_layer_calibratable(tmp_path):
+    record = tmp_path / "kv.txt"
+    op = QuantCalibrationOp(str(record), {"act_algo": "ifmr"})
+    huge = torch.tensor([[3.3e38], [-3.3e38], [1.0]])  # IFMR's 1.3x candidates overflow float32
+    with pytest.raises(CalibrationInputError, match="'l': the algorithm produced unusable factors"):
+        op("l", huge)
+    assert "l" not in op.factors and op.calls("l") == 0 and not record.exists()
+    op("l", torch.randn(100, 4))
+    assert op.calls("l") == 1 and read_kv_factors(record)["l"] == op.factors["l"]
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda: torch.randn(4, 4).to_sparse(), "sparse"),
+    (lambda: torch.empty(4, 4, device="meta"), "meta device"),
+])
+def test_sparse_and_meta_tensors_name_the_layer(tmp_path, make, problem):
+    op = QuantCalibrationOp(str(tmp_path / "kv.txt"))
+    with pytest.raises(CalibrationInputError, match=f"'l', batch 1: .*{problem}"):
+        op("l", make())

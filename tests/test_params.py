@@ -99,3 +99,27 @@ def test_bad_quant_method(tmp_path):
     with pytest.raises(ValueError, match="kv_cache_quant"):
         QuantCalibrationOp(str(tmp_path / "kv.txt"), quant_method="weight_quant")
     assert not (tmp_path / "kv.txt").exists()
+
+
+def test_a_quant_params_object_is_validated_like_its_dict():
+    from amct_hf.params import QuantParams
+    with pytest.raises(QuantParamsError, match="num_bits"):
+        parse_quant_algo_params(QuantParams(num_bits=4))
+    with pytest.raises(QuantParamsError, match="num_bits"):
+        QuantCalibrationOp("kv.txt", QuantParams(num_bits=4))
+    ok = QuantParams(act_algo="hfmg", per_channel=True, num_of_bins=2048)
+    assert parse_quant_algo_params(ok) == ok
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"search_step": 1e-9}, "search_step"),
+    ({"quant_granularity": 1, "search_range": [0.5, 1e6]}, "search_range"),
+])
+def test_ifmr_candidate_count_is_bounded_at_construction(params, field, tmp_path):
+    from amct_hf.params import MAX_IFMR_CANDIDATES
+    with pytest.raises(QuantParamsError, match=rf"\['{field}'\].*at most {MAX_IFMR_CANDIDATES} candidate"):
+        QuantCalibrationOp(str(tmp_path / "kv.txt"), params)
+    assert not list(tmp_path.iterdir())
+    # the largest allowed count still builds
+    QuantCalibrationOp(str(tmp_path / "kv.txt"), {"search_range": [0.5, 1.5],
+                                                  "search_step": 1.0 / (MAX_IFMR_CANDIDATES - 1)})

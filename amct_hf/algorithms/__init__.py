@@ -1,6 +1,6 @@
 """Calibration algorithms (SPEC §3). Pure tensor code: nothing here knows about
 transformers, record files or processes."""
-from .common import FLT_EPSILON, factors_from_clip
+from .convention import FLT_EPSILON, factors_from_clip
 from .ifmr import ifmr_factors, ifmr_initial_bounds
 from .hfmg import HistogramState, hfmg_factors, histc_per_channel, merge_histograms
 

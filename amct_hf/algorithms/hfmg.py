@@ -17,12 +17,23 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
-from .common import FLT_EPSILON, factors_from_clip
+from .convention import FLT_EPSILON, factors_from_clip
 
 __all__ = ["HistogramState", "histc_per_channel", "merge_histograms", "search_ranges",
            "hfmg_losses", "hfmg_factors", "DST_BINS"]
 
 DST_BINS = 256
+
+
+def check_binnable(lo: torch.Tensor, hi: torch.Tensor, bins: int) -> None:
+    """HFMG bins in float32 (as ``torch.histc``): ``(x - lo) * bins`` must not overflow.
+    A range that wide (above ~1e35 for 4096 bins) is a numerical fault, not an activation."""
+    width = (hi.to(torch.float32) - lo.to(torch.float32)) * bins
+    if not bool(torch.isfinite(width).all()):
+        bad = int((~torch.isfinite(width)).nonzero()[0, 0])
+        raise ValueError(
+            f"activation range [{float(lo[bad]):.3g}, {float(hi[bad]):.3g}] (channel {bad}) is too "
+            f"wide for HFMG: range x num_of_bins overflows float32, the precision HFMG bins in")
 
 
 def histc_per_channel(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
@@ -37,6 +48,7 @@ def histc_per_channel(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins:
     same = lo == hi
     lo_e = torch.where(same, lo - 1.0, lo)
     hi_e = torch.where(same, hi + 1.0, hi)
+    check_binnable(lo_e, hi_e, bins)
     if kernels.use_kernels(x):
         return torch.from_numpy(kernels.histc_rows(x.contiguous().numpy(), lo_e.contiguous().numpy(),
                                                    hi_e.contiguous().numpy(), bins))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import kernels
-from .common import FLT_EPSILON, order_statistic_k
+from .convention import FLT_EPSILON, order_statistic_k
 
 __all__ = ["first_min", "ifmr_factors", "ifmr_initial_bounds", "ifmr_candidates", "ifmr_losses_sorted",
            "choose_scale", "asymmetric_offset", "prefix_sums", "TIE_RTOL"]

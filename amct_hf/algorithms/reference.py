@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .common import FLT_EPSILON, factors_from_clip, order_statistic_k
+from .convention import FLT_EPSILON, factors_from_clip, order_statistic_k
 
 __all__ = [
     "reference_ifmr_channel", "reference_ifmr", "reference_histc", "reference_merge",

@@ -65,7 +65,7 @@ def test_aligned_histogram_kernel_equals_torch_path(monkeypatch, with_offsets):
 
 def test_streaming_ifmr_kernel_equals_torch_path(monkeypatch):
     from amct_hf.params import parse_quant_algo_params
-    from amct_hf.streaming import StreamingIFMRObserver
+    from amct_hf.observers.streaming import StreamingIFMRObserver
     params = parse_quant_algo_params({"quant_granularity": 1, "asymmetric": False})
     xs = [make(d, 400, 6, i) for i, d in enumerate(["laplace", "outliers", "normal", "grid"])]
     results = []
@@ -73,7 +73,7 @@ def test_streaming_ifmr_kernel_equals_torch_path(monkeypatch):
         with monkeypatch.context() as m:
             if not use:
                 torch_path(m)
-            obs = StreamingIFMRObserver(params)
+            obs = StreamingIFMRObserver(params, 6)
             for x in xs:
                 obs.update(x)
             top, bottom = obs.top.clone(), obs.bottom.clone()
@@ -114,7 +114,7 @@ def test_hfmg_pruned_walk_keeps_every_loss_that_can_win(dist):
 @pytest.mark.parametrize("dist", ["normal", "outliers", "positive", "constant"])
 def test_streaming_hfmg_kernels_equal_torch_path(monkeypatch, dist):
     from amct_hf.params import parse_quant_algo_params
-    from amct_hf.streaming import StreamingHFMGObserver
+    from amct_hf.observers.streaming import StreamingHFMGObserver
     params = parse_quant_algo_params({"act_algo": "hfmg", "quant_granularity": 1})
     xs = [make(dist, 700, 4, seed) * (seed + 1) for seed in range(3)]
     results = []
@@ -122,7 +122,7 @@ def test_streaming_hfmg_kernels_equal_torch_path(monkeypatch, dist):
         with monkeypatch.context() as m:
             if not use:
                 torch_path(m)
-            obs = StreamingHFMGObserver(params, bins=512)
+            obs = StreamingHFMGObserver(params, 4, bins=512)
             for x in xs:
                 obs.update(x)
             h = obs.hist

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from amct_hf import write_kv_factors
-from amct_hf.cache import (RecordMismatchError, StaticInt8KVCache, StaticInt8Layer,
-                           StaticInt8SlidingWindowLayer, cache_nbytes, kv_layout)
+from amct_hf.errors import RecordMismatchError
+from amct_hf.modeling.cache import (StaticInt8KVCache, StaticInt8Layer, StaticInt8SlidingWindowLayer,
+                                    cache_nbytes)
+from amct_hf.modeling.layout import kv_layout
 from amct_hf.evaluate import _StaticFakeQuant
-from amct_hf.hooks import kv_calibration, kv_transform
+from amct_hf.modeling.attention import kv_calibration, kv_transform
 
 VOCAB = 96
 
@@ -57,7 +59,8 @@ def minmax_record(model, ids, per_channel=True, shrink=0.8):
     for name in lo:
         a, b = lo[name].clamp(max=0), hi[name].clamp(min=0)
         s = (b - a) / 255 * shrink
-        out[name] = (s.tolist(), [int(v) for v in torch.round(-128 - a / s)])
+        # offsets stay on the INT8 grid (zero representable), as every calibrated record's do
+        out[name] = (s.tolist(), [int(v) for v in torch.round(-128 - a / s).clamp(-128, 127)])
     return out
 
 

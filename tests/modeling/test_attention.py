@@ -3,9 +3,10 @@ import torch
 from torch import nn
 
 from amct_hf import QuantCalibrationOp, read_kv_factors
-from amct_hf.hooks import UnpatchableModelError, kv_calibration, kv_transform
+from amct_hf.errors import UnpatchableModelError
+from amct_hf.modeling.attention import kv_calibration, kv_transform
 
-from .tiny_models import KINDS, VOCAB, build
+from ..tiny_models import KINDS, VOCAB, build
 
 
 class Collect:

@@ -18,168 +18,20 @@ cache, and never again; so the int8 tensors can live in the ordinary
 trimming, cropping and beam reordering all work on int8 unchanged). The tokens of the
 current step are returned dequantized too, so every attention read sees INT8 K/V --
 the same numbers as the fake-quant evaluation in :mod:`amct_hf.evaluate`.
-
-This module also owns the model <-> record matching used by the evaluator:
-:func:`kv_layout` (record keys, cache layer indices and channel counts, learnt with one
-2-token forward through the calibration hooks) and :func:`check_record`.
 """
 from __future__ import annotations
 
-import inspect
-import os
-from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
-
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from .calibrate import input_device
-from .errors import RecordMismatchError
+from ..algorithms.convention import dequantize, quantize
+from ..errors import RecordMismatchError
+from ..record import load_kv_factors
+from .layout import broadcast_factor, check_record, kv_layout
 
-__all__ = [
-    "StaticInt8KVCache", "StaticInt8Layer", "StaticInt8SlidingWindowLayer", "RecordMismatchError",
-    "KVSlot", "kv_layout", "check_record", "quantize", "dequantize", "fake_quantize",
-    "cache_nbytes",
-]
+__all__ = ["StaticInt8KVCache", "StaticInt8Layer", "StaticInt8SlidingWindowLayer", "cache_nbytes"]
 
-QMIN, QMAX = -128, 127
-
-
-# --------------------------------------------------------------------------- the convention
-
-def quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """``clip(round(x / s) + o, -128, 127)`` as int8 (``x / s`` in float32, round half to even)."""
-    return (torch.round(x.float() / scale) + offset).clamp_(QMIN, QMAX).to(torch.int8)
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``(q - o) * s`` in ``dtype``."""
-    return ((q.float() - offset) * scale).to(dtype)
-
-
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """Quantize-dequantize, returned in ``x``'s dtype."""
-    return dequantize(quantize(x, scale, offset), scale, offset, x.dtype)
-
-
-def broadcast_factor(values: torch.Tensor, states: torch.Tensor, name: str = "layer") -> torch.Tensor:
-    """Per-tensor (1 value) or per-channel (``kv_heads * head_dim`` values, head-major)
-    factors shaped to broadcast against ``states[B, kv_heads, S, head_dim]``."""
-    values = values.to(states.device)
-    if values.numel() == 1:
-        return values.reshape(())
-    heads, dim = states.shape[1], states.shape[-1]
-    if values.numel() != heads * dim:
-        raise RecordMismatchError(
-            f"layer {name!r}: the record has {values.numel()} factors, but the states have "
-            f"{heads} kv heads x {dim} head_dim = {heads * dim} channels")
-    return values.reshape(1, heads, 1, dim)
-
-
-# --------------------------------------------------------------------------- model <-> record
-
-@dataclass(frozen=True)
-class KVSlot:
-    """Where a record key lives in the model."""
-    layer_idx: Optional[int]  # the cache layer the attention updates (None: no cache seen)
-    channels: int             # kv_heads * head_dim
-
-
-def _cache_kwarg(model: nn.Module) -> str:
-    # transformers renamed the forward kwarg `past_key_values` -> `cache`; pass whichever
-    # the forward declares, so no deprecation shim is involved
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def kv_layout(model: nn.Module) -> dict[str, KVSlot]:
-    """Record key -> :class:`KVSlot` for every K/V state the model's attention computes,
-    in execution order.
-
-    Learnt by running 2 tokens through the calibration hooks (the same routing that
-    names the record's layers) with a cache that logs its ``update`` calls: each
-    attention calls ``cache.update(..., layer_idx)`` right before its attention function,
-    so every observed key/value pair is tied to the layer index it is cached under.
-    Works for any model the hooks support, whatever its module layout.
-    """
-    from .hooks import kv_calibration
-
-    events: list = []
-
-    class _LoggingCache(DynamicCache):
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            events.append(layer_idx)
-            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-    layout: dict[str, KVSlot] = {}
-
-    def observe(name: str, x: torch.Tensor) -> None:
-        layer_idx = events[-1] if events else None
-        layout.setdefault(name, KVSlot(layer_idx, int(x.shape[-1])))
-
-    config = getattr(model, "config", None)
-    try:
-        cache = _LoggingCache(config=config)
-    except Exception:  # a config DynamicCache cannot read: plain lazily-grown layers
-        cache = _LoggingCache()
-    ids = torch.zeros((1, 2), dtype=torch.long, device=input_device(model))
-    with torch.no_grad(), kv_calibration(model, observe):
-        model(input_ids=ids, use_cache=True, **{_cache_kwarg(model): cache})
-    if not layout:
-        raise RecordMismatchError(f"{type(model).__name__}: no key/value states were observed")
-    return layout
-
-
-def check_record(factors: Mapping[str, tuple[Sequence[float], Sequence[int]]],
-                 layout: Mapping[str, KVSlot], where: str = "record") -> None:
-    """Refuse a record that does not fit the model, naming the first mismatching layer
-    (in the model's execution order): a model layer missing from the record, a factor
-    count that is neither 1 (per-tensor) nor the layer's ``kv_heads * head_dim``
-    (per-channel), scales/offsets of different lengths or non-positive scales; then a
-    record layer the model does not have."""
-    unknown = [name for name in factors if name not in layout]
-    for name, slot in layout.items():
-        if name not in factors:
-            hint = f"; the record has {unknown[0]!r}, which the model does not have" if unknown else ""
-            raise RecordMismatchError(
-                f"{where} does not match the model: first mismatching layer {name!r} is not in "
-                f"the record{hint}")
-        scales, offsets = factors[name]
-        n = len(scales)
-        if n not in (1, slot.channels):
-            raise RecordMismatchError(
-                f"{where} does not match the model: first mismatching layer {name!r} has {n} "
-                f"scales, but the model's layer has {slot.channels} channels (kv_heads * head_dim): "
-                f"a per-channel record needs {slot.channels}, a per-tensor one 1")
-        if len(offsets) != n:
-            raise RecordMismatchError(
-                f"{where}: layer {name!r} has {n} scales but {len(offsets)} offsets")
-        bad = [s for s in scales if not (s > 0 and s < float("inf"))]
-        if bad:
-            raise RecordMismatchError(f"{where}: layer {name!r} has a non-positive or non-finite "
-                                      f"scale {bad[0]!r}")
-    if unknown:
-        raise RecordMismatchError(
-            f"{where} does not match the model: layer {unknown[0]!r} is in the record but the "
-            f"model has no such layer (the model's layers are {next(iter(layout))!r} ...)")
-
-
-def _read_factors(record) -> tuple[dict, str]:
-    from .record import read_kv_factors
-    if isinstance(record, Mapping):
-        return dict(record), "the given factors"
-    path = os.fspath(record)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"record file {path!r} does not exist")
-    factors = read_kv_factors(path)
-    if not factors:
-        raise RecordMismatchError(f"record {path!r} holds no kv_cache_value entries")
-    return factors, f"record {path!r}"
-
-
-# --------------------------------------------------------------------------- the cache
 
 def _as_tensor(values, dtype) -> torch.Tensor:
     return torch.as_tensor(list(values), dtype=dtype).reshape(-1)
@@ -283,7 +135,7 @@ class StaticInt8KVCache(Cache):
         """A cache for ``model`` from a record file (or a ``{record key: (scales,
         offsets)}`` mapping). Refuses a record that does not match the model, naming the
         first mismatching layer."""
-        factors, where = _read_factors(record)
+        factors, where = load_kv_factors(record)
         layout = kv_layout(model)
         check_record(factors, layout, where)
         # the hooks observe each attention's key then its value, right after its update

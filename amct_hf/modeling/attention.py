@@ -6,9 +6,7 @@ implementation) together with the original's mask function under the same name i
 ``AttentionMaskInterface`` (without it a custom name silently gets no mask), then
 ``model.set_attn_implementation``. State is held per model, never on a class.
 
-Record keys are module paths: ``<attention module>.k_proj`` / ``.v_proj``. An
-attention module without ``k_proj``/``v_proj`` children (fused qkv, latent
-attention) is named ``<attention module>.key_states`` / ``.value_states``.
+Record keys follow :mod:`amct_hf.naming`.
 """
 from __future__ import annotations
 
@@ -20,10 +18,11 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .errors import UnpatchableModelError
+from ..errors import InvalidArgumentError, UnpatchableModelError
+from ..naming import kv_record_keys
 
-__all__ = ["KVCalibrationHooks", "kv_calibration", "kv_transform", "UnpatchableModelError", "Observe",
-           "key_value_names", "TAPS"]
+__all__ = ["KVCalibrationHooks", "kv_calibration", "kv_transform", "Observe", "key_value_names",
+           "TAPS"]
 
 Observe = Callable[[str, torch.Tensor], object]  # (record key, [tokens, channels])
 TAPS = ("cache", "proj")
@@ -33,9 +32,8 @@ _LOCK = threading.Lock()
 
 
 def key_value_names(path: str, module: nn.Module) -> tuple[str, str]:
-    if hasattr(module, "k_proj") and hasattr(module, "v_proj"):
-        return f"{path}.k_proj", f"{path}.v_proj"
-    return f"{path}.key_states", f"{path}.value_states"
+    """The record keys of the attention module ``module`` at ``path``."""
+    return kv_record_keys(path, hasattr(module, "k_proj") and hasattr(module, "v_proj"))
 
 
 def _original_attention(module: nn.Module, impl: str):
@@ -135,7 +133,7 @@ class KVCalibrationHooks:
             raise ValueError("a key/value transform needs tap='cache'")
         self.transform = transform
         if tap not in TAPS:
-            raise ValueError(f"tap={tap!r} is not supported; use one of {TAPS}")
+            raise InvalidArgumentError(f"tap={tap!r} is not supported; use one of {TAPS}")
         if not callable(observe):
             raise TypeError(f"observe must be callable (e.g. a QuantCalibrationOp), got {observe!r}")
         self.model, self.observe, self.tap = model, observe, tap

@@ -6,9 +6,9 @@ import torch
 from amct_hf.algorithms.aligned import AlignedHistogram
 from amct_hf.algorithms.reference import reference_ifmr_channel
 from amct_hf.params import parse_quant_algo_params
-from amct_hf.streaming import OneBatchHFMGObserver, StreamingHFMGObserver, StreamingIFMRObserver
+from amct_hf.observers import OneBatchHFMGObserver, StreamingHFMGObserver, StreamingIFMRObserver
 
-from .algorithms.test_ifmr import make
+from ..algorithms.test_ifmr import make
 
 
 def batches(seed=0):
@@ -38,7 +38,7 @@ def test_aligned_histogram_independent_of_batching_and_order():
 
 def test_memory_does_not_grow_with_tokens():
     params = parse_quant_algo_params({"quant_granularity": 1})
-    obs = StreamingIFMRObserver(params)
+    obs = StreamingIFMRObserver(params, 8)
     obs.update(make("normal", 100, 8, 0))
     sizes = [t.numel() for t in (obs.hist.counts, obs.hist.offsets, obs.top, obs.bottom)]
     for i in range(20):
@@ -57,7 +57,7 @@ def test_stated_tolerance_holds(asym, bins):
     """exact_loss(streaming choice) <= exact optimum + tolerance, on every channel."""
     xs = batches(3)
     params = parse_quant_algo_params({"quant_granularity": 1, "asymmetric": asym})
-    obs = StreamingIFMRObserver(params, bins=bins)
+    obs = StreamingIFMRObserver(params, xs[0].shape[1], bins=bins)
     for x in xs:
         obs.update(x)
     scales, _ = obs.compute()
@@ -77,7 +77,8 @@ def test_streaming_hfmg_close_to_one_batch_hfmg():
     xs = batches(5)
     for gran in (0, 1):
         params = parse_quant_algo_params({"act_algo": "hfmg", "quant_granularity": gran})
-        stream, exact = StreamingHFMGObserver(params), OneBatchHFMGObserver(params)
+        channels = xs[0].shape[1] if gran else 1
+        stream, exact = StreamingHFMGObserver(params, channels), OneBatchHFMGObserver(params, channels)
         for x in xs:
             x = x if gran else x.reshape(-1, 1)
             stream.update(x)
@@ -99,7 +100,7 @@ def test_bounded_ifmr_on_real_smollm2_activations(smollm2_dir):
     from amct_hf.algorithms.ifmr import ifmr_factors
     from amct_hf.assets import news_corpus_path
     from amct_hf.data import load_texts, make_batches, tokenize_samples
-    from amct_hf.hooks import kv_calibration
+    from amct_hf.modeling.attention import kv_calibration
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     samples = tokenize_samples(tok, load_texts(str(news_corpus_path())), seq_len=256, num_samples=4)
@@ -114,7 +115,7 @@ def test_bounded_ifmr_on_real_smollm2_activations(smollm2_dir):
         for name, chunks in acts.items():
             data = torch.cat(chunks)
             flat = data if gran else data.reshape(-1, 1)
-            obs = StreamingIFMRObserver(params)
+            obs = StreamingIFMRObserver(params, flat.shape[1])
             for c in chunks:
                 obs.update(c if gran else c.reshape(-1, 1))
             s_stream, o_stream = obs.compute()

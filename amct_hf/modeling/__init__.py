@@ -1,0 +1,2 @@
+"""Everything that knows transformers: attention routing, model <-> record layout,
+model loading, the INT8 KV cache. Nothing below ``amct_hf.modeling`` imports it."""

@@ -1,0 +1,152 @@
+"""Bounded-memory observers for the driver, mergeable across batches and processes in
+any order.
+
+Both keep an :class:`~amct_hf.algorithms.aligned.AlignedHistogram` per layer, whose size
+does not depend on the number of calibration tokens; the solves are in
+:mod:`amct_hf.algorithms.streaming`.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..algorithms import kernels
+from ..algorithms.aligned import AlignedHistogram
+from ..algorithms.streaming import streaming_hfmg_factors, streaming_ifmr_factors
+from ..errors import InvalidArgumentError
+from .base import Observer, register_observer
+
+__all__ = ["StreamingIFMRObserver", "StreamingHFMGObserver", "default_grid_bins",
+           "check_grid_bins", "GRID_BINS_RANGE"]
+
+#: allowed fine-grid sizes per channel: below 64 the grid is too coarse for any solve;
+#: 2**20 already holds 8 MB per channel
+GRID_BINS_RANGE = (64, 1 << 20)
+
+
+def default_grid_bins(per_channel: bool) -> int:
+    return 2048 if per_channel else 65536
+
+
+def check_grid_bins(value) -> int | None:
+    """``stream_bins``: None (the default), or an int in :data:`GRID_BINS_RANGE`."""
+    if value is None:
+        return None
+    lo, hi = GRID_BINS_RANGE
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidArgumentError(
+            f"stream_bins={value!r} is not allowed: expected None (default: 2048 per channel, "
+            f"65536 per tensor) or an int in [{lo}, {hi}]")
+    return value
+
+
+class _Flushed:
+    """An observer attribute that adds the staged values before it is read."""
+
+    def __init__(self, slot: str):
+        self.slot = slot
+
+    def __get__(self, obs, owner=None):
+        if obs is None:
+            return self
+        obs._flush()
+        return getattr(obs, self.slot)
+
+    def __set__(self, obs, value):
+        setattr(obs, self.slot, value)
+
+
+class _Streaming(Observer):
+    reduction = "one grid (global min/max), histogram counts summed"
+    with_offsets = True
+    # Values staged per layer before the compiled histogram update runs (CPU only). The
+    # update is bound by cache misses into the [C, bins] histogram, which is cold again at
+    # every layer's turn; one update over several batches touches far fewer new lines per
+    # value. The buffer is allocated at full size on first use, so memory stays flat.
+    stage_values = 1 << 19
+
+    def __init__(self, params, channels, device=None, bins: int | None = None):
+        super().__init__(params, channels, device)
+        self.bins = check_grid_bins(bins) or default_grid_bins(params.per_channel)
+        self._hist = AlignedHistogram.empty(channels, self.bins, device, self.with_offsets)
+        self._stage: torch.Tensor | None = None  # [C, S] float32, channel-major
+        self._staged = 0
+        self.count = 0  # values per channel
+
+    # the statistics of every value seen so far: reading them adds the staged values first
+    hist = _Flushed("_hist")
+
+    def update(self, x):
+        self._add(x)
+        self.count += x.shape[0]
+        self.batches += 1
+
+    def _add(self, x) -> None:
+        n, c = x.shape
+        size = max(1, self.stage_values // c)
+        if not kernels.use_kernels(x) or n > size:
+            self._flush()
+            self._update_now(x, channels_first=False)
+            return
+        if self._staged + n > size:
+            self._flush()
+        if self._stage is None:
+            self._stage = torch.zeros(c, size)  # zero-filled: every page is resident from the start
+        # [N, 1].t() has degenerate strides that send copy_ down a slow path (50x)
+        self._stage[:, self._staged:self._staged + n].copy_(x.reshape(1, -1) if c == 1 else x.t())
+        self._staged += n
+
+    def _flush(self) -> None:
+        if self._staged:
+            staged, self._staged = self._stage[:, :self._staged], 0
+            self._update_now(staged, channels_first=True)
+
+    def _update_now(self, x, channels_first: bool) -> None:
+        self._hist.update(x, channels_first=channels_first)
+
+    def reduce(self, comm) -> None:
+        self.hist.reduce(comm)
+        self._stage = None
+        self.count = int(comm.all_reduce(torch.tensor([self.count], dtype=torch.int64), "sum").item())
+
+
+@register_observer("ifmr", "streaming")
+class StreamingIFMRObserver(_Streaming):
+    reduction = _Streaming.reduction + "; exact extremes merged (top-K of all ranks)"
+
+    def __init__(self, params, channels, device=None, bins: int | None = None, topk: int = 64):
+        super().__init__(params, channels, device, bins)
+        self.topk = topk
+        # [C, K] rows: the K largest (descending) and smallest (ascending) values seen
+        self._top = torch.full((channels, topk), float("-inf"), device=device)
+        self._bottom = torch.full((channels, topk), float("inf"), device=device)
+
+    top = _Flushed("_top")
+    bottom = _Flushed("_bottom")
+
+    def _update_now(self, x, channels_first):
+        if not self._hist.update(x, self._top, self._bottom, channels_first=channels_first):
+            if channels_first:
+                x = x.t()
+            k = min(self.topk, x.shape[0])
+            self._top = torch.cat([self._top, x.topk(k, 0).values.t()], 1).topk(self.topk, 1).values
+            self._bottom = torch.cat([self._bottom, x.topk(k, 0, largest=False).values.t()], 1).topk(
+                self.topk, 1, largest=False).values
+
+    def reduce(self, comm):
+        super().reduce(comm)
+        if comm.active:
+            self.top = comm.all_gather_cat(self.top, dim=1).topk(self.topk, 1).values
+            self.bottom = comm.all_gather_cat(self.bottom, dim=1).topk(self.topk, 1, largest=False).values
+
+    def compute(self):
+        scales, offsets, self.tolerance = streaming_ifmr_factors(
+            self.hist, self.top, self.bottom, self.count, self.params)
+        return scales, offsets
+
+
+@register_observer("hfmg", "streaming")
+class StreamingHFMGObserver(_Streaming):
+    with_offsets = False  # HFMG needs counts only: half the memory
+
+    def compute(self):
+        return streaming_hfmg_factors(self.hist, self.params.num_of_bins, self.params.asymmetric)

@@ -4,10 +4,21 @@ writing Ascend AMCT record files.
 Every name is imported on first use (PEP 562): ``import amct_hf`` costs nothing, the
 operator does not import transformers, and the command line starts at once.
 """
-from .errors import (AmctHfError, AssetNotFoundError, CalibrationInputError, DatasetError,
-                     ExportError, InvalidArgumentError, MissingFileError, ModelLoadError,
-                     QuantParamsError, RecordFileError, RecordMismatchError,
-                     RecordOverwriteWarning, UnpatchableModelError)
+from .errors import (
+    AmctHfError,
+    AssetNotFoundError,
+    CalibrationInputError,
+    DatasetError,
+    ExportError,
+    InvalidArgumentError,
+    MissingFileError,
+    ModelLoadError,
+    QuantParamsError,
+    RecordFileError,
+    RecordMismatchError,
+    RecordOverwriteWarning,
+    UnpatchableModelError,
+)
 
 __version__ = "0.1.0"
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import DatasetError, MissingFileError
 from .fileio import looks_like_path

@@ -20,12 +20,12 @@ import struct
 
 from .algorithms.convention import factor_problem
 from .errors import ExportError, MissingFileError
-from .fileio import atomic_replace
+from .fileio import atomic_replace, check_output_path
 from .naming import layer_kind
 from .record import load_kv_factors
 
 __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "SCALE_SUFFIX", "OFFSET_SUFFIX", "export_json",
-           "export_safetensors", "load_export", "check_output_path"]
+           "export_safetensors", "load_export"]
 
 EXPORT_FORMAT = "amct_hf.kv_cache_factors"
 EXPORT_VERSION = 1
@@ -37,14 +37,6 @@ Factors = "dict[str, tuple[list[float], list[int]]]"
 
 def _f32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
-
-
-def check_output_path(record_file: str, out_path: str) -> None:
-    """An output beside a record must not be the record itself nor a directory."""
-    if os.path.exists(out_path) and os.path.samefile(record_file, out_path):
-        raise ExportError(f"output {out_path} is the record file itself; choose another --out")
-    if os.path.isdir(out_path):
-        raise ExportError(f"output {out_path} is a directory, expected a file path")
 
 
 # --------------------------------------------------------------------------- JSON

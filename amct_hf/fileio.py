@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 import secrets
 import stat
-from typing import Callable
+from collections.abc import Callable
 
-__all__ = ["atomic_replace", "looks_like_path"]
+__all__ = ["atomic_replace", "looks_like_path", "check_output_path"]
 
 
 def looks_like_path(name: str) -> bool:
@@ -16,6 +16,15 @@ def looks_like_path(name: str) -> bool:
     a missing path instead of after minutes of hub retries."""
     return (os.path.isabs(name) or name.startswith((".", "~")) or name.endswith("/")
             or "\\" in name or name.count("/") > 1)
+
+
+def check_output_path(source: str, out_path: str) -> None:
+    """An output written from ``source`` must not be ``source`` itself nor a directory."""
+    from .errors import ExportError
+    if os.path.exists(out_path) and os.path.exists(source) and os.path.samefile(source, out_path):
+        raise ExportError(f"output {out_path} is the record file itself; choose another --out")
+    if os.path.isdir(out_path):
+        raise ExportError(f"output {out_path} is a directory, expected a file path")
 
 
 def atomic_replace(path: str, write: Callable[[str], None]) -> None:

@@ -6,8 +6,9 @@ raised before anything is created or written.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import QuantParamsError
 

@@ -34,7 +34,7 @@ import os
 import re
 import struct
 import warnings
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from filelock import FileLock
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format

@@ -19,8 +19,7 @@ import statistics
 
 from .algorithms.convention import clip_range
 from .errors import ExportError
-from .export import check_output_path
-from .fileio import atomic_replace
+from .fileio import atomic_replace, check_output_path
 from .naming import layer_index, layer_kind
 from .record import load_kv_factors
 

@@ -56,6 +56,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from amct_hf import calibrate_kv_cache, evaluate_kv_quant
     from amct_hf.assets import news_corpus_path, shakespeare_texts, smollm2_folder
     from amct_hf.data import load_texts

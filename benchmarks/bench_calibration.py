@@ -31,6 +31,7 @@ CONFIGS = [("ifmr", "per_tensor"), ("ifmr", "per_channel"), ("hfmg", "per_tensor
 def _setup(samples, seq_len):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from amct_hf.assets import news_corpus_path, smollm2_folder
     from amct_hf.data import load_texts, make_batches, tokenize_samples
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))

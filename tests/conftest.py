@@ -14,6 +14,9 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from .tiny_models import build  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +27,30 @@ def smollm2_dir(tmp_path_factory):
 
     cache = os.environ.get("AMCT_HF_CACHE") or tmp_path_factory.mktemp("amct_hf_cache")
     return smollm2_folder(cache_dir=cache)
+
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+         "sigma tau upsilon phi chi psi omega").split()
+
+
+def corpus_lines(n=60):
+    g = torch.Generator().manual_seed(0)
+    return [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(k),), generator=g))
+            for k in torch.randint(3, 30, (n,), generator=g)]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    d = tmp_path_factory.mktemp("tiny_llama")
+    tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator(corpus_lines(), trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "[EOS]"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    tok.save_pretrained(d)
+    build("llama").save_pretrained(d)
+    (d / "corpus.txt").write_text("\n".join(corpus_lines()) + "\n")
+    return d
+
+

@@ -12,8 +12,13 @@ import torch
 
 from amct_hf import assets
 from amct_hf.assets import (
-    AssetNotFoundError, default_corpus_file, load_smollm2, news_corpus_path,
-    shakespeare_texts, smollm2_folder, smollm2_gguf_path,
+    AssetNotFoundError,
+    default_corpus_file,
+    load_smollm2,
+    news_corpus_path,
+    shakespeare_texts,
+    smollm2_folder,
+    smollm2_gguf_path,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

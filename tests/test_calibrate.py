@@ -10,34 +10,7 @@ import torch
 from amct_hf import QuantCalibrationOp, calibrate_kv_cache, read_kv_factors
 from amct_hf.errors import UnpatchableModelError
 
-from .tiny_models import build
-
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
-         "sigma tau upsilon phi chi psi omega").split()
-
-
-def corpus_lines(n=60):
-    g = torch.Generator().manual_seed(0)
-    return [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (int(k),), generator=g))
-            for k in torch.randint(3, 30, (n,), generator=g)]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    d = tmp_path_factory.mktemp("tiny_llama")
-    tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.train_from_iterator(corpus_lines(), trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "[EOS]"]))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
-    tok.save_pretrained(d)
-    build("llama").save_pretrained(d)
-    (d / "corpus.txt").write_text("\n".join(corpus_lines()) + "\n")
-    return d
-
-
 CONFIGS = [{"act_algo": a, "quant_granularity": g} for a in ("ifmr", "hfmg") for g in (0, 1)]
 
 
@@ -65,6 +38,7 @@ def test_two_gloo_processes_write_the_same_record_as_one(tiny_dir, tmp_path, mod
 
 def test_exact_mode_equals_operator_fed_all_samples_as_one_batch(tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from amct_hf.data import load_texts, make_batches, tokenize_samples
     from amct_hf.modeling.attention import kv_calibration
     for params in CONFIGS:
@@ -144,8 +118,8 @@ def test_empty_dataset_fails_before_model_load(tiny_dir, tmp_path):
 
 
 def test_unpatchable_model_is_named_before_forward(tmp_path):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     class Opaque(torch.nn.Module):
         def __init__(self):
@@ -183,6 +157,7 @@ def test_range_margin_widens_ranges_about_zero(tiny_dir, tmp_path):
 
 def test_calibration_skips_logits_of_all_but_the_last_position(tiny_dir, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     import amct_hf.calibrate as calibrate_module
     model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_dir)

@@ -8,8 +8,6 @@ from amct_hf.algorithms import kernels
 from amct_hf.cli import main
 from amct_hf.errors import CalibrationInputError, InvalidArgumentError, ModelLoadError
 
-from .test_calibrate import tiny_dir  # noqa: F401  (fixture)
-
 
 def _poisoned(tiny_dir, tmp_path, *, value=float("nan"), dtype=torch.float32, name="poisoned"):
     """A copy of the tiny model with one bad weight in layer 1's v_proj (NaN), or with k_proj

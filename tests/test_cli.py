@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from amct_hf.cli import quant_algo_params_from_args
-from amct_hf.cli import build_parser, main
+from amct_hf.cli import build_parser, main, quant_algo_params_from_args
 from amct_hf.record import read_kv_factors
 
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16

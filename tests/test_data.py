@@ -8,11 +8,10 @@ from pathlib import Path
 
 import datasets
 import pytest
-
-from amct_hf.errors import DatasetError
 import torch
 
 from amct_hf.data import load_texts, make_batches, shard, tokenize_samples
+from amct_hf.errors import DatasetError
 
 SENTENCES = [
     "the cat sat on the mat",

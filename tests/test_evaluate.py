@@ -287,3 +287,21 @@ def test_bad_arguments(tiny, tmp_path):
                           seq_len=SEQ)
     with pytest.raises(ValueError, match="seq_len"):
         evaluate_kv_quant(str(d), str(d / "corpus.txt"), records["per_tensor"], seq_len=1)
+
+
+def test_a_nan_model_is_an_error_and_writes_no_json(tiny, tmp_path, capsys):
+    d, records = tiny
+    model, tok = load(d)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    broken = tmp_path / "nan_model"
+    model.save_pretrained(broken)
+    tok.save_pretrained(broken)
+    out = tmp_path / "eval.json"
+    capsys.readouterr()
+    rc = main(["eval", "--model", str(broken), "--dataset", str(d / "corpus.txt"), "--record",
+               str(records["per_tensor"]), "--json", str(out), "--num-samples", "1", "--seq-len", "16",
+               "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and not out.exists()
+    assert len(err) == 1 and "perplexity is nan" in err[0]

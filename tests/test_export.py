@@ -151,3 +151,21 @@ def test_cli_export_missing_record(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(missing) in err and "error" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda e: e["scale"].__setitem__(0, float("nan")), "scale"),
+    (lambda e: e["scale"].__setitem__(0, -1.0), "scale"),
+    (lambda e: e["scale"].__setitem__(0, 0.0), "scale"),
+    (lambda e: e["offset"].__setitem__(0, 1000), "offset"),
+    (lambda e: e["offset"].__setitem__(0, 2 ** 40), "offset"),
+])
+def test_load_export_refuses_what_the_exporter_refuses(record, tmp_path, edit, problem):
+    out = tmp_path / "kv.json"
+    export_json(record, out)
+    doc = json.loads(out.read_text())
+    edit(doc["layers"]["model.layers.0.self_attn.k_proj"])
+    out.write_text(json.dumps(doc))  # json writes NaN as NaN: a hand-edited file
+    from amct_hf.errors import ExportError
+    with pytest.raises(ExportError, match=rf"k_proj' has unusable factors: {problem}\[0\]"):
+        load_export(out)

@@ -15,7 +15,7 @@ def test_seed_document_example_runs_with_only_the_import_changed(tmp_path, monke
 
     class LinearNet(nn.Module):
         def __init__(self, quant_algo_params):
-            super(LinearNet, self).__init__()
+            super().__init__()
             self.quant_algo_params = quant_algo_params
             self.layer1 = nn.Linear(28, 1024, bias=False)
             self.ptq_1 = QuantCalibrationOp(record_file, quant_algo_params=self.quant_algo_params,

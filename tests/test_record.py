@@ -193,6 +193,7 @@ def test_foreign_entries_survive_merge(tmp_path):
                                   K0: (f32([0.3]), [7])}
     # The parsed values of the foreign entries are unchanged too.
     from google.protobuf import text_format
+
     from amct_hf.record import ScaleOffsetRecord
     rec = ScaleOffsetRecord()
     text_format.Parse(text, rec, allow_unknown_field=True)

@@ -48,7 +48,7 @@ class AlignedHistogram:
     hi: torch.Tensor       # [C] float32 exact maximum
 
     @classmethod
-    def empty(cls, channels: int, bins: int, device=None, with_offsets: bool = True) -> "AlignedHistogram":
+    def empty(cls, channels: int, bins: int, device=None, with_offsets: bool = True) -> AlignedHistogram:
         f64 = dict(dtype=torch.float64, device=device)
         return cls(torch.zeros(channels, bins, **f64), torch.zeros(channels, bins if with_offsets else 0, **f64),
                    torch.full((channels,), MIN_LEVEL, dtype=torch.int64, device=device),

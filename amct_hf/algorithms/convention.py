@@ -8,7 +8,7 @@ factors read from a file uses these functions.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -102,7 +102,7 @@ class HistogramState:
     hi: torch.Tensor    # [C] float32
 
     @classmethod
-    def from_batch(cls, x: torch.Tensor, bins: int) -> "HistogramState":
+    def from_batch(cls, x: torch.Tensor, bins: int) -> HistogramState:
         x = x.to(torch.float32)
         lo, hi = x.amin(0), x.amax(0)
         return cls(histc_per_channel(x, lo, hi, bins), lo, hi)

@@ -12,7 +12,8 @@ import os
 
 import numpy as np
 
-__all__ = ["AVAILABLE", "use_kernels", "histc_rows", "ifmr_losses", "aligned_update", "aligned_update_columns", "aligned_regrid", "aligned_cumulative", "hfmg_walk", "hfmg_losses"]
+__all__ = ["AVAILABLE", "use_kernels", "histc_rows", "ifmr_losses", "aligned_update", "aligned_update_columns",
+           "aligned_regrid", "aligned_cumulative", "hfmg_walk", "hfmg_losses"]
 
 try:
     if os.environ.get("AMCT_HF_DISABLE_NUMBA"):

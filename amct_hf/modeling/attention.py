@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import threading
 import weakref
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ __all__ = ["KVCalibrationHooks", "kv_calibration", "kv_transform", "Observe", "k
 Observe = Callable[[str, torch.Tensor], object]  # (record key, [tokens, channels])
 TAPS = ("cache", "proj")
 _PREFIX = "amct_hf_kv_"
-_STATES: "weakref.WeakKeyDictionary[nn.Module, _ModelState]" = weakref.WeakKeyDictionary()
+_STATES: weakref.WeakKeyDictionary[nn.Module, _ModelState] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
@@ -80,9 +80,9 @@ class _ModelState:
         self.transform = transform
         self.tap = tap
         self.depth = 0
-        self.original_impl: Optional[str] = None
+        self.original_impl: str | None = None
         self.originals: dict = {}  # attention module class -> original attention function
-        self.mask: Optional[torch.Tensor] = None
+        self.mask: torch.Tensor | None = None
         self.handles = []
         self.paths = {id(m): p for p, m in model.named_modules()}
         self.seen: dict[str, int] = {}  # record key -> channels, for completeness checks
@@ -137,9 +137,9 @@ class KVCalibrationHooks:
         if not callable(observe):
             raise TypeError(f"observe must be callable (e.g. a QuantCalibrationOp), got {observe!r}")
         self.model, self.observe, self.tap = model, observe, tap
-        self.state: Optional[_ModelState] = None
+        self.state: _ModelState | None = None
 
-    def __enter__(self) -> "KVCalibrationHooks":
+    def __enter__(self) -> KVCalibrationHooks:
         with _LOCK:
             state = _STATES.get(self.model)
             if state is not None:

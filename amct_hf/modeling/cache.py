@@ -131,7 +131,7 @@ class StaticInt8KVCache(Cache):
         super().__init__(layers=layers)
 
     @classmethod
-    def from_record(cls, record, model: nn.Module) -> "StaticInt8KVCache":
+    def from_record(cls, record, model: nn.Module) -> StaticInt8KVCache:
         """A cache for ``model`` from a record file (or a ``{record key: (scales,
         offsets)}`` mapping). Refuses a record that does not match the model, naming the
         first mismatching layer."""

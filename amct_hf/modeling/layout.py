@@ -3,8 +3,8 @@ cache, and whether a record fits the model."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ def broadcast_factor(values: torch.Tensor, states: torch.Tensor, name: str = "la
 @dataclass(frozen=True)
 class KVSlot:
     """Where a record key lives in the model."""
-    layer_idx: Optional[int]  # the cache layer the attention updates (None: no cache seen)
+    layer_idx: int | None  # the cache layer the attention updates (None: no cache seen)
     channels: int             # kv_heads * head_dim
 
 

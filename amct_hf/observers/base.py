@@ -19,7 +19,8 @@ the factors it computes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
@@ -31,7 +32,7 @@ __all__ = ["Observer", "OBSERVERS", "MODES", "register_observer", "make_observer
            "check_activation", "as_channels", "LayerBank"]
 
 MODES = ("amct", "exact", "streaming")
-OBSERVERS: dict[tuple[str, str], type["Observer"]] = {}
+OBSERVERS: dict[tuple[str, str], type[Observer]] = {}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

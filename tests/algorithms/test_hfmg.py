@@ -1,12 +1,11 @@
 """The batched HFMG equals the one-channel-at-a-time reference (property tests)."""
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from amct_hf.algorithms.hfmg import (HistogramState, hfmg_factors, hfmg_losses, histc_per_channel,
-                                     search_ranges)
-from amct_hf.algorithms.reference import (reference_hfmg, reference_hfmg_loss, reference_histc,
-                                          reference_search_ranges)
+from amct_hf.algorithms.hfmg import HistogramState, hfmg_factors, hfmg_losses, histc_per_channel, search_ranges
+from amct_hf.algorithms.reference import reference_hfmg, reference_hfmg_loss, reference_histc, reference_search_ranges
 
 from .test_ifmr import DISTS, make
 

@@ -1,7 +1,8 @@
 """The batched IFMR equals the one-channel-at-a-time reference (property tests)."""
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from amct_hf.algorithms.ifmr import ifmr_factors
 from amct_hf.algorithms.reference import reference_ifmr_channel

@@ -1,7 +1,8 @@
 """The compiled CPU kernels and the device-generic torch paths compute the same thing."""
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from amct_hf.algorithms import kernels
 from amct_hf.algorithms.hfmg import HistogramState, hfmg_factors, histc_per_channel
@@ -64,8 +65,8 @@ def test_aligned_histogram_kernel_equals_torch_path(monkeypatch, with_offsets):
 
 
 def test_streaming_ifmr_kernel_equals_torch_path(monkeypatch):
-    from amct_hf.params import parse_quant_algo_params
     from amct_hf.observers.streaming import StreamingIFMRObserver
+    from amct_hf.params import parse_quant_algo_params
     params = parse_quant_algo_params({"quant_granularity": 1, "asymmetric": False})
     xs = [make(d, 400, 6, i) for i, d in enumerate(["laplace", "outliers", "normal", "grid"])]
     results = []
@@ -89,7 +90,9 @@ def test_streaming_ifmr_kernel_equals_torch_path(monkeypatch):
 @pytest.mark.parametrize("dist", DISTS)
 def test_hfmg_pruned_walk_keeps_every_loss_that_can_win(dist):
     import math
+
     import numpy as np
+
     from amct_hf.algorithms.hfmg import DST_BINS, loss_tables
     x = make(dist, 4000, 5, 7) * 3
     lo, hi = x.amin(0), x.amax(0)
@@ -113,8 +116,8 @@ def test_hfmg_pruned_walk_keeps_every_loss_that_can_win(dist):
 
 @pytest.mark.parametrize("dist", ["normal", "outliers", "positive", "constant"])
 def test_streaming_hfmg_kernels_equal_torch_path(monkeypatch, dist):
-    from amct_hf.params import parse_quant_algo_params
     from amct_hf.observers.streaming import StreamingHFMGObserver
+    from amct_hf.params import parse_quant_algo_params
     params = parse_quant_algo_params({"act_algo": "hfmg", "quant_granularity": 1})
     xs = [make(dist, 700, 4, seed) * (seed + 1) for seed in range(3)]
     results = []

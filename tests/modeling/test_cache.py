@@ -12,11 +12,10 @@ import torch
 
 from amct_hf import write_kv_factors
 from amct_hf.errors import RecordMismatchError
-from amct_hf.modeling.cache import (StaticInt8KVCache, StaticInt8Layer, StaticInt8SlidingWindowLayer,
-                                    cache_nbytes)
-from amct_hf.modeling.layout import kv_layout
 from amct_hf.evaluate import _StaticFakeQuant
 from amct_hf.modeling.attention import kv_calibration, kv_transform
+from amct_hf.modeling.cache import StaticInt8KVCache, StaticInt8Layer, StaticInt8SlidingWindowLayer, cache_nbytes
+from amct_hf.modeling.layout import kv_layout
 
 VOCAB = 96
 
@@ -142,6 +141,7 @@ def smollm2(smollm2_dir, tmp_path_factory):
     """SmolLM2 (float32) and the recommended record: per-channel HFMG calibrated on the
     news corpus (16 x 512 tokens, default streaming mode)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from amct_hf.assets import news_corpus_path
     from amct_hf.calibrate import calibrate_kv_cache
 
@@ -214,6 +214,7 @@ def test_smollm2_cache_dequantizes_within_half_a_step(smollm2):
     cache come back within s/2 where they lie in the representable range, and at the
     range's end where they do not."""
     from transformers import DynamicCache
+
     from amct_hf import read_kv_factors
     model, tok, record = smollm2
     ids = tok(" ".join(PROMPTS), return_tensors="pt").input_ids
@@ -244,3 +245,22 @@ def test_smollm2_cache_dequantizes_within_half_a_step(smollm2):
             clipped += int((~inside).sum())
     assert cache.layers[0].keys.dtype == torch.int8
     assert checked > 100 * clipped  # the bound was checked on (nearly) all values
+
+
+@pytest.mark.parametrize("scale, offset, problem", [
+    (float("nan"), 0, "scale"), (0.0, 0, "scale"), (-0.5, 0, "scale"), (float("inf"), 0, "scale"),
+    (0.5, 1000, "offset"), (0.5, 2 ** 40, "offset"), (0.5, -129, "offset")])
+def test_unusable_factors_are_refused_by_the_cache_and_by_eval(tmp_path, scale, offset, problem):
+    """One validator wherever factors are read (issue 9 §4): the cache, the evaluator and
+    the export reader refuse what the exporter refuses."""
+    from amct_hf.errors import RecordFileError
+    model = tiny("llama")
+    factors = minmax_record(model, torch.randint(1, VOCAB, (1, 6)))
+    s, o = factors["model.layers.1.self_attn.v_proj"]
+    factors["model.layers.1.self_attn.v_proj"] = ([scale] + s[1:], [offset] + o[1:])
+    match = rf"'model\.layers\.1\.self_attn\.v_proj' has unusable factors: {problem}\[0\]"
+    with pytest.raises(RecordFileError, match=match):
+        StaticInt8KVCache.from_record(factors, model)
+    from amct_hf.evaluate import evaluate_kv_quant
+    with pytest.raises(RecordFileError, match=match):
+        evaluate_kv_quant(model, ["a b c"], factors, tokenizer=object())

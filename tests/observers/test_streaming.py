@@ -5,8 +5,8 @@ import torch
 
 from amct_hf.algorithms.aligned import AlignedHistogram
 from amct_hf.algorithms.reference import reference_ifmr_channel
-from amct_hf.params import parse_quant_algo_params
 from amct_hf.observers import OneBatchHFMGObserver, StreamingHFMGObserver, StreamingIFMRObserver
+from amct_hf.params import parse_quant_algo_params
 
 from ..algorithms.test_ifmr import make
 
@@ -97,6 +97,7 @@ def test_bounded_ifmr_on_real_smollm2_activations(smollm2_dir):
     """On every layer: the stated tolerance holds, and the quantization MSE of the
     bounded-memory factors is within 0.1% of the exact IFMR factors'."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from amct_hf.algorithms.ifmr import ifmr_factors
     from amct_hf.assets import news_corpus_path
     from amct_hf.data import load_texts, make_batches, tokenize_samples

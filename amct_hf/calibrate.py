@@ -152,8 +152,13 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     model, tok = load_model(model, device_map=device_map, dtype=dtype,
                             trust_remote_code=trust_remote_code, tokenizer=tokenizer)
     _warn_long_context(model, seq_len)
+    logger.info("model %s loaded (%s, %s)", type(model).__name__, input_device(model),
+                next(model.parameters()).dtype)
     samples = tokenize_samples(tok, texts, seq_len=seq_len, num_samples=num_samples, pack=pack)
     mine = shard(samples, comm.rank, comm.world_size)
+    logger.info("%d calibration sample(s), %d on process %d of %d; %s %s, %s mode, tap=%s",
+                len(samples), len(mine), comm.rank, comm.world_size, params.act_algo,
+                params.granularity, mode, tap)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches = make_batches(mine, batch_size=batch_size, pad_token_id=pad_id,
                            padding_side=getattr(tok, "padding_side", "right") or "right")
@@ -190,13 +195,16 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
         raise failure or CalibrationInputError(
             "another process stopped on an unusable activation (its error names the layer); "
             "nothing was written")
+    solve_started = time.time()
     factors, tolerance = bank.finalize_all(comm, order=record_order)
+    logger.info("solved %d K/V entries in %.2f s", len(factors), time.time() - solve_started)
     if range_margin:
         factors = widen_ranges(factors, range_margin)
     _check_complete(model, factors)
     tokens = int(sum(len(s) for s in samples))
     if write and comm.rank == 0:
         write_kv_factors(record_file, factors)
+        logger.info("merged %d K/V entries into %s", len(factors), record_file)
     comm.barrier()
     shortfall = _shortfall(samples, num_samples, seq_len)
     if shortfall:

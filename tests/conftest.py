@@ -54,3 +54,10 @@ def tiny_dir(tmp_path_factory):
     return d
 
 
+
+
+def pytest_collection_modifyitems(config, items):
+    # everything on the real SmolLM2 is slow (minutes on 2 cores): `-m "not slow"` skips it
+    for item in items:
+        if "smollm2_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -15,6 +15,7 @@ CONFIGS = [{"act_algo": a, "quant_granularity": g} for a in ("ifmr", "hfmg") for
 
 
 @pytest.mark.parametrize("mode", ["streaming", "exact"])
+@pytest.mark.slow
 def test_two_gloo_processes_write_the_same_record_as_one(tiny_dir, tmp_path, mode):
     """7 samples over 2 ranks (4 + 3: uneven), batch size 2, vs 1 process with batch size 3;
     both algorithms, both granularities."""

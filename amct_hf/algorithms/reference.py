@@ -14,7 +14,7 @@ import torch
 from .convention import FLT_EPSILON, factors_from_clip, order_statistic_k
 
 __all__ = [
-    "reference_ifmr_channel", "reference_ifmr", "reference_histc", "reference_merge",
+    "reference_ifmr_channel", "reference_histc", "reference_merge",
     "reference_search_ranges", "reference_hfmg_loss", "reference_hfmg_channel", "reference_hfmg",
     "channels_of",
 ]
@@ -57,11 +57,6 @@ def reference_ifmr_channel(data, asymmetric=True, max_percentile=0.999999, min_p
     scale = scales[best]
     offset = int(-torch.round(min0 / scale) - 128) if asymmetric else 0
     return float(scale), offset, losses
-
-
-def reference_ifmr(batches, asymmetric=True, per_channel=False, **kw):
-    out = [reference_ifmr_channel(ch, asymmetric, **kw)[:2] for ch in channels_of(batches, per_channel)]
-    return [s for s, _ in out], [o for _, o in out]
 
 
 def reference_histc(data, bins, lo, hi):

@@ -5,7 +5,7 @@ Keys and values are stored as int8 with the record's scale/offset (SPEC §3:
 on read::
 
     cache = StaticInt8KVCache.from_record("kv_cache.txt", model)
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    out = model.generate(**inputs, cache=cache, max_new_tokens=64)
     cache.nbytes()                       # bytes held by the int8 K/V states
 
 What the attention hands to ``cache.update`` is exactly what the record was calibrated

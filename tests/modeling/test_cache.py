@@ -172,9 +172,9 @@ def test_smollm2_memory_and_greedy_agreement(smollm2):
     runs = {}
     for name in ("fp32", "int8"):
         cache = DynamicCache(config=model.config) if name == "fp32" else StaticInt8KVCache.from_record(record, model)
-        with warnings.catch_warnings():  # `past_key_values` is the deprecated name in 5.x
-            warnings.simplefilter("ignore", FutureWarning)
-            out = model.generate(**enc, past_key_values=cache, max_new_tokens=NEW_TOKENS,
+        with warnings.catch_warnings():  # as the README calls it: no deprecation warning
+            warnings.simplefilter("error", FutureWarning)
+            out = model.generate(**enc, cache=cache, max_new_tokens=NEW_TOKENS,
                                  min_new_tokens=NEW_TOKENS, do_sample=False)
         runs[name] = (out[:, prompt_len:], cache)
     (fp, fp_cache), (q, q_cache) = runs["fp32"], runs["int8"]

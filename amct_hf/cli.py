@@ -74,6 +74,9 @@ def _add_calibrate_arguments(p) -> None:
                         "for per-channel ranges clipping on text unlike the calibration data")
     r.add_argument("--record", default="kv_cache.txt", metavar="FILE",
                    help="record file to merge the factors into (default: kv_cache.txt)")
+    r.add_argument("--export-ascend-c8", metavar="OUT_DIR",
+                   help="after calibrating, write the ascend-c8 model directory (vllm-ascend / MindIE) "
+                        "of the local model folder with these factors; needs --symmetric")
 
 
 # --------------------------------------------------------------------------- calibrate
@@ -146,12 +149,16 @@ def calibrate_kwargs(args) -> dict:
 
 
 def run_calibrate(args) -> int:
+    from .errors import InvalidArgumentError
     from .params import parse_quant_algo_params
     main_process = _is_main_process()
     log = (lambda msg: print(msg, file=sys.stderr)) if main_process else (lambda msg: None)
     kwargs = calibrate_kwargs(args)
-    parse_quant_algo_params(kwargs["quant_algo_params"])  # fail before any model is touched
+    params = parse_quant_algo_params(kwargs["quant_algo_params"])  # fail before any model is touched
     _check_positive(args, ("num_samples", "seq_len", "batch_size"))
+    if args.export_ascend_c8 and (params.asymmetric or args.tap != "cache"):
+        raise InvalidArgumentError("--export-ascend-c8 needs --symmetric factors of the KV cache "
+                                   "(--tap cache): the Ascend engines dequantize without offsets")
     dataset = args.dataset
     if dataset is None:
         from .assets import default_corpus_file
@@ -165,6 +172,12 @@ def run_calibrate(args) -> int:
         print(result.totals() if args.no_progress else result.summary())
         if args.no_progress and result.shortfall:
             print(f"warning: {result.shortfall}")
+        if args.export_ascend_c8:
+            from .deploy import export_ascend_c8
+            written = export_ascend_c8(args.record, model, args.export_ascend_c8,
+                                       trust_remote_code=args.trust_remote_code)
+            print(f"wrote ascend-c8 model directory {written['out_dir']}; serve it with: "
+                  f"vllm serve {written['out_dir']} --quantization ascend")
         model_hint = "" if args.model is None else f" --model {args.model}"
         log(f"next: amct-hf eval{model_hint} --record {args.record}   "
             "(perplexity on held-out text, with and without these factors)")
@@ -218,12 +231,33 @@ def run_eval(args) -> int:
 
 # --------------------------------------------------------------------------- export, report
 
-_EXPORT_FORMATS = ("json", "safetensors")
+_FACTOR_FORMATS = ("json", "safetensors")
+_MODEL_FORMATS = ("ascend-c8", "vllm-fp8")  # a whole model directory: need --model
+_EXPORT_FORMATS = _FACTOR_FORMATS + _MODEL_FORMATS + ("lmdeploy-ascend",)
 
 
 def run_export(args) -> int:
+    from .errors import InvalidArgumentError
+    if args.format in _MODEL_FORMATS:
+        if not args.model or not args.out:
+            raise InvalidArgumentError(f"--format {args.format} writes a model directory: pass "
+                                       "--model MODEL_DIR (the model the record was calibrated on) "
+                                       "and --out OUT_DIR")
+        from .deploy import export_ascend_c8, export_vllm_fp8
+        export = export_ascend_c8 if args.format == "ascend-c8" else export_vllm_fp8
+        written = export(args.record, args.model, args.out, overwrite=args.overwrite,
+                         max_shard_size=args.max_shard_size, trust_remote_code=args.trust_remote_code)
+        print(f"wrote {args.format} model directory {written['out_dir']} "
+              f"({len(written['files'])} files, {written['total_size'] / 1e6:.0f} MB of weights)")
+        return 0
+    out = args.out or os.path.splitext(args.record)[0] + (
+        ".lmdeploy.txt" if args.format == "lmdeploy-ascend" else "." + args.format)
+    if args.format == "lmdeploy-ascend":
+        from .deploy import export_lmdeploy_ascend
+        export_lmdeploy_ascend(args.record, out)
+        print(f"wrote the lmdeploy Ascend record (per-tensor, k then v per layer) to {out}")
+        return 0
     from .export import export_json, export_safetensors
-    out = args.out or os.path.splitext(args.record)[0] + "." + args.format
     if args.format == "json":
         n = len(export_json(args.record, out)["layers"])
     else:
@@ -283,14 +317,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worst", type=int, default=3, help="layers to mark as worst (default 3)")
     p.set_defaults(func=run_eval)
 
-    p = sub.add_parser("export", help="export a record's factors for other tools",
-                       description="Export the kv_cache_value entries of an AMCT record file as "
-                                   "JSON or safetensors (<layer>.kv_cache_scale float32, "
-                                   "<layer>.kv_cache_offset int32).")
+    p = sub.add_parser("export", help="export a record's factors for serving engines and other tools",
+                       description="Export the kv_cache_value entries of an AMCT record file: json or "
+                                   "safetensors (the factors alone); ascend-c8 (a model directory "
+                                   "vllm-ascend / MindIE load with an INT8 KV cache; symmetric records "
+                                   "only); vllm-fp8 (a checkpoint vLLM loads with kv_cache_dtype=fp8); "
+                                   "lmdeploy-ascend (the per-tensor record lmdeploy's Ascend backend "
+                                   "parses).")
     p.add_argument("--record", required=True, metavar="FILE", help="AMCT record file")
     p.add_argument("--format", choices=_EXPORT_FORMATS, default="json", help="output format (default: json)")
     p.add_argument("--out", metavar="PATH",
-                   help="output path (default: the record path with the format's suffix)")
+                   help="output file, or directory for ascend-c8 / vllm-fp8 (default for files: the "
+                        "record path with the format's suffix)")
+    p.add_argument("--model", metavar="MODEL_DIR",
+                   help="ascend-c8 / vllm-fp8: the local model folder the record was calibrated on")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="ascend-c8 / vllm-fp8: weight shard size cap, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow custom model code when reading the model's config")
     p.set_defaults(func=run_export)
 
     p = sub.add_parser("report", help="plot the clip ranges of a record's factors",

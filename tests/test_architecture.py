@@ -13,7 +13,7 @@ LAYERS = [
     {"algorithms", "fileio", "naming", "params"},
     {"record", "observers", "distributed", "data"},
     {"op", "modeling"},
-    {"calibrate", "evaluate", "export", "report", "assets"},
+    {"calibrate", "evaluate", "export", "report", "assets", "deploy"},
     {"cli"},
 ]
 # what the pure layers may not import at all, whatever the layer order says

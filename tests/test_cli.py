@@ -175,3 +175,32 @@ def test_qwen_recipe_needs_a_model(monkeypatch, capsys):
         _run_recipe("qwen.py", monkeypatch, "--num-samples", "4")
     assert exc.value.code == 2
     assert "no model given" in capsys.readouterr().err
+
+
+def test_cli_exports_lmdeploy_and_refuses_model_formats_without_model(tiny, tmp_path, capsys):
+    model_dir, corpus = tiny
+    rec = tmp_path / "kv.txt"
+    assert _calibrate(model_dir, corpus, rec, "--symmetric") == 0
+    out = tmp_path / "lmdeploy.txt"
+    assert main(["export", "--record", str(rec), "--format", "lmdeploy-ascend", "--out", str(out)]) == 0
+    assert out.read_text().count("kv_cache_value") == 2 * LAYERS
+    capsys.readouterr()
+    assert main(["export", "--record", str(rec), "--format", "ascend-c8", "--out", str(tmp_path / "d")]) == 2
+    assert "pass --model MODEL_DIR" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
+def test_calibrate_then_export_ascend_c8_in_one_go(tiny, tmp_path, capsys):
+    model_dir, corpus = tiny
+    out = tmp_path / "c8"
+    rec = tmp_path / "kv.txt"
+    assert _calibrate(model_dir, corpus, rec, "--granularity", "per_channel") == 0  # asymmetric
+    capsys.readouterr()
+    assert _calibrate(model_dir, corpus, tmp_path / "kv2.txt", "--export-ascend-c8", str(out)) == 2
+    assert "needs --symmetric" in capsys.readouterr().err and not out.exists()
+    assert _calibrate(model_dir, corpus, rec, "--granularity", "per_channel", "--symmetric",
+                      "--export-ascend-c8", str(out)) == 0
+    desc = json.loads((out / "quant_model_description.json").read_text())
+    assert desc["kv_cache_type"] == "C8"
+    assert sum(v == "C8" for k, v in desc.items() if k.endswith(("kv_cache_scale", "kv_cache_offset"))) \
+        == 4 * LAYERS
+    assert f"vllm serve {out} --quantization ascend" in capsys.readouterr().out

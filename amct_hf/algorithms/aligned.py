@@ -144,6 +144,10 @@ class AlignedHistogram:
         """Mean value of every bin (its centre when empty), non-decreasing along B."""
         if self.offsets.shape[1] != self.bins:
             raise RuntimeError("this histogram does not keep per-bin offsets")
+        if kernels.use_kernels(self.counts):  # one pass instead of a chain of [C, B] temporaries
+            return torch.from_numpy(kernels.aligned_means(
+                self.counts.contiguous().numpy(), self.offsets.contiguous().numpy(),
+                self.level.numpy(), self.origin.numpy()))
         centre = self.edges() + 0.5 * self.width[:, None]
         return centre + torch.where(self.counts > 0, self.offsets / self.counts.clamp_min(1),
                                     torch.zeros_like(self.offsets))

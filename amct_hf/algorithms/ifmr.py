@@ -102,7 +102,8 @@ def ifmr_factors(data: torch.Tensor, asymmetric: bool = True, max_percentile: fl
     Each column is one channel (per-tensor callers pass [N, 1])."""
     rows = data.to(torch.float32).t().contiguous()
     del data
-    if kernels.use_kernels(rows):
+    compiled = kernels.use_kernels(rows)  # one dispatch for the sort and the loss search
+    if compiled:
         # numpy's SIMD sort beats torch.sort on CPU by 2-3x here
         sorted_np = np.sort(rows.numpy(), axis=1)
         sorted_data = torch.from_numpy(sorted_np)
@@ -111,7 +112,7 @@ def ifmr_factors(data: torch.Tensor, asymmetric: bool = True, max_percentile: fl
     del rows
     max0, min0 = ifmr_initial_bounds(sorted_data, max_percentile, min_percentile)
     hi, lo, scales = ifmr_candidates(max0, min0, asymmetric, search_range, search_step)
-    if kernels.use_kernels(sorted_data):
+    if compiled:
         losses, sum_sq = kernels.ifmr_losses(sorted_np, hi.numpy(), lo.numpy(), scales.numpy())
         best = first_min(torch.from_numpy(losses), torch.from_numpy(sum_sq))
         scale = scales.gather(1, best[:, None])[:, 0]

@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 __all__ = ["AVAILABLE", "use_kernels", "histc_rows", "ifmr_losses", "aligned_update", "aligned_update_columns",
-           "aligned_regrid", "aligned_cumulative", "hfmg_walk", "hfmg_losses"]
+           "aligned_regrid", "aligned_cumulative", "aligned_means", "hfmg_walk", "hfmg_losses"]
 
 try:
     if os.environ.get("AMCT_HF_DISABLE_NUMBA"):
@@ -232,6 +232,22 @@ if AVAILABLE:
                 frac = min(max(frac, 0.0), 1.0)
                 out[c, m] = prefix[k] + counts[c, k] * frac
         return out
+
+    @njit(parallel=True, cache=True)
+    def _aligned_means(counts, offsets, level, origin):
+        c_n, b = counts.shape
+        out = np.empty((c_n, b), dtype=np.float64)
+        for c in prange(c_n):
+            w = math.ldexp(1.0, level[c])
+            for i in range(b):
+                centre = np.float64(origin[c] + i) * w + 0.5 * w
+                n = counts[c, i]
+                out[c, i] = centre + (offsets[c, i] / n if n > 0 else 0.0)
+        return out
+
+    def aligned_means(counts, offsets, level, origin):
+        """``AlignedHistogram.means`` (see aligned.py) in one pass, bit for bit."""
+        return _aligned_means(counts, offsets, level, origin)
 
     def aligned_cumulative(counts, level, origin, lo, hi, x):
         """``AlignedHistogram.cumulative_at`` (see aligned.py): [C, M] counts below x."""

@@ -62,6 +62,11 @@ def test_aligned_histogram_kernel_equals_torch_path(monkeypatch, with_offsets):
     assert fast.offsets.shape == slow.offsets.shape == (5, 256 if with_offsets else 0)
     assert torch.equal(fast.counts, slow.counts) and torch.equal(fast.level, slow.level)
     assert torch.allclose(fast.offsets, slow.offsets, rtol=1e-9, atol=1e-9)
+    if with_offsets:  # the compiled bin means are the torch formula's, bit for bit
+        compiled = fast.means()
+        with monkeypatch.context() as m:
+            torch_path(m)
+            assert torch.equal(compiled, fast.means())
 
 
 def test_streaming_ifmr_kernel_equals_torch_path(monkeypatch):

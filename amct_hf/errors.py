@@ -9,7 +9,7 @@ from __future__ import annotations
 __all__ = [
     "AmctHfError", "QuantParamsError", "CalibrationInputError", "RecordFileError",
     "RecordMismatchError", "UnpatchableModelError", "AssetNotFoundError", "ModelLoadError",
-    "DatasetError", "ExportError", "RecordOverwriteWarning",
+    "DatasetError", "ExportError", "OutputPathError", "RecordOverwriteWarning",
 ]
 
 
@@ -51,6 +51,10 @@ class DatasetError(AmctHfError, ValueError):
 
 class ExportError(AmctHfError, ValueError):
     """An export cannot be written (its target or its record is unusable)."""
+
+
+class OutputPathError(AmctHfError, ValueError):
+    """An output path exists and must not be replaced (not a regular file, read-only)."""
 
 
 class RecordOverwriteWarning(UserWarning):

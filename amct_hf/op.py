@@ -10,7 +10,8 @@ from torch import nn
 from .errors import CalibrationInputError
 from .observers import Observer, make_observer
 from .params import QuantParams, parse_quant_algo_params
-from .record import read_kv_factors, write_kv_factors
+from .fileio import lock_timeout_seconds
+from .record import check_record_file, write_kv_factors
 
 __all__ = ["QuantCalibrationOp", "CalibrationInputError", "as_channels", "check_activation"]
 
@@ -52,7 +53,8 @@ class QuantCalibrationOp(nn.Module):
     the factors are merged into ``record_file`` (other layers' entries are kept; an
     overwritten entry is reported by a warning)."""
 
-    def __init__(self, record_file, quant_algo_params=None, quant_method="kv_cache_quant"):
+    def __init__(self, record_file, quant_algo_params=None, quant_method="kv_cache_quant",
+                 lock_timeout=None):
         super().__init__()
         if quant_method != "kv_cache_quant":
             raise ValueError(
@@ -68,7 +70,9 @@ class QuantCalibrationOp(nn.Module):
         if not os.path.isdir(parent):
             raise ValueError(f"record_file {self.record_file!r}: directory {parent!r} does not exist")
         # refuse an unparsable record now, before any calibration work is spent
-        read_kv_factors(self.record_file)
+        check_record_file(self.record_file)
+        # seconds a write waits for another writer's lock (None: forever)
+        self.lock_timeout = lock_timeout_seconds(lock_timeout)
         self.quant_method = quant_method
         self._observers: dict[str, Observer] = {}
         self._calls: dict[str, int] = {}
@@ -109,7 +113,7 @@ class QuantCalibrationOp(nn.Module):
     def _record(self, layer_name, scales, offsets):
         entry = ([float(s) for s in scales.cpu().tolist()], [int(o) for o in offsets.cpu().tolist()])
         self.factors[layer_name] = entry
-        write_kv_factors(self.record_file, {layer_name: entry})
+        write_kv_factors(self.record_file, {layer_name: entry}, lock_timeout=self.lock_timeout)
         logger.info("calibrated %s: %d channel(s) written to %s", layer_name, len(entry[0]),
                     self.record_file)
 

@@ -442,6 +442,13 @@ def _check_merge(out, where, new, idx, edits, touched, tail_len) -> None:
 
 # --------------------------------------------------------------------------- file I/O
 def _read_text(path: str, where: str) -> str:
+    try:  # a socket cannot even be opened: say what it is
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = stat.S_IFREG  # missing or unreadable: open() below says which
+    if not stat.S_ISREG(mode):
+        raise RecordFileError(f"record {where}: cannot read: is {file_kind(mode)}, "
+                              "not a regular file")
     try:
         # O_NONBLOCK: a FIFO must not block us; it is refused below
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)

@@ -224,14 +224,13 @@ class _Index(NamedTuple):
     subs: dict  # field number -> parsed message, for the foreign fields
 
 
-def _canonical_values(m: re.Match) -> tuple[list[float], list[int]]:
+def _values(kv, text: str) -> tuple[list[float], list[int]]:
+    """Values of an entry's kv: parsed already, or read from a canonical entry's lines."""
+    if not isinstance(kv, record_scan.Canonical):
+        return kv
     # array("f") rounds to the nearest float32 (overflow: inf) as protobuf's C cast does
-    scales = array("f", map(float, m.group("s").split()[1::2])).tolist()
-    return scales, list(map(int, m.group("o").split()[1::2]))
-
-
-def _values(kv) -> tuple[list[float], list[int]]:
-    return _canonical_values(kv) if isinstance(kv, re.Match) else kv
+    scales = array("f", map(float, text[kv.s[0]:kv.s[1]].split()[1::2])).tolist()
+    return scales, list(map(int, text[kv.o[0]:kv.o[1]].split()[1::2]))
 
 
 def _refuse(text: str, where: str, start: int, end: int, reason: str):
@@ -261,18 +260,25 @@ def _index(text: str, where: str, start: int = 0) -> _Index:
         fields = record_scan.scan(text, start)
     except ValueError as e:
         _refuse(text, where, start, len(text), str(e))
-    entries, subs = [], {}
+    subs = {}
+    for i, f in enumerate(fields):
+        if f.entry is None:
+            sub = ScaleOffsetRecord()
+            try:
+                text_format.Parse(text[f.start:f.end], sub, allow_unknown_field=True)
+            except text_format.ParseError:
+                _refuse(text, where, f.start, f.end, "field does not parse alone")
+            subs[i] = sub
+    return _make_index(fields, subs)
+
+
+def _make_index(fields: list, subs: dict) -> _Index:
+    entries = []
     for i, f in enumerate(fields):
         if f.entry is not None:
-            entries.append(_Entry(f.entry.group("key"), i, f.entry))
+            entries.append(_Entry(f.entry.key, i, f.entry))
             continue
-        sub = ScaleOffsetRecord()
-        try:
-            text_format.Parse(text[f.start:f.end], sub, allow_unknown_field=True)
-        except text_format.ParseError:
-            _refuse(text, where, f.start, f.end, "field does not parse alone")
-        subs[i] = sub
-        for e in sub.record:
+        for e in subs[i].record:
             kv = None
             if e.HasField("kv_cache_value"):
                 kv = (list(e.kv_cache_value.scale), list(e.kv_cache_value.offset))
@@ -297,7 +303,7 @@ def _read_factors(text: str, where: str) -> dict[str, tuple[list[float], list[in
     last = {e.key: e.kv for e in _index(text, where).entries if e.kv is not None}
     out = {}
     for layer, kv in last.items():
-        out[layer] = _values(kv)
+        out[layer] = _values(kv, text)
         _check_values(where, layer, *out[layer])
     return out
 
@@ -366,11 +372,14 @@ def _foreign_edits(text: str, where: str, layer: str, f, sub, kv) -> list[tuple[
     return edits
 
 
-def _merge(text: str, where: str, new: dict[str, tuple[list[float], list[int]]]):
+def _merge(text: str, where: str, new: dict[str, tuple[list[float], list[int]]],
+           idx: _Index | None = None):
     """The merged text and {layer: (old_scales, old_offsets)} of the layers
     overwritten. Only the fields holding a written layer are touched (and checked again
-    afterwards); every other byte is copied, so the cost is one scan of the text."""
-    idx = _index(text, where)
+    afterwards); every other byte is copied, so the cost is one scan of the text, none
+    when ``idx`` (the index of this very text) is given. Also returns the merged text's
+    index, built from ``idx`` and the fields scanned again."""
+    idx = idx or _index(text, where)
     old: dict[str, tuple[list[float], list[int]]] = {}
     holders: dict[str, list[_Entry]] = {}  # layer -> its entries (duplicate keys happen)
     for e in idx.entries:
@@ -381,7 +390,7 @@ def _merge(text: str, where: str, new: dict[str, tuple[list[float], list[int]]])
     for layer, entries in holders.items():
         with_kv = [h for h in entries if h.kv is not None]
         if with_kv:
-            old[layer] = _values(with_kv[-1].kv)  # the one a reader sees
+            old[layer] = _values(with_kv[-1].kv, text)  # the one a reader sees
         kv = _KVRecord()
         _fill_kv(kv, *new[layer])
         # Replace every copy so that readers agree whichever duplicate they take;
@@ -390,7 +399,7 @@ def _merge(text: str, where: str, new: dict[str, tuple[list[float], list[int]]])
             f = idx.fields[h.field]
             touched[h.field] = layer
             if f.entry is not None:  # canonical: the block's lines are known exactly
-                edits.append((f.entry.start("kv"), f.entry.end("kv"), _indented_kv("  ", kv)))
+                edits.append((*f.entry.kv, _indented_kv("  ", kv)))
             else:
                 edits.extend(_foreign_edits(text, where, layer, f, idx.subs[h.field], kv))
     edits.sort(key=lambda x: (x[0], x[1]))
@@ -405,11 +414,11 @@ def _merge(text: str, where: str, new: dict[str, tuple[list[float], list[int]]])
             pieces.append("\n")
         pieces.append(format_record(fresh))
     out = "".join(pieces)
-    _check_merge(out, where, new, idx, edits, touched, len(pieces[-1]) if fresh else 0)
-    return out, old
+    out_idx = _check_merge(out, where, new, idx, edits, touched, len(pieces[-1]) if fresh else 0)
+    return out, old, out_idx
 
 
-def _check_merge(out, where, new, idx, edits, touched, tail_len) -> None:
+def _check_merge(out, where, new, idx, edits, touched, tail_len) -> _Index:
     """Scan the edited fields and the appended tail of the merged text again: each is still
     one field, holds the same keys and reads back exactly the values written. Every other
     byte is a copy of the text that was scanned and validated before."""
@@ -422,9 +431,15 @@ def _check_merge(out, where, new, idx, edits, touched, tail_len) -> None:
                               "file left untouched")
 
     checked = []
-    for i, layer in touched.items():
-        f = idx.fields[i]
-        a, b = shifted(f.start), shifted(f.end)
+    fields, subs = [], {}
+    for i, f in enumerate(idx.fields):
+        a = shifted(f.start)
+        if i not in touched:  # a byte-for-byte copy
+            if i in idx.subs:
+                subs[len(fields)] = idx.subs[i]
+            fields.append(f.shifted(a - f.start))
+            continue
+        layer, b = touched[i], shifted(f.end)
         got = _index(out[:b], f"{where} (merged)", a)
         if len(got.fields) != 1 or got.fields[0].end != b:
             fail(f"layer {layer!r} no longer one entry")
@@ -432,12 +447,20 @@ def _check_merge(out, where, new, idx, edits, touched, tail_len) -> None:
         if [e.key for e in got.entries] != keys:
             fail(f"keys of the entry of {layer!r} changed")
         checked += [e for e in got.entries if e.key in new]
+        if 0 in got.subs:
+            subs[len(fields)] = got.subs[0]
+        fields.append(got.fields[0])
     got = _index(out, f"{where} (merged)", len(out) - tail_len)
     if len(got.entries) != len(new) - len({e.key for e in idx.entries if e.key in new}):
         fail("appended entries")
     for e in checked + got.entries:
-        if e.kv is None or _values(e.kv) != new[e.key]:
+        if e.kv is None or _values(e.kv, out) != new[e.key]:
             fail(f"layer {e.key!r} does not read back")
+    for i, f in enumerate(got.fields):
+        if i in got.subs:
+            subs[len(fields)] = got.subs[i]
+        fields.append(f)
+    return _make_index(fields, subs)
 
 
 # --------------------------------------------------------------------------- file I/O
@@ -495,6 +518,12 @@ def check_record_file(path: str | os.PathLike) -> None:
     _index(_read_text(target, where), where)
 
 
+# target -> (text, index) of this process's last write: the operator writes one layer at a
+# time, and rescanning a record it wrote itself would make its writes quadratic again.
+# Keyed by content, so it cannot go stale; one entry, so it holds one record's text.
+_last_write: dict[str, tuple[str, _Index]] = {}
+
+
 def _refuse_target(target: str, where: str) -> None:
     problem = replace_refusal(target)
     if problem:
@@ -535,12 +564,19 @@ def write_kv_factors(path: str | os.PathLike, factors: Factors, *,
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with exclusive_lock(target + ".lock", timeout):
             _refuse_target(target, where)  # again: it may have changed while we waited
-            text, old = _merge(_read_text(target, where), where, new)
+            text = _read_text(target, where)
+            known = _last_write.get(target)
+            # reuse the index only for the very same text (equal strings: memcmp speed);
+            # whatever another process did in between, a changed text is scanned afresh
+            idx = known[1] if known is not None and known[0] == text else None
+            _last_write.clear()
+            text, old, out_idx = _merge(text, where, new, idx)
 
             def write(tmp):
                 with open(tmp, "w", encoding="utf-8", newline="") as f:
                     f.write(text)
             atomic_replace(target, write)
+            _last_write[target] = (text, out_idx)
     except RecordFileError:
         raise
     except TimeoutError as e:

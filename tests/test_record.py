@@ -730,3 +730,41 @@ def test_many_writers_with_the_self_removing_lock(tmp_path):
     got = read_kv_factors(p)
     assert got == {f"w{w}.layer{i}": ([0.5], [w]) for w in range(6) for i in range(15)}
     assert sorted(os.listdir(tmp_path)) == ["kv_cache.txt"]
+
+
+def test_index_kept_from_our_last_write_equals_a_fresh_scan(tmp_path):
+    # The writer reuses the index of the text it wrote itself (the operator writes one layer
+    # at a time). It must equal a fresh scan, and a file changed by anyone else is rescanned.
+    from google.protobuf import text_format
+    from amct_hf import record
+    rng = random.Random(11)
+    p = tmp_path / "r.txt"
+    chains = 0
+    while chains < 40:
+        text = _random_text(rng)
+        try:
+            want = _protobuf_read(text)
+        except text_format.ParseError:
+            continue
+        if any(not _valid(v) for v in want.values()) or "record: [" in text:
+            continue
+        chains += 1
+        p.write_text(text)
+        for step in range(4):
+            layer = rng.choice(["a", "b", "é", f"new{step}"])
+            value = ([0.5 * (step + 1)], [step])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RecordOverwriteWarning)
+                write_kv_factors(p, {layer: value})
+            want[layer] = (f32(value[0]), value[1])
+            out = p.read_text()
+            kept_text, kept = record._last_write[os.path.realpath(p)]
+            assert kept_text == out and kept == record._index(out, "x")
+            assert _protobuf_read(out) == want
+        # someone else rewrites the file in place, same size: our index must not be used
+        changed = out.replace("scale: 0.5\n", "scale: 0.7\n") if "scale: 0.5\n" in out else None
+        if changed is not None:
+            with open(p, "r+") as f:
+                f.write(changed)
+            write_kv_factors(p, {"z": ([0.25], [1])})
+            assert _protobuf_read(p.read_text()) == {**_protobuf_read(changed), "z": ([0.25], [1])}

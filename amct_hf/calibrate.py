@@ -23,13 +23,14 @@ import torch
 from .data import load_texts, make_batches, shard, tokenize_samples
 from .distributed import Comm
 from .errors import CalibrationInputError, InvalidArgumentError
+from .fileio import lock_timeout_seconds
 from .modeling.attention import TAPS, KVCalibrationHooks
 from .modeling.loading import input_device, load_model, no_logits_kwargs, text_config
 from .naming import record_order
 from .observers import LayerBank
 from .observers.streaming import check_grid_bins
 from .params import QuantParams, parse_quant_algo_params
-from .record import read_kv_factors, write_kv_factors
+from .record import check_record_file, write_kv_factors
 
 __all__ = ["calibrate_kv_cache", "CalibrationResult", "DRIVER_MODES", "widen_ranges"]
 
@@ -112,7 +113,7 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
                        split="train", text_column="text", num_samples=128, seq_len=2048,
                        batch_size=1, tap="cache", tokenizer=None, device_map=None, dtype=None,
                        trust_remote_code=False, mode="streaming", stream_bins=None, pack=True,
-                       range_margin=0.0, progress=True, write=True) -> CalibrationResult:
+                       range_margin=0.0, progress=True, write=True, lock_timeout=None) -> CalibrationResult:
     """Calibrate INT8 K/V factors of every decoder layer and merge them into ``record_file``.
 
     ``model``: a model id, a local folder or a loaded model (then pass ``tokenizer``).
@@ -130,6 +131,9 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     :class:`~amct_hf.errors.CalibrationInputError` naming the layer and the batch; nothing
     is written.
 
+    ``lock_timeout``: seconds the record write waits for another writer's lock (None:
+    forever); past it a :class:`~amct_hf.errors.RecordFileError` names the lock file.
+
     ``range_margin`` widens every calibrated range by that fraction (scales times
     ``1 + range_margin``, offsets unchanged, so zero stays exactly representable): a remedy
     for per-channel ranges fitted on one corpus clipping channels on another.
@@ -138,6 +142,7 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     params = parse_quant_algo_params(quant_algo_params)
     _check_args(seq_len, num_samples, batch_size, tap, mode, range_margin)
     stream_bins = check_grid_bins(stream_bins)
+    lock_timeout = lock_timeout_seconds(lock_timeout)
     if tap == "proj" and params.per_channel:
         warnings.warn("tap='proj' with per-channel factors calibrates pre-RoPE keys (AMCT's tap); "
                       "applied to the post-RoPE KV cache they can cost much accuracy "
@@ -145,7 +150,7 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     texts = load_texts(dataset, split=split, text_column=text_column)
     record_file = os.path.abspath(os.fspath(record_file))
     if write:
-        read_kv_factors(record_file)  # refuse an unparsable record before any work
+        check_record_file(record_file)  # refuse a record the write would refuse, before any work
     from accelerate import PartialState
     state = PartialState(cpu=not torch.cuda.is_available())
     comm = Comm()
@@ -203,7 +208,7 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     _check_complete(model, factors)
     tokens = int(sum(len(s) for s in samples))
     if write and comm.rank == 0:
-        write_kv_factors(record_file, factors)
+        write_kv_factors(record_file, factors, lock_timeout=lock_timeout)
         logger.info("merged %d K/V entries into %s", len(factors), record_file)
     comm.barrier()
     shortfall = _shortfall(samples, num_samples, seq_len)

@@ -74,6 +74,9 @@ def _add_calibrate_arguments(p) -> None:
                         "for per-channel ranges clipping on text unlike the calibration data")
     r.add_argument("--record", default="kv_cache.txt", metavar="FILE",
                    help="record file to merge the factors into (default: kv_cache.txt)")
+    r.add_argument("--lock-timeout", type=float, metavar="SECONDS",
+                   help="give up after this long waiting for another writer's record lock "
+                        "(default: wait forever)")
     r.add_argument("--export-ascend-c8", metavar="OUT_DIR",
                    help="after calibrating, write the ascend-c8 model directory (vllm-ascend / MindIE) "
                         "of the local model folder with these factors; needs --symmetric")
@@ -145,7 +148,8 @@ def calibrate_kwargs(args) -> dict:
                 seq_len=args.seq_len, batch_size=args.batch_size, tap=args.tap,
                 device_map=args.device_map, dtype=args.dtype,
                 trust_remote_code=args.trust_remote_code, mode=args.mode,
-                range_margin=args.range_margin, progress=not args.no_progress)
+                range_margin=args.range_margin, progress=not args.no_progress,
+                lock_timeout=args.lock_timeout)
 
 
 def run_calibrate(args) -> int:

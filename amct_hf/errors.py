@@ -9,7 +9,8 @@ from __future__ import annotations
 __all__ = [
     "AmctHfError", "QuantParamsError", "CalibrationInputError", "RecordFileError",
     "RecordMismatchError", "UnpatchableModelError", "AssetNotFoundError", "ModelLoadError",
-    "DatasetError", "ExportError", "InvalidArgumentError", "MissingFileError", "RecordOverwriteWarning",
+    "DatasetError", "ExportError", "InvalidArgumentError", "MissingFileError", "OutputPathError",
+    "RecordOverwriteWarning",
 ]
 
 
@@ -55,6 +56,8 @@ class ExportError(AmctHfError, ValueError):
 
 class MissingFileError(AmctHfError, FileNotFoundError):
     """A file the user named (record, export, model folder, dataset) does not exist."""
+class OutputPathError(AmctHfError, ValueError):
+    """An output path exists and must not be replaced (not a regular file, read-only)."""
 
 
 class RecordOverwriteWarning(UserWarning):

@@ -7,9 +7,10 @@ import os
 import torch
 from torch import nn
 
+from .fileio import lock_timeout_seconds
 from .observers import LayerBank
 from .params import QuantParams, parse_quant_algo_params
-from .record import read_kv_factors, write_kv_factors
+from .record import check_record_file, write_kv_factors
 
 __all__ = ["QuantCalibrationOp"]
 
@@ -27,7 +28,8 @@ class QuantCalibrationOp(nn.Module):
     layer's statistics as they were; after a failed solve or write the layer starts again
     from its first batch."""
 
-    def __init__(self, record_file, quant_algo_params=None, quant_method="kv_cache_quant"):
+    def __init__(self, record_file, quant_algo_params=None, quant_method="kv_cache_quant",
+                 lock_timeout=None):
         super().__init__()
         if quant_method != "kv_cache_quant":
             raise ValueError(
@@ -43,7 +45,9 @@ class QuantCalibrationOp(nn.Module):
         if not os.path.isdir(parent):
             raise ValueError(f"record_file {self.record_file!r}: directory {parent!r} does not exist")
         # refuse an unparsable record now, before any calibration work is spent
-        read_kv_factors(self.record_file)
+        check_record_file(self.record_file)
+        # seconds a write waits for another writer's lock (None: forever)
+        self.lock_timeout = lock_timeout_seconds(lock_timeout)
         self.quant_method = quant_method
         self._bank = LayerBank(self.params, "amct")
         self._done: set[str] = set()
@@ -65,7 +69,7 @@ class QuantCalibrationOp(nn.Module):
         self._bank(layer_name, x)  # a refused batch leaves the layer's statistics as they were
         if self._bank.batches(layer_name) == self.params.batch_num:
             entry, _ = self._bank.finalize(layer_name)
-            write_kv_factors(self.record_file, {layer_name: entry})
+            write_kv_factors(self.record_file, {layer_name: entry}, lock_timeout=self.lock_timeout)
             self._done.add(layer_name)
             self.factors[layer_name] = entry
             logger.info("calibrated %s: %d channel(s) written to %s", layer_name,

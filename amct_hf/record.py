@@ -12,18 +12,22 @@ types are not part of the spec, so ``PruneRecord`` is declared empty), or
 fields from a newer AMCT schema. Re-printing a parsed message would silently
 drop whatever the schema lacks, so a merge never re-prints existing content:
 
-* the whole file is parsed with ``allow_unknown_field=True`` — this validates
-  syntax and type of every *known* field (``scale: oops`` is an error) while
-  tolerating fields we do not know;
-* a small tokenizer (mirroring ``text_format.Tokenizer``) splits the text into
-  top-level entries; entries we do not modify are copied byte for byte,
-  comments and layout included;
+* :mod:`record_scan` splits the text into top-level fields: the entries we and AMCT
+  print are matched by one exact pattern (no protobuf parse: a parse costs ~1.6 s per
+  MB, which made layer-by-layer writes quadratic), every other field is parsed alone
+  by protobuf with ``allow_unknown_field=True`` -- this validates syntax and type of
+  every *known* field (``scale: oops`` is an error, reported with the whole-file
+  parser's line:column) while tolerating fields we do not know;
+* fields we do not modify are copied byte for byte, comments and layout included;
 * in an entry whose ``kv_cache_value`` is replaced, only that sub-block is cut
   out and a freshly printed one inserted, so its ``key``/``value {}``/unknown
   fields stay as they were;
 * new layers are appended, printed by ``text_format`` exactly as AMCT prints.
 
-The merged text is parsed again and checked before it replaces the file.
+The edited entries and the appended text are scanned again and must read back the
+values written before the merged text replaces the file. An entry we do not write is
+never judged by its values: one holding ``scale: nan`` is kept as it is (reading it
+fails, naming the layer).
 """
 from __future__ import annotations
 
@@ -32,21 +36,26 @@ import math
 import operator
 import os
 import re
+import stat
 import struct
 import warnings
+from array import array
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
-from filelock import FileLock
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
-from .errors import RecordFileError, RecordOverwriteWarning
-from .fileio import atomic_replace
+from . import record_scan
+from .errors import OutputPathError, RecordFileError, RecordOverwriteWarning
+from .fileio import atomic_replace, exclusive_lock, file_kind, lock_timeout_seconds, replace_refusal
+from .record_scan import Tokens
 
 __all__ = [
     "load_kv_factors",
     "RecordFileError",
     "RecordOverwriteWarning",
     "ScaleOffsetRecord",
+    "check_record_file",
     "format_record",
     "parse_record_text",
     "read_kv_factors",
@@ -135,12 +144,6 @@ def _parse(text: str, where: str):
     return rec
 
 
-def _kv_dict(rec) -> dict[str, tuple[list[float], list[int]]]:
-    # Duplicate keys: the last entry wins, as when AMCT builds its dict.
-    return {e.key: (list(e.kv_cache_value.scale), list(e.kv_cache_value.offset))
-            for e in rec.record if e.HasField("kv_cache_value")}
-
-
 # --------------------------------------------------------------------------- validation
 _I32 = (-(2 ** 31), 2 ** 31 - 1)
 
@@ -205,65 +208,114 @@ def format_record(factors: Factors) -> str:
     return _print(rec)
 
 
+# --------------------------------------------------------------------------- index
+_Values = "tuple[list[float], list[int]]"
+
+
+class _Entry(NamedTuple):
+    """One ``record`` entry: its key, the top-level field holding it, and its
+    ``kv_cache_value`` (a canonical match, values parsed by protobuf, or None)."""
+    key: str
+    field: int
+    kv: object
+
+
+class _Index(NamedTuple):
+    fields: list
+    entries: list
+    subs: dict  # field number -> parsed message, for the foreign fields
+
+
+def _values(kv, text: str) -> tuple[list[float], list[int]]:
+    """Values of an entry's kv: parsed already, or read from a canonical entry's lines."""
+    if not isinstance(kv, record_scan.Canonical):
+        return kv
+    # array("f") rounds to the nearest float32 (overflow: inf) as protobuf's C cast does
+    scales = array("f", map(float, text[kv.s[0]:kv.s[1]].split()[1::2])).tolist()
+    return scales, list(map(int, text[kv.o[0]:kv.o[1]].split()[1::2]))
+
+
+def _refuse(text: str, where: str, start: int, end: int, reason: str):
+    """Raise the RecordFileError a whole-file parse gives, for a field that failed here.
+
+    The failing part is parsed from the start of its line (whatever precedes it on that
+    line is complete fields) to the end of the line where it ends, and protobuf's line
+    number is shifted, so the message is the whole-file parser's."""
+    a = text.rfind("\n", 0, start) + 1
+    b = text.find("\n", end)
+    b = len(text) if b < 0 else b
+    try:
+        text_format.Parse(text[a:b], ScaleOffsetRecord(), allow_unknown_field=True)
+    except text_format.ParseError as e:
+        line = e.GetLine()
+        msg = str(e)
+        if line is not None:
+            msg = re.sub(r"^\d+", str(line + text.count("\n", 0, a)), msg, count=1)
+        raise RecordFileError(f"record {where} does not parse: {msg}") from e
+    _parse(text, where)  # the part parses alone: ask the whole file
+    raise RecordFileError(f"record {where}: cannot split into entries ({reason})")
+
+
+def _index(text: str, where: str, start: int = 0) -> _Index:
+    """Entries of ``text`` (from ``start``), validated; see record_scan for the fast path."""
+    try:
+        fields = record_scan.scan(text, start)
+    except ValueError as e:
+        _refuse(text, where, start, len(text), str(e))
+    subs = {}
+    for i, f in enumerate(fields):
+        if f.entry is None:
+            sub = ScaleOffsetRecord()
+            try:
+                text_format.Parse(text[f.start:f.end], sub, allow_unknown_field=True)
+            except text_format.ParseError:
+                _refuse(text, where, f.start, f.end, "field does not parse alone")
+            subs[i] = sub
+    return _make_index(fields, subs)
+
+
+def _make_index(fields: list, subs: dict) -> _Index:
+    entries = []
+    for i, f in enumerate(fields):
+        if f.entry is not None:
+            entries.append(_Entry(f.entry.key, i, f.entry))
+            continue
+        for e in subs[i].record:
+            kv = None
+            if e.HasField("kv_cache_value"):
+                kv = (list(e.kv_cache_value.scale), list(e.kv_cache_value.offset))
+            entries.append(_Entry(e.key, i, kv))
+    return _Index(fields, entries, subs)
+
+
+def _check_values(where: str, layer: str, scales: list[float], offsets: list[int]) -> None:
+    if not scales or len(scales) != len(offsets):
+        raise RecordFileError(
+            f"record {where}: layer {layer!r} has an invalid kv_cache_value: {len(scales)} "
+            f"scale(s) and {len(offsets)} offset(s), expected the same non-zero number")
+    for c, s in enumerate(scales):
+        if not (math.isfinite(s) and s > 0):
+            raise RecordFileError(
+                f"record {where}: layer {layer!r} has an invalid kv_cache_value: scale {s!r} "
+                f"(channel {c}) is not a finite positive float32")
+
+
+def _read_factors(text: str, where: str) -> dict[str, tuple[list[float], list[int]]]:
+    # Duplicate keys: the last entry wins, as when AMCT builds its dict.
+    last = {e.key: e.kv for e in _index(text, where).entries if e.kv is not None}
+    out = {}
+    for layer, kv in last.items():
+        out[layer] = _values(kv, text)
+        _check_values(where, layer, *out[layer])
+    return out
+
+
 def parse_record_text(text: str) -> dict[str, tuple[list[float], list[int]]]:
-    """Layer -> (scales, offsets) of the entries with ``kv_cache_value`` in ``text``."""
-    return _kv_dict(_parse(text, "<text>"))
+    """Layer -> (scales, offsets) of the entries with ``kv_cache_value`` in ``text``.
 
-
-# --------------------------------------------------------------------------- tokenizer
-# Same token classes as text_format.Tokenizer, which tokenizes line by line,
-# hence no DOTALL and strings that end at a newline.
-_TOKEN = re.compile(
-    r"(?P<skip>(?:\s|#[^\n]*)+)"
-    r"|(?P<str>\"[^\"\n\\]*(?:(?:\\.)+[^\"\n\\]*)*(?:\"|\\?$)"
-    r"|'[^'\n\\]*(?:(?:\\.)+[^'\n\\]*)*(?:'|\\?$))"
-    r"|(?P<word>[a-zA-Z_][0-9a-zA-Z_+-]*|(?:[0-9+-]|\.[0-9])[0-9a-zA-Z_.+-]*)"
-    r"|(?P<sym>.)", re.MULTILINE)
-_OPEN, _CLOSE = "{<[", "}>]"
-
-
-class _Tokens:
-    def __init__(self, text: str):
-        self.toks: list[tuple[str, str, int, int]] = []  # (kind, text, start, end)
-        for m in _TOKEN.finditer(text):
-            if m.lastgroup != "skip":
-                self.toks.append((m.lastgroup, m.group(), m.start(), m.end()))
-        # The parser already accepted the text, so brackets balance; a mismatch
-        # means our tokenizer disagrees with protobuf's, and we must not edit.
-        self.match: dict[int, int] = {}
-        stack = []
-        for i, (kind, tok, _, _) in enumerate(self.toks):
-            if kind == "sym" and tok in _OPEN:
-                stack.append(i)
-            elif kind == "sym" and tok in _CLOSE:
-                if not stack or _OPEN.index(self.toks[stack[-1]][1]) != _CLOSE.index(tok):
-                    raise ValueError("unbalanced brackets")
-                self.match[stack.pop()] = i
-        if stack:
-            raise ValueError("unbalanced brackets")
-
-    def fields(self, i: int, end: int):
-        """Fields between token i and end: (name, first_tok, last_tok, body_open or None)."""
-        t = self.toks
-        while i < end:
-            first = i
-            name = t[i][1]
-            i = self.match[i] + 1 if t[i][1] == "[" else i + 1  # [extension] names
-            if i < end and t[i][1] == ":":
-                i += 1
-            body = None
-            if i < end and t[i][0] == "sym" and t[i][1] in _OPEN:
-                if t[i][1] != "[":
-                    body = i
-                i = self.match[i] + 1
-            elif i < end and t[i][0] == "str":
-                while i < end and t[i][0] == "str":  # adjacent strings concatenate
-                    i += 1
-            else:
-                i += 1
-            if i < end and t[i][1] in (",", ";"):
-                i += 1
-            yield name, first, i - 1, body
+    Raises RecordFileError when the text does not parse or an entry holds a scale that
+    is not finite and positive, or scales and offsets of different (or zero) lengths."""
+    return _read_factors(text, "<text>")
 
 
 # --------------------------------------------------------------------------- merge
@@ -280,7 +332,7 @@ def _line_span(text: str, s: int, e: int) -> tuple[int, int]:
     return s, e
 
 
-def _kv_block(text: str, toks: _Tokens, open_i: int, close_i: int, kv) -> tuple[int, str]:
+def _kv_block(text: str, toks: Tokens, open_i: int, close_i: int, kv) -> tuple[int, str]:
     """Where and what to insert for a new kv_cache_value inside an entry's braces."""
     close_pos = toks.toks[close_i][2]
     line_start = text.rfind("\n", 0, close_pos) + 1
@@ -292,72 +344,153 @@ def _kv_block(text: str, toks: _Tokens, open_i: int, close_i: int, kv) -> tuple[
         fls = text.rfind("\n", 0, first) + 1
         if not text[fls:first].strip():
             indent = text[fls:first]
+    return line_start, _indented_kv(indent, kv)
+
+
+def _indented_kv(indent: str, kv) -> str:
     body = "".join(indent + "  " + line + "\n" for line in _print(kv).splitlines())
-    return line_start, f"{indent}kv_cache_value {{\n{body}{indent}}}\n"
+    return f"{indent}kv_cache_value {{\n{body}{indent}}}\n"
 
 
-def _merge(text: str, where: str, new: dict[str, tuple[list[float], list[int]]]):
-    """Merged text and {layer: (old_scales, old_offsets)} of the layers overwritten."""
-    before = _kv_dict(_parse(text, where))  # validates, with the parser's line:column errors
-    try:
-        toks = _Tokens(text)
-    except ValueError as e:
-        raise RecordFileError(f"record {where}: cannot split into entries ({e})") from None
-    edits: list[tuple[int, int, str]] = []
+def _foreign_edits(text: str, where: str, layer: str, f, sub, kv) -> list[tuple[int, int, str]]:
+    """Edits replacing the kv_cache_value of the foreign field ``f`` (one entry)."""
+    toks = Tokens(text, f.start, f.end)
+    top = list(toks.fields(0, len(toks.toks)))
+    if len(top) != 1:
+        raise RecordFileError(f"record {where}: cannot split into entries (layer {layer!r})")
+    _, _, _, body = top[0]
+    if body is None or len(sub.record) != 1:
+        raise RecordFileError(
+            f"record {where}: the entry for layer {layer!r} uses the list form "
+            f"'record: [...]', which cannot be edited without loss")
+    close = toks.match[body]
+    edits = []
+    for fname, f0, f1, _ in toks.fields(body + 1, close):
+        if fname == "kv_cache_value":
+            a, b = _line_span(text, toks.toks[f0][2], toks.toks[f1][3])
+            edits.append((a, b, ""))
+    pos, block = _kv_block(text, toks, body, close, kv)
+    edits.append((pos, pos, block))
+    return edits
+
+
+def _merge(text: str, where: str, new: dict[str, tuple[list[float], list[int]]],
+           idx: _Index | None = None):
+    """The merged text and {layer: (old_scales, old_offsets)} of the layers
+    overwritten. Only the fields holding a written layer are touched (and checked again
+    afterwards); every other byte is copied, so the cost is one scan of the text, none
+    when ``idx`` (the index of this very text) is given. Also returns the merged text's
+    index, built from ``idx`` and the fields scanned again."""
+    idx = idx or _index(text, where)
     old: dict[str, tuple[list[float], list[int]]] = {}
-    holders: dict[str, list] = {}  # layer -> its entries (duplicate keys happen), in file order
-    for name, first, last, body in toks.fields(0, len(toks.toks)):
-        if name != "record":
-            continue
-        s, e = toks.toks[first][2], toks.toks[last][3]
-        sub = _parse(text[s:e], where)
-        for entry in sub.record:
-            if entry.key in new:
-                holders.setdefault(entry.key, []).append((entry, s, e, body, sub))
+    holders: dict[str, list[_Entry]] = {}  # layer -> its entries (duplicate keys happen)
+    for e in idx.entries:
+        if e.key in new:
+            holders.setdefault(e.key, []).append(e)
+    edits: list[tuple[int, int, str]] = []
+    touched: dict[int, str] = {}  # field number -> layer
     for layer, entries in holders.items():
-        with_kv = [h for h in entries if h[0].HasField("kv_cache_value")]
+        with_kv = [h for h in entries if h.kv is not None]
         if with_kv:
-            kv = with_kv[-1][0].kv_cache_value  # the one a reader sees
-            old[layer] = (list(kv.scale), list(kv.offset))
+            old[layer] = _values(with_kv[-1].kv, text)  # the one a reader sees
+        kv = _KVRecord()
+        _fill_kv(kv, *new[layer])
         # Replace every copy so that readers agree whichever duplicate they take;
         # with none, the last entry of that key gains the block (next to its value {}).
-        for entry, s, e, body, sub in (with_kv or entries[-1:]):
-            if body is None or len(sub.record) != 1:
-                raise RecordFileError(
-                    f"record {where}: the entry for layer {layer!r} uses the list form "
-                    f"'record: [...]', which cannot be edited without loss")
-            close = toks.match[body]
-            for fname, f0, f1, _ in toks.fields(body + 1, close):
-                if fname == "kv_cache_value":
-                    a, b = _line_span(text, toks.toks[f0][2], toks.toks[f1][3])
-                    edits.append((a, b, ""))
-            kv = _KVRecord()
-            _fill_kv(kv, *new[layer])
-            pos, block = _kv_block(text, toks, body, close, kv)
-            edits.append((pos, pos, block))
-    out = text
-    for a, b, repl in sorted(edits, key=lambda x: (x[0], x[1]), reverse=True):
-        out = out[:a] + repl + out[b:]
+        for h in (with_kv or entries[-1:]):
+            f = idx.fields[h.field]
+            touched[h.field] = layer
+            if f.entry is not None:  # canonical: the block's lines are known exactly
+                edits.append((*f.entry.kv, _indented_kv("  ", kv)))
+            else:
+                edits.extend(_foreign_edits(text, where, layer, f, idx.subs[h.field], kv))
+    edits.sort(key=lambda x: (x[0], x[1]))
+    pieces, pos = [], 0
+    for a, b, repl in edits:
+        pieces += [text[pos:a], repl]
+        pos = b
+    pieces.append(text[pos:])
     fresh = {k: v for k, v in new.items() if k not in holders}
     if fresh:
-        if out and not out.endswith("\n"):
-            out += "\n"
-        out += format_record(fresh)
-    got = _kv_dict(_parse(out, f"{where} (merged)"))
-    if got != {**before, **new}:  # every layer, not only the written ones
-        raise RecordFileError(f"record {where}: internal merge check failed; file left untouched")
-    return out, old
+        if text and not text.endswith("\n"):
+            pieces.append("\n")
+        pieces.append(format_record(fresh))
+    out = "".join(pieces)
+    out_idx = _check_merge(out, where, new, idx, edits, touched, len(pieces[-1]) if fresh else 0)
+    return out, old, out_idx
+
+
+def _check_merge(out, where, new, idx, edits, touched, tail_len) -> _Index:
+    """Scan the edited fields and the appended tail of the merged text again: each is still
+    one field, holds the same keys and reads back exactly the values written. Every other
+    byte is a copy of the text that was scanned and validated before."""
+
+    def shifted(p):  # p is outside every edit
+        return p + sum(len(r) - (b - a) for a, b, r in edits if b <= p)
+
+    def fail(why):
+        raise RecordFileError(f"record {where}: internal merge check failed ({why}); "
+                              "file left untouched")
+
+    checked = []
+    fields, subs = [], {}
+    for i, f in enumerate(idx.fields):
+        a = shifted(f.start)
+        if i not in touched:  # a byte-for-byte copy
+            if i in idx.subs:
+                subs[len(fields)] = idx.subs[i]
+            fields.append(f.shifted(a - f.start))
+            continue
+        layer, b = touched[i], shifted(f.end)
+        got = _index(out[:b], f"{where} (merged)", a)
+        if len(got.fields) != 1 or got.fields[0].end != b:
+            fail(f"layer {layer!r} no longer one entry")
+        keys = [e.key for e in idx.entries if e.field == i]
+        if [e.key for e in got.entries] != keys:
+            fail(f"keys of the entry of {layer!r} changed")
+        checked += [e for e in got.entries if e.key in new]
+        if 0 in got.subs:
+            subs[len(fields)] = got.subs[0]
+        fields.append(got.fields[0])
+    got = _index(out, f"{where} (merged)", len(out) - tail_len)
+    if len(got.entries) != len(new) - len({e.key for e in idx.entries if e.key in new}):
+        fail("appended entries")
+    for e in checked + got.entries:
+        if e.kv is None or _values(e.kv, out) != new[e.key]:
+            fail(f"layer {e.key!r} does not read back")
+    for i, f in enumerate(got.fields):
+        if i in got.subs:
+            subs[len(fields)] = got.subs[i]
+        fields.append(f)
+    return _make_index(fields, subs)
 
 
 # --------------------------------------------------------------------------- file I/O
 def _read_text(path: str, where: str) -> str:
+    try:  # a socket cannot even be opened: say what it is
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = stat.S_IFREG  # missing or unreadable: open() below says which
+    if not stat.S_ISREG(mode):
+        raise RecordFileError(f"record {where}: cannot read: is {file_kind(mode)}, "
+                              "not a regular file")
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        # O_NONBLOCK: a FIFO must not block us; it is refused below
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return ""
-    except OSError as e:  # IsADirectoryError, PermissionError, ...
+    except OSError as e:  # PermissionError, a socket (ENXIO), ...
         raise RecordFileError(f"record {where}: cannot read: {e}") from e
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise RecordFileError(f"record {where}: cannot read: is {file_kind(mode)}, "
+                              "not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read()
+        except OSError as e:
+            raise RecordFileError(f"record {where}: cannot read: {e}") from e
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -368,17 +501,35 @@ def read_kv_factors(path: str | os.PathLike) -> dict[str, tuple[list[float], lis
     """Layer name -> (scales, offsets) of every entry with ``kv_cache_value``.
 
     A missing or empty file gives ``{}``. No lock is taken: writers replace the
-    file atomically, so a reader always sees a complete file.
+    file atomically, so a reader always sees a complete file. Raises RecordFileError
+    when the file is not a regular file, does not parse, or an entry is invalid
+    (a scale that is not finite and positive, scales and offsets of different lengths);
+    the message names the layer and the value.
     """
     path = os.fspath(path)
-    return _kv_dict(_parse(_read_text(path, path), path))
+    return _read_factors(_read_text(path, path), path)
 
 
-def _atomic_write(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(text.encode("utf-8"))
-    atomic_replace(path, write)
+def check_record_file(path: str | os.PathLike) -> None:
+    """Refuse, before any calibration work, a record that ``write_kv_factors`` would refuse:
+    not a regular file, read-only, unreadable or unparsable. Entries with invalid values
+    are not checked: a write keeps them untouched (only reading them fails)."""
+    where = os.fspath(path)
+    target = os.path.realpath(where)
+    _refuse_target(target, where)
+    _index(_read_text(target, where), where)
+
+
+# target -> (text, index) of this process's last write: the operator writes one layer at a
+# time, and rescanning a record it wrote itself would make its writes quadratic again.
+# Keyed by content, so it cannot go stale; one entry, so it holds one record's text.
+_last_write: dict[str, tuple[str, _Index]] = {}
+
+
+def _refuse_target(target: str, where: str) -> None:
+    problem = replace_refusal(target)
+    if problem:
+        raise RecordFileError(f"record {where}: {problem}; left untouched")
 
 
 def _changed(old: tuple[list[float], list[int]], new: tuple[list[float], list[int]]) -> str:
@@ -387,35 +538,52 @@ def _changed(old: tuple[list[float], list[int]], new: tuple[list[float], list[in
 
 
 def write_kv_factors(path: str | os.PathLike, factors: Factors, *,
-                     lock_timeout: float = -1) -> list[str]:
+                     lock_timeout: float | None = None) -> list[str]:
     """Merge ``factors`` (layer -> (scales, offsets)) into the record file at ``path``.
 
     Each layer's ``kv_cache_value`` is replaced or inserted; everything else in
     the file is kept as it was, new layers are appended. The read-modify-write
-    runs under ``FileLock(path + ".lock")`` and the file is replaced atomically.
-    Returns the layers whose existing ``kv_cache_value`` was overwritten, each
-    reported by a ``RecordOverwriteWarning`` and a log message.
+    runs under a lock on ``<path>.lock`` (removed afterwards) and the file is replaced
+    atomically; a symlink is written through. Returns the layers whose existing
+    ``kv_cache_value`` was overwritten, each reported by a ``RecordOverwriteWarning``
+    and a log message.
 
     Raises ``ValueError`` for invalid factors and ``RecordFileError`` when the
-    existing file cannot be read, parsed or replaced; in both cases the file is
-    untouched. ``lock_timeout`` (seconds, -1 = wait forever) bounds the lock wait.
+    existing file cannot be read, parsed or replaced (also: not a regular file,
+    read-only); in all cases the file is untouched. ``lock_timeout`` (seconds; None or
+    negative: wait forever) bounds the wait for another writer's lock; past it a
+    RecordFileError names the lock file and the pid holding it.
     An empty ``factors`` writes nothing and does not create the file.
     """
     new = _validate(factors)  # before any I/O: nothing is written if one entry is bad
+    timeout = lock_timeout_seconds(lock_timeout)
     if not new:
         return []
     where = os.fspath(path)
     target = os.path.realpath(where)  # write through a symlink rather than replace it
-    if os.path.isdir(target):
-        raise RecordFileError(f"record {where}: is a directory")
     try:
+        _refuse_target(target, where)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        with FileLock(target + ".lock", timeout=lock_timeout):
-            text, old = _merge(_read_text(target, where), where, new)
-            _atomic_write(target, text)
+        with exclusive_lock(target + ".lock", timeout):
+            _refuse_target(target, where)  # again: it may have changed while we waited
+            text = _read_text(target, where)
+            known = _last_write.get(target)
+            # reuse the index only for the very same text (equal strings: memcmp speed);
+            # whatever another process did in between, a changed text is scanned afresh
+            idx = known[1] if known is not None and known[0] == text else None
+            _last_write.clear()
+            text, old, out_idx = _merge(text, where, new, idx)
+
+            def write(tmp):
+                with open(tmp, "w", encoding="utf-8", newline="") as f:
+                    f.write(text)
+            atomic_replace(target, write)
+            _last_write[target] = (text, out_idx)
     except RecordFileError:
         raise
-    except OSError as e:  # filelock.Timeout is an OSError too
+    except TimeoutError as e:
+        raise RecordFileError(f"record {where}: {e}") from e
+    except (OSError, OutputPathError) as e:
         raise RecordFileError(f"record {where}: cannot write: {e}") from e
     for layer, before in old.items():
         msg = (f"record {where}: layer {layer!r} already had kv_cache_value; "

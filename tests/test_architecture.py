@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "amct_hf"
 LAYERS = [
     {"errors"},
     {"algorithms", "fileio", "naming", "params"},
-    {"record", "observers", "distributed", "data"},
+    {"record", "record_scan", "observers", "distributed", "data"},
     {"op", "modeling"},
     {"calibrate", "evaluate", "export", "report", "assets", "deploy"},
     {"cli"},
@@ -80,6 +80,11 @@ def test_imports_only_go_downwards_and_name_no_private_symbol():
                 if n.startswith("_") and not n.startswith("__"):
                     problems.append(f"{name} imports the private name {n} from {mod}")
     assert not problems, "\n".join(problems)
+
+
+def test_every_module_has_a_layer():
+    unplaced = [name for name, _ in _modules() if name != "amct_hf" and _layer(name) is None]
+    assert not unplaced, unplaced
 
 
 def test_no_import_cycle_between_modules():

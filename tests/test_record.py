@@ -392,3 +392,382 @@ def test_sigkill_mid_write_leaves_complete_file(tmp_path):
     # a lock file, never a held lock.
     write_kv_factors(p, {"after": ([0.5], [0])}, lock_timeout=5)
     assert "after" in read_kv_factors(p)
+
+
+# --------------------------------------------------------------------------- fast scanner vs protobuf
+# The merge no longer parses the whole file with protobuf (issue 12): canonical entries are
+# matched by a pattern, other fields parsed alone. These tests hold the scanner to protobuf.
+_SCALE_TOKENS = ["0.5", "1", "1.", ".5", "-.5", "01.5", "0.027280478", "1e-30", "3.4e+38", "1e39",
+                 "1e-50", "1E5", "1.0f", "+1", "0x1", "inf", "-inf", "nan", "-nan", "Infinity",
+                 "1e", "oops", "2.5e-05", "-0.25", "0", "00"]
+_OFFSET_TOKENS = ["0", "-0", "7", "-18", "07", "0x10", "999999999", "1234567890", "2147483647",
+                  "2147483648", "-2147483648", "-2147483649", "1.5", "+3"]
+
+
+def _random_field(rng):
+    key = rng.choice(["a", "b", "model.layers.0.self_attn.k_proj", "x y", "é", "it's"])
+    n = rng.randint(0, 3)
+    scales = [rng.choice(_SCALE_TOKENS[:10] if rng.random() < 0.7 else _SCALE_TOKENS)
+              for _ in range(n)]
+    offsets = [rng.choice(_OFFSET_TOKENS[:4] if rng.random() < 0.7 else _OFFSET_TOKENS)
+               for _ in range(rng.choice([n, n, n, max(0, n - 1)]))]
+    body = "".join(f"    scale: {s}\n" for s in scales) + "".join(f"    offset: {o}\n" for o in offsets)
+    kind = rng.randrange(9)
+    if kind <= 3:  # canonical layout
+        return f'record {{\n  key: "{key}"\n  kv_cache_value {{\n{body}  }}\n}}\n'
+    inline = " ".join(f"scale: {s}" for s in scales) + " " + " ".join(f"offset: {o}" for o in offsets)
+    return rng.choice([
+        f'record {{ key: "{key}" kv_cache_value {{ {inline} }} }}\n',
+        f'record {{\n  key: "{key}"\n  value {{\n    scale_d: 0.5\n  }}\n}}\n',
+        f'record: {{ key: "{key}" value {{ future: 1 }} kv_cache_value < {inline} > }};\n',
+        "prune_record {\n  producer { name: \"c\" attr { ints: [1, 2] } }\n}\n",
+        f'record: [{{ key: "{key}" }}, {{ key: "b" kv_cache_value {{ {inline} }} }}]\n',
+        f"# a comment {key}\n",
+        f'unknown_top {{ key: "{key}" }} record {{ key: "{key}" kv_cache_value {{ {inline} }} }}\n',
+        f'record {{\n  key: "{key}"  # trailing comment\n  kv_cache_value {{\n{body}  }}\n}}\n',
+    ])
+
+
+def _random_text(rng):
+    text = "".join(_random_field(rng) for _ in range(rng.randint(0, 5)))
+    if text and rng.random() < 0.25:  # corrupt one character
+        i = rng.randrange(len(text))
+        text = text[:i] + rng.choice(['{', '}', '"', ':', '#', '\n', '', 'x', '<']) + text[i + 1:]
+    return text
+
+
+def _protobuf_read(text):
+    from google.protobuf import text_format
+
+    from amct_hf.record import ScaleOffsetRecord
+    rec = ScaleOffsetRecord()
+    text_format.Parse(text, rec, allow_unknown_field=True)
+    return {e.key: (list(e.kv_cache_value.scale), list(e.kv_cache_value.offset))
+            for e in rec.record if e.HasField("kv_cache_value")}
+
+
+def _valid(values):
+    scales, offsets = values
+    return bool(scales) and len(scales) == len(offsets) and all(
+        s == s and 0 < s < float("inf") for s in scales)
+
+
+def test_scanner_reads_exactly_what_protobuf_reads():
+    from google.protobuf import text_format
+    rng = random.Random(2024)
+    seen = {"parsed": 0, "refused": 0, "invalid": 0}
+    for _ in range(600):
+        text = _random_text(rng)
+        try:
+            want = _protobuf_read(text)
+        except text_format.ParseError as e:
+            seen["refused"] += 1
+            with pytest.raises(RecordFileError) as ei:
+                parse_record_text(text)
+            # the same message as a whole-file parse, line:column included
+            assert str(ei.value) == f"record <text> does not parse: {e}", text
+            continue
+        bad = [k for k, v in want.items() if not _valid(v)]
+        if bad:
+            seen["invalid"] += 1
+            with pytest.raises(RecordFileError, match="invalid kv_cache_value") as ei:
+                parse_record_text(text)
+            assert repr(bad[0]) in str(ei.value), text
+        else:
+            seen["parsed"] += 1
+            assert parse_record_text(text) == want, text
+    assert min(seen.values()) >= 50, seen  # every branch exercised
+
+
+def test_merge_of_random_records_matches_protobuf(tmp_path):
+    from google.protobuf import text_format
+    rng = random.Random(7)
+    p = tmp_path / "r.txt"
+    merged = 0
+    for _ in range(300):
+        text = _random_text(rng)
+        try:
+            before = _protobuf_read(text)
+        except text_format.ParseError:
+            continue
+        p.write_text(text)
+        new = {rng.choice(["a", "b", "é", "it's", "fresh"]): ([0.25, 0.5][:rng.randint(1, 2)], [3, -4])}
+        new = {k: (s, [3, -4][:len(s)]) for k, (s, _) in new.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RecordOverwriteWarning)
+            try:
+                write_kv_factors(p, new)
+            except RecordFileError as e:
+                assert "list form" in str(e), (text, str(e))
+                assert p.read_text() == text
+                continue
+        merged += 1
+        out = p.read_text()
+        got = _protobuf_read(out)
+        want = {**before, **new}
+        assert got.keys() == want.keys(), (text, out)
+        for k in want:  # nan-safe: compare float32 bits
+            assert [struct.pack("f", s) for s in got[k][0]] == \
+                   [struct.pack("f", s) for s in want[k][0]] and got[k][1] == want[k][1], (text, out)
+        if next(iter(new)) not in before and "fresh" in new:
+            assert out.startswith(text)  # an append leaves every byte before it in place
+    assert merged >= 100
+
+
+# ------------------------------------------------ issue 9: invalid entries, paths, litter, waits
+def test_invalid_foreign_entry_is_kept_and_named_on_read(tmp_path):
+    from amct_hf import QuantCalibrationOp
+    p = tmp_path / "r.txt"
+    bad = 'record {\n  key: "foreign.k"\n  kv_cache_value {\n    scale: nan\n    offset: 0\n  }\n}\n'
+    original = format_record({"keep": ([0.5], [1])}) + bad
+    p.write_text(original)
+    # writing other layers succeeds (it used to fail with "internal merge check failed")
+    assert write_kv_factors(p, {"mine": ([0.25], [2])}) == []
+    text = p.read_text()
+    assert text.startswith(original) and bad in text
+    for reader in (lambda: read_kv_factors(p), lambda: parse_record_text(text)):
+        with pytest.raises(RecordFileError, match=r"'foreign\.k'.*scale nan \(channel 0\)"):
+            reader()
+    QuantCalibrationOp(p)  # the operator's early check does not judge others' values
+    # the invalid entry itself can be overwritten, with the warning naming what changed
+    with pytest.warns(RecordOverwriteWarning, match="'foreign.k'.*fields: scale$"):
+        write_kv_factors(p, {"foreign.k": ([0.125], [0])})
+    assert read_kv_factors(p) == {"keep": ([0.5], [1]), "foreign.k": ([0.125], [0]),
+                                  "mine": ([0.25], [2])}
+
+
+@pytest.mark.parametrize("body,match", [
+    ("scale: inf\n    offset: 0", r"scale inf"),
+    ("scale: -0.5\n    offset: 0", r"scale -0\.5"),
+    ("scale: 0\n    offset: 0", r"scale 0\.0"),
+    ("scale: 1e39\n    offset: 0", r"scale inf"),
+    ("scale: 0.5\n    scale: 0.5\n    offset: 0", r"2 scale\(s\) and 1 offset"),
+])
+def test_invalid_values_are_named(tmp_path, body, match):
+    p = tmp_path / "r.txt"
+    p.write_text(f'record {{\n  key: "l"\n  kv_cache_value {{\n    {body}\n  }}\n}}\n')
+    with pytest.raises(RecordFileError, match=rf"{p}: layer 'l' has an invalid kv_cache_value: .*{match}"):
+        read_kv_factors(p)
+
+
+def _unblock_fifo_later(path, delay=2.0):
+    """If the code under test opens the FIFO, it blocks: open the write end after a while so
+    that a failure shows as a failed assertion, not a hung test."""
+    import threading
+
+    def opener():
+        time.sleep(delay)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass  # nobody reading: the code under test did not open it
+    t = threading.Thread(target=opener, daemon=True)
+    t.start()
+    return t
+
+
+def _special_files(tmp_path):
+    import socket
+    made = {}
+    fifo = tmp_path / "fifo.txt"
+    os.mkfifo(fifo)
+    made["FIFO"] = fifo
+    sock = tmp_path / "sock.txt"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(sock))
+    made["socket"] = sock
+    if os.geteuid() == 0:
+        dev = tmp_path / "null.txt"
+        os.mknod(dev, stat.S_IFCHR | 0o600, os.makedev(1, 3))
+        made["character device"] = dev
+    return made, s
+
+
+def test_non_regular_record_paths_are_refused_untouched(tmp_path):
+    from amct_hf import QuantCalibrationOp
+    made, sock = _special_files(tmp_path)
+    try:
+        for kind, path in made.items():
+            before = os.lstat(path)
+            link = tmp_path / f"link-to-{path.name}"
+            link.symlink_to(path)
+            for target in (path, link):
+                t = _unblock_fifo_later(path) if kind == "FIFO" else None
+                with pytest.raises(RecordFileError, match=f"is a {kind}, not a regular file"):
+                    write_kv_factors(target, {"a": ([0.5], [0])})
+                with pytest.raises(RecordFileError, match=f"is a {kind}"):
+                    read_kv_factors(target)
+                with pytest.raises(RecordFileError, match=f"is a {kind}"):
+                    QuantCalibrationOp(target)
+                if t is not None:
+                    t.join()
+                after = os.lstat(path)
+                assert (after.st_ino, after.st_mode, after.st_rdev) == \
+                    (before.st_ino, before.st_mode, before.st_rdev)
+            assert link.is_symlink()
+        if os.geteuid() != 0:
+            pytest.skip("character device case needs root (mknod)")
+    finally:
+        sock.close()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith((".lock", ".tmp"))]
+
+
+def test_read_only_record_is_refused_even_as_root(tmp_path):
+    from amct_hf import QuantCalibrationOp
+    p = tmp_path / "r.txt"
+    write_kv_factors(p, {"a": ([0.5], [0])})
+    os.chmod(p, 0o444)
+    st, text = p.stat(), p.read_text()
+    with pytest.raises(RecordFileError, match=r"is read-only \(mode 0444\); left untouched"):
+        write_kv_factors(p, {"b": ([0.5], [0])})
+    with pytest.raises(RecordFileError, match="read-only"):
+        QuantCalibrationOp(p)
+    assert p.read_text() == text and p.stat().st_ino == st.st_ino
+    assert stat.S_IMODE(p.stat().st_mode) == 0o444
+    assert read_kv_factors(p) == {"a": ([0.5], [0])}  # reading is fine
+    assert sorted(os.listdir(tmp_path)) == ["r.txt"]
+
+
+def test_no_lock_file_left_after_a_write_or_a_refusal(tmp_path):
+    p = tmp_path / "r.txt"
+    write_kv_factors(p, {"a": ([0.5], [0])})
+    assert sorted(os.listdir(tmp_path)) == ["r.txt"]
+    p.write_text("not a record {{{\n")
+    with pytest.raises(RecordFileError):
+        write_kv_factors(p, {"a": ([0.5], [0])})
+    assert sorted(os.listdir(tmp_path)) == ["r.txt"]
+    # a lock file left by a killed writer is used and removed by the next write
+    (tmp_path / "q.txt.lock").write_text("12345\n")
+    write_kv_factors(tmp_path / "q.txt", {"a": ([0.5], [0])})
+    assert sorted(os.listdir(tmp_path)) == ["q.txt", "r.txt"]
+
+
+def _dead_pid():
+    pr = subprocess.Popen([sys.executable, "-c", "pass"])
+    pr.wait()
+    return pr.pid
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
+    p = tmp_path / "r.txt"
+    write_kv_factors(p, {"a": ([0.5], [0])})
+    dead = _dead_pid()
+    stale = tmp_path / f".r.txt.{dead}.0badf00d.tmp"
+    live = tmp_path / f".r.txt.{os.getpid()}.cafebabe.tmp"     # a writer still running
+    other = tmp_path / f".other.txt.{dead}.0badf00d.tmp"       # another target's
+    odd = tmp_path / f".r.txt.{dead}.notours.tmp"               # not our pattern
+    for f in (stale, live, other, odd):
+        f.write_text("partial")
+    write_kv_factors(p, {"b": ([0.5], [0])})
+    assert sorted(os.listdir(tmp_path)) == sorted(["r.txt", live.name, other.name, odd.name])
+    assert list(read_kv_factors(p)) == ["a", "b"]
+
+
+def _wait_stopped(pid, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.01)
+    raise AssertionError("child did not stop")
+
+
+def test_stopped_writer_does_not_block_others_forever(tmp_path):
+    from amct_hf import QuantCalibrationOp
+    p = tmp_path / "r.txt"
+    # the child stops itself (SIGSTOP) while it holds the lock, just before its file write
+    child = _LOAD + textwrap.dedent("""
+        import os, signal
+        real = rec.atomic_replace
+        def stop_then_write(*a):
+            os.kill(os.getpid(), signal.SIGSTOP)
+            real(*a)
+        rec.atomic_replace = stop_then_write
+        rec.write_kv_factors(sys.argv[1], {"child": ([0.5], [1])})
+    """)
+    pr = subprocess.Popen([sys.executable, "-c", child, str(p)])
+    try:
+        _wait_stopped(pr.pid)
+        t0 = time.monotonic()
+        with pytest.raises(RecordFileError) as ei:
+            write_kv_factors(p, {"me": ([0.5], [0])}, lock_timeout=0.5)
+        assert time.monotonic() - t0 < 20
+        msg = str(ei.value)
+        assert f"{p}.lock" in msg and f"pid {pr.pid}" in msg and "timed out after 0.5 s" in msg
+        op = QuantCalibrationOp(p, {"batch_num": 1}, lock_timeout=0.2)
+        assert op.lock_timeout == 0.2
+        import torch
+        with pytest.raises(RecordFileError, match="r.txt.lock"):
+            op("me", torch.ones(4, 2))
+        assert not p.exists()  # nothing was written by the waiters
+    finally:
+        os.kill(pr.pid, signal.SIGCONT)
+        assert pr.wait(timeout=60) == 0
+    write_kv_factors(p, {"me": ([0.5], [0])}, lock_timeout=5)
+    assert read_kv_factors(p) == {"child": ([0.5], [1]), "me": ([0.5], [0])}
+    assert sorted(os.listdir(tmp_path)) == ["r.txt"]
+
+
+@pytest.mark.parametrize("bad", [True, "5", float("nan"), [1]])
+def test_lock_timeout_is_validated(tmp_path, bad):
+    from amct_hf import QuantCalibrationOp
+    with pytest.raises(ValueError, match="lock_timeout"):
+        write_kv_factors(tmp_path / "r.txt", {"a": ([0.5], [0])}, lock_timeout=bad)
+    with pytest.raises(ValueError, match="lock_timeout"):
+        QuantCalibrationOp(tmp_path / "r.txt", lock_timeout=bad)
+    assert os.listdir(tmp_path) == []
+
+
+def test_many_writers_with_the_self_removing_lock(tmp_path):
+    # the lock file is unlinked at every release while others wait on it: nothing may be lost
+    p = tmp_path / "kv_cache.txt"
+    child = _LOAD + textwrap.dedent("""
+        w = int(sys.argv[1])
+        for i in range(15):
+            rec.write_kv_factors(sys.argv[2], {f"w{w}.layer{i}": ([0.5], [w])})
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", child, str(w), str(p)]) for w in range(6)]
+    assert [pr.wait(timeout=120) for pr in procs] == [0] * 6
+    got = read_kv_factors(p)
+    assert got == {f"w{w}.layer{i}": ([0.5], [w]) for w in range(6) for i in range(15)}
+    assert sorted(os.listdir(tmp_path)) == ["kv_cache.txt"]
+
+
+def test_index_kept_from_our_last_write_equals_a_fresh_scan(tmp_path):
+    # The writer reuses the index of the text it wrote itself (the operator writes one layer
+    # at a time). It must equal a fresh scan, and a file changed by anyone else is rescanned.
+    from google.protobuf import text_format
+
+    from amct_hf import record
+    rng = random.Random(11)
+    p = tmp_path / "r.txt"
+    chains = 0
+    while chains < 40:
+        text = _random_text(rng)
+        try:
+            want = _protobuf_read(text)
+        except text_format.ParseError:
+            continue
+        if any(not _valid(v) for v in want.values()) or "record: [" in text:
+            continue
+        chains += 1
+        p.write_text(text)
+        for step in range(4):
+            layer = rng.choice(["a", "b", "é", f"new{step}"])
+            value = ([0.5 * (step + 1)], [step])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RecordOverwriteWarning)
+                write_kv_factors(p, {layer: value})
+            want[layer] = (f32(value[0]), value[1])
+            out = p.read_text()
+            kept_text, kept = record._last_write[os.path.realpath(p)]
+            assert kept_text == out and kept == record._index(out, "x")
+            assert _protobuf_read(out) == want
+        # someone else rewrites the file in place, same size: our index must not be used
+        changed = out.replace("scale: 0.5\n", "scale: 0.7\n") if "scale: 0.5\n" in out else None
+        if changed is not None:
+            with open(p, "r+") as f:
+                f.write(changed)
+            write_kv_factors(p, {"z": ([0.25], [1])})
+            assert _protobuf_read(p.read_text()) == {**_protobuf_read(changed), "z": ([0.25], [1])}

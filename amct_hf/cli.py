@@ -375,7 +375,12 @@ def run_recipe(defaults: dict, argv=None, description: str | None = None,
     """Parse a recipe's flags and calibrate, reporting errors as the CLI does."""
     args = recipe_args(defaults, argv, description, model_required)
     args.command = "calibrate"
-    return _run(args, run_calibrate)
+    import warnings
+    previous, warnings.showwarning = warnings.showwarning, _show_warning
+    try:
+        return _run(args, run_calibrate)
+    finally:
+        warnings.showwarning = previous
 
 
 def _run(args, func) -> int:
@@ -387,12 +392,22 @@ def _run(args, func) -> int:
         return 2
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    # a user reads "what happened", not the library line that raised it
+    print(f"amct-hf: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    return _run(args, args.func)
+    import warnings
+    previous, warnings.showwarning = warnings.showwarning, _show_warning
+    try:
+        return _run(args, args.func)
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

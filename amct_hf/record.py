@@ -533,8 +533,9 @@ def _refuse_target(target: str, where: str) -> None:
 
 
 def _changed(old: tuple[list[float], list[int]], new: tuple[list[float], list[int]]) -> str:
+    """The fields that differ (``"scale"``, ``"offset"``, both), or "" when none does."""
     fields = [n for n, a, b in zip(("scale", "offset"), old, new) if list(a) != list(b)]
-    return ", ".join(fields) or "unchanged values"
+    return ", ".join(fields)
 
 
 def write_kv_factors(path: str | os.PathLike, factors: Factors, *,
@@ -545,8 +546,9 @@ def write_kv_factors(path: str | os.PathLike, factors: Factors, *,
     the file is kept as it was, new layers are appended. The read-modify-write
     runs under a lock on ``<path>.lock`` (removed afterwards) and the file is replaced
     atomically; a symlink is written through. Returns the layers whose existing
-    ``kv_cache_value`` was overwritten, each reported by a ``RecordOverwriteWarning``
-    and a log message.
+    ``kv_cache_value`` was overwritten. Entries rewritten with different values are
+    reported by one ``RecordOverwriteWarning`` (the layer and the changed fields; for
+    several, a count and the first names); rewriting the same values says nothing.
 
     Raises ``ValueError`` for invalid factors and ``RecordFileError`` when the
     existing file cannot be read, parsed or replaced (also: not a regular file,
@@ -585,11 +587,20 @@ def write_kv_factors(path: str | os.PathLike, factors: Factors, *,
         raise RecordFileError(f"record {where}: {e}") from e
     except (OSError, OutputPathError) as e:
         raise RecordFileError(f"record {where}: cannot write: {e}") from e
-    for layer, before in old.items():
-        msg = (f"record {where}: layer {layer!r} already had kv_cache_value; "
-               f"overwritten fields: {_changed(before, new[layer])}")
-        logger.warning(msg)
-        warnings.warn(msg, RecordOverwriteWarning, stacklevel=2)
+    # an entry rewritten with the same values (a rerun) is not news; changed ones are
+    # summed up in one warning
+    changed = [(layer, _changed(before, new[layer])) for layer, before in old.items()
+               if _changed(before, new[layer])]
+    if len(changed) == 1:
+        layer, fields = changed[0]
+        warnings.warn(f"record {where}: layer {layer!r} already had kv_cache_value; "
+                      f"overwritten fields: {fields}", RecordOverwriteWarning, stacklevel=2)
+    elif changed:
+        shown = ", ".join(f"{layer!r} ({fields})" for layer, fields in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        warnings.warn(f"record {where}: {len(changed)} entries already had kv_cache_value and were "
+                      f"overwritten with changed values: {shown}{more}", RecordOverwriteWarning,
+                      stacklevel=2)
     return [layer for layer in new if layer in old]
 
 

@@ -204,3 +204,15 @@ def test_calibrate_then_export_ascend_c8_in_one_go(tiny, tmp_path, capsys):
     assert sum(v == "C8" for k, v in desc.items() if k.endswith(("kv_cache_scale", "kv_cache_offset"))) \
         == 4 * LAYERS
     assert f"vllm serve {out} --quantization ascend" in capsys.readouterr().out
+
+
+def test_rerun_into_the_same_record_is_quiet(tiny, tmp_path, capsys):
+    model_dir, corpus = tiny
+    rec = tmp_path / "kv.txt"
+    assert _calibrate(model_dir, corpus, rec) == 0
+    capsys.readouterr()
+    assert _calibrate(model_dir, corpus, rec) == 0  # same data, same factors: nothing to say
+    assert "warning" not in capsys.readouterr().err.lower()
+    assert _calibrate(model_dir, corpus, rec, "--algo", "hfmg") == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(err) == 1 and err[0].startswith("amct-hf: warning: record ") and "overwritten" in err[0]

@@ -103,7 +103,6 @@ def test_merge_keeps_other_layers_and_appends_in_order(tmp_path):
     (([0.5, 0.25], [9, 2]), "overwritten fields: offset"),
     (([0.5, 0.75], [1, 2]), "overwritten fields: scale"),
     (([0.5], [1]), "overwritten fields: scale, offset"),
-    (([0.5, 0.25], [1, 2]), "overwritten fields: unchanged values"),
 ])
 def test_overwrite_warns_with_layer_and_changed_fields(tmp_path, caplog, new, fields):
     p = tmp_path / "kv_cache.txt"
@@ -116,9 +115,25 @@ def test_overwrite_warns_with_layer_and_changed_fields(tmp_path, caplog, new, fi
     assert f"layer '{K0}' already had kv_cache_value" in msg and str(p) in msg
     assert msg.endswith(fields)
     logged = [r.getMessage() for r in caplog.records if r.name == "amct_hf"]
-    assert logged == [msg]
+    assert logged == []  # one report, not a log line and a warning
     assert read_kv_factors(p)[K0] == (f32(new[0]), new[1])
     assert read_kv_factors(p)["other"] == (f32([0.1]), [0])
+
+
+def test_rewriting_the_same_values_says_nothing_and_changes_are_summed_up(tmp_path):
+    p = tmp_path / "kv_cache.txt"
+    layers = {f"model.layers.{i}.self_attn.k_proj": ([0.5 + i], [i]) for i in range(6)}
+    write_kv_factors(p, layers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert write_kv_factors(p, layers) == list(layers)  # a rerun: replaced, silently
+    changed = {n: ([s[0] * 2], o) for n, (s, o) in layers.items()}
+    with pytest.warns(RecordOverwriteWarning) as rec:
+        write_kv_factors(p, changed)
+    assert len(rec) == 1
+    assert "6 entries already had kv_cache_value and were overwritten with changed values: " \
+           "'model.layers.0.self_attn.k_proj' (scale)" in str(rec[0].message)
+    assert str(rec[0].message).endswith("and 3 more")
 
 
 def test_no_warning_for_new_layers(tmp_path):

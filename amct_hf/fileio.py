@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 from .errors import InvalidArgumentError, OutputPathError
 
 __all__ = ["atomic_replace", "exclusive_lock", "lock_timeout_seconds", "remove_stale_temps",
-           "replace_refusal", "looks_like_path", "check_output_path"]
+           "replace_refusal", "looks_like_path", "check_output_path", "fsync_dir"]
 
 logger = logging.getLogger("amct_hf")
 
@@ -165,12 +165,17 @@ def atomic_replace(path: str, write: Callable[[str], None]) -> None:
         except OSError:
             pass
         raise
-    try:  # make the rename itself durable
-        dfd = os.open(d, os.O_RDONLY)
+    fsync_dir(d)  # make the rename itself durable
+
+
+def fsync_dir(path: str) -> None:
+    """Make renames inside ``path`` durable (best effort: some filesystems refuse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
         try:
-            os.fsync(dfd)
+            os.fsync(fd)
         finally:
-            os.close(dfd)
+            os.close(fd)
     except OSError:
         pass
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..errors import ExportError
+from ..fileio import fsync_dir
 
 __all__ = [
     "DEFAULT_MAX_SHARD_SIZE", "SourceModel", "parse_size", "read_source_model",
@@ -222,17 +223,6 @@ def _plan_shards(tensors: list[_TensorInfo], cap: int) -> list[list[_TensorInfo]
     return shards
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def _write_shard(path: str, infos: list[_TensorInfo], added: Mapping[str, object]) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -325,7 +315,7 @@ def write_model_dir(source: SourceModel, out_dir: str | os.PathLike, *,
                 f.write("\n")
                 f.flush()
                 os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -348,6 +338,6 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
         if old is not None:
             os.rename(old, out_dir)
         raise
-    _fsync_dir(parent)
+    fsync_dir(parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

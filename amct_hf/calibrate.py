@@ -25,6 +25,7 @@ from .data import load_texts, make_batches, shard, tokenize_samples
 from .distributed import Comm
 from .hooks import TAPS, KVCalibrationHooks
 from .observers import make_observer
+from .offload import check_max_memory, offload_kwargs
 from .op import as_channels
 from .params import QuantParams, parse_quant_algo_params
 from .record import write_kv_factors
@@ -127,10 +128,16 @@ def _layer_sort_key(name: str):
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts]
 
 
-def load_model(model, *, device_map=None, dtype=None, trust_remote_code=False, tokenizer=None):
-    """(model, tokenizer) from an id/path or an already loaded model."""
+def load_model(model, *, device_map=None, dtype=None, trust_remote_code=False, tokenizer=None,
+               max_memory=None, offload_folder=None):
+    """(model, tokenizer) from an id/path or an already loaded model. ``max_memory`` and
+    ``offload_folder`` go to ``from_pretrained`` (see :func:`amct_hf.offload.offload_kwargs`:
+    without a ``device_map`` they imply ``device_map="auto"``)."""
     from transformers import AutoModelForCausalLM
     if isinstance(model, nn.Module):
+        if max_memory is not None or offload_folder is not None:
+            raise ValueError("max_memory/offload_folder place a model while loading it; this model is "
+                             "already loaded (pass its path, or load it with them yourself)")
         if tokenizer is None:
             raise ValueError("a loaded model needs its tokenizer: pass tokenizer=...")
         return model, _tokenizer(tokenizer, trust_remote_code)
@@ -143,8 +150,7 @@ def load_model(model, *, device_map=None, dtype=None, trust_remote_code=False, t
     kwargs = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
-    if device_map is not None:
-        kwargs["device_map"] = device_map
+    kwargs.update(offload_kwargs(device_map, max_memory, offload_folder))
     try:
         tok = _tokenizer(tokenizer if tokenizer is not None else path, trust_remote_code)
         loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -196,7 +202,8 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
                        split="train", text_column="text", num_samples=128, seq_len=2048,
                        batch_size=1, tap="cache", tokenizer=None, device_map=None, dtype=None,
                        trust_remote_code=False, mode="streaming", stream_bins=None, pack=True,
-                       range_margin=0.0, progress=True, write=True) -> CalibrationResult:
+                       range_margin=0.0, progress=True, write=True, max_memory=None,
+                       offload_folder=None) -> CalibrationResult:
     """Calibrate INT8 K/V factors of every decoder layer and merge them into ``record_file``.
 
     ``model``: a model id, a local folder or a loaded model (then pass ``tokenizer``).
@@ -211,10 +218,18 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     ``range_margin`` widens every calibrated range by that fraction (scales times
     ``1 + range_margin``, offsets unchanged, so zero stays exactly representable): a remedy
     for per-channel ranges fitted on one corpus clipping channels on another.
+
+    ``max_memory`` ({"cpu": "2GiB", 0: "20GiB"}) and ``offload_folder`` (created if
+    missing) load a model larger than memory from a path: weights that fit nowhere else are
+    offloaded to that folder and streamed in layer by layer. Without ``device_map`` they
+    imply ``device_map="auto"``. The factors are the same as with the model in memory.
     """
     started = time.time()
     params = parse_quant_algo_params(quant_algo_params)
     _check_args(seq_len, num_samples, batch_size, tap, mode)
+    check_max_memory(max_memory)  # a bad size fails before the dataset is read
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        device_map = "auto"  # the only map that reads max_memory and offloads
     if isinstance(range_margin, bool) or not isinstance(range_margin, (int, float)) \
             or not 0 <= range_margin < 10:
         raise ValueError(f"range_margin must be a number in [0, 10), got {range_margin!r}")
@@ -231,7 +246,8 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     state = PartialState(cpu=not torch.cuda.is_available())
     comm = Comm()
     model, tok = load_model(model, device_map=device_map, dtype=dtype,
-                            trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+                            trust_remote_code=trust_remote_code, tokenizer=tokenizer,
+                            max_memory=max_memory, offload_folder=offload_folder)
     samples = tokenize_samples(tok, texts, seq_len=seq_len, num_samples=num_samples, pack=pack)
     mine = shard(samples, comm.rank, comm.world_size)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0

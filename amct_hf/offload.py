@@ -22,7 +22,8 @@ _SIZE = re.compile(r"^\d+(\.\d+)?\s*(GIB|MIB|KIB|GB|MB|KB)$", re.IGNORECASE)
 
 def _device_key(key):
     if isinstance(key, bool):
-        raise ModelLoadError(f"max_memory: device {key!r} is not a device (use an int index, 'cpu', 'disk' or 'mps')")
+        raise ModelLoadError(f"max_memory: device {key!r} is not a device "
+                             f"(use an int index, 'cpu', 'disk' or 'mps')")
     if isinstance(key, int):
         if key < 0:
             raise ModelLoadError(f"max_memory: device index {key} is negative")

@@ -62,7 +62,8 @@ def _setup(args, samples):
                          vocab_size=args.vocab, max_position_embeddings=max(4096, args.seq_len))
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    model = tf.LlamaForCausalLM(cfg).to(dtype=dtype, device=args.device).eval()
+    with torch.device(args.device):  # initialised where it runs: fast on a GPU
+        model = tf.LlamaForCausalLM(cfg).to(dtype=dtype).eval()
     batches = make_batches(tokenize_samples(tok, texts, seq_len=args.seq_len, num_samples=samples),
                            batch_size=1, pad_token_id=tok.pad_token_id)
     return model, tok, texts, batches
@@ -157,7 +158,8 @@ def worker(args):
 
 def run(args, kind, dtype, algo, gran):
     cmd = [sys.executable, __file__, "--worker", kind, "--dtype", dtype, "--algo", algo, "--granularity", gran]
-    for flag in ("layers", "intermediate", "vocab", "samples", "seq_len", "mem_samples", "mem_seq_len", "device"):
+    for flag in ("layers", "intermediate", "vocab", "samples", "seq_len", "mem_samples", "mem_seq_len",
+                 "device"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
@@ -190,9 +192,12 @@ def main():
           f"MLP {args.intermediate}, vocab {args.vocab}, random weights, device {args.device}; "
           f"time: {args.samples} x {args.seq_len} tokens; peak RSS: {args.mem_samples} x {args.mem_seq_len} (N) "
           f"and {8 * args.mem_samples} x {args.mem_seq_len} (8N) tokens")
+    # on CUDA the peak that matters is the device's (torch.cuda.max_memory_allocated)
+    peak = "peak CUDA memory" if args.device.startswith("cuda") else "peak RSS"
+    key = "cuda_peak_mb" if args.device.startswith("cuda") else "peak_rss_mb"
     print("| dtype | algorithm | granularity | forward, logits_to_keep=1 (s) | calibrate (s) | ratio | "
-          "statistics per layer (MiB) | of which staging (MiB) | solve per layer (s) | peak RSS N (MB) | "
-          "peak RSS 8N (MB) | 8N / N |")
+          f"statistics per layer (MiB) | of which staging (MiB) | solve per layer (s) | {peak} N (MB) | "
+          f"{peak} 8N (MB) | 8N / N |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype in args.dtypes.split(","):
         for algo, gran in CONFIGS:
@@ -202,7 +207,7 @@ def main():
             print(f"| {dtype} | {algo} | {gran} | {t['forward_s']:.2f} | {t['calibrate_s']:.2f} | "
                   f"{t['calibrate_s'] / t['forward_s']:.3f} | {t['stats_bytes_per_layer'] / 2**20:.2f} | "
                   f"{t['staging_bytes_per_layer'] / 2**20:.2f} | {t['solve_s_per_layer']:.3f} | "
-                  f"{m1['peak_rss_mb']:.0f} | {m8['peak_rss_mb']:.0f} | {m8['peak_rss_mb'] / m1['peak_rss_mb']:.3f} |",
+                  f"{m1[key]:.0f} | {m8[key]:.0f} | {m8[key] / m1[key]:.3f} |",
                   flush=True)
 
 

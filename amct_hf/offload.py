@@ -12,7 +12,7 @@ import re
 
 from .errors import ModelLoadError
 
-__all__ = ["parse_max_memory", "check_max_memory", "offload_kwargs"]
+__all__ = ["check_max_memory", "offload_kwargs", "parse_max_memory"]
 
 # accelerate's device names besides integer (GPU/XPU/NPU) indices
 _NAMED_DEVICES = ("cpu", "disk", "mps")

@@ -49,6 +49,7 @@ def _setup(args, samples):
     import torch
     import transformers as tf
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
     from amct_hf.assets import news_corpus_path
     from amct_hf.data import load_texts, make_batches, tokenize_samples
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
@@ -77,9 +78,10 @@ def _forward(model, batches, device):
     _sync(device)
 
 
-def _tensor_bytes(obj, seen=None) -> int:
+def _tensor_bytes(obj) -> int:
     """Bytes of every tensor an observer holds (directly or in its histogram dataclass)."""
     import dataclasses
+
     import torch
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
@@ -91,6 +93,7 @@ def _tensor_bytes(obj, seen=None) -> int:
 def statistics(model, batches, params, device):
     """Observer bytes per layer (held / of which staging) and solve seconds per layer."""
     import torch
+
     from amct_hf.calibrate import LayerCollector
     from amct_hf.distributed import Comm
     from amct_hf.hooks import KVCalibrationHooks
@@ -104,7 +107,7 @@ def statistics(model, batches, params, device):
     staging = sum(_tensor_bytes(getattr(o, "_stage", None)) for o in layer0)
     comm, solve = Comm(), 0.0
     for obs in collector.observers.values():
-        obs.hist  # adds the staged values: that is per-batch work, not the solve
+        _ = obs.hist  # adds the staged values: that is per-batch work, not the solve
         _sync(device)
         start = time.perf_counter()
         obs.reduce(comm)
@@ -118,6 +121,7 @@ def statistics(model, batches, params, device):
 
 def worker(args):
     import torch
+
     from amct_hf import calibrate_kv_cache
     samples = args.samples if args.kind == "time" else args.mem_samples
     if args.kind == "memory":
@@ -161,7 +165,7 @@ def run(args, kind, dtype, algo, gran):
     for flag in ("layers", "intermediate", "vocab", "samples", "seq_len", "mem_samples", "mem_seq_len",
                  "device"):
         cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:
         sys.exit(f"worker {kind} {dtype} {algo} {gran} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -51,8 +51,8 @@ if [[ "${GPU_CHECK_FULL:-0}" == 1 ]]; then
               --mem-samples 4 --mem-seq-len 4096)
 else
     CAL_ARGS=(--samples 32 --seq-len 512 --mem-samples 2)
-    GEO_ARGS=(--layers 4 --intermediate 14336 --vocab 32000 --samples 8 --seq-len 2048 \
-              --mem-samples 2 --mem-seq-len 2048)
+    GEO_ARGS=(--layers 2 --intermediate 14336 --vocab 32000 --samples 4 --seq-len 2048 \
+              --mem-samples 1 --mem-seq-len 2048)
 fi
 
 echo "== 2. calibration benchmark, SmolLM2-135M on CUDA"

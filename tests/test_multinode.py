@@ -26,7 +26,7 @@ def test_two_nodes_on_loopback_write_the_one_process_record(tiny_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     args = [str(tiny_dir), str(tiny_dir / "corpus.txt")]
     one = subprocess.run([sys.executable, WORKER, *args, str(tmp_path / "one"), json.dumps(CONFIGS), "3",
-                          "streaming"], env=env, timeout=120, capture_output=True, text=True)
+                          "streaming"], env=env, timeout=120, capture_output=True, text=True, check=False)
     assert one.returncode == 0, one.stderr[-3000:]
 
     torchrun = str(Path(sys.executable).with_name("torchrun"))

@@ -70,6 +70,7 @@ def test_disk_offloaded_smollm2_gives_the_in_memory_factors(smollm2_dir, tmp_pat
     """SmolLM2 (540 MB fp32) with 300 MB of CPU memory: about 12 decoder layers fit, the others stay on disk and
     are streamed in at every forward; the factors must not change."""
     from transformers import AutoModelForCausalLM
+
     from amct_hf.assets import news_corpus_path
     kw = dict(quant_algo_params={"act_algo": "hfmg", "quant_granularity": "per_channel"}, num_samples=2,
               seq_len=32, progress=False, write=False)

@@ -29,6 +29,7 @@ from .modeling.loading import input_device, load_model, no_logits_kwargs, text_c
 from .naming import record_order
 from .observers import LayerBank
 from .observers.streaming import check_grid_bins
+from .offload import check_max_memory
 from .params import QuantParams, parse_quant_algo_params
 from .record import check_record_file, write_kv_factors
 
@@ -113,7 +114,8 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
                        split="train", text_column="text", num_samples=128, seq_len=2048,
                        batch_size=1, tap="cache", tokenizer=None, device_map=None, dtype=None,
                        trust_remote_code=False, mode="streaming", stream_bins=None, pack=True,
-                       range_margin=0.0, progress=True, write=True, lock_timeout=None) -> CalibrationResult:
+                       range_margin=0.0, progress=True, write=True, lock_timeout=None,
+                       max_memory=None, offload_folder=None) -> CalibrationResult:
     """Calibrate INT8 K/V factors of every decoder layer and merge them into ``record_file``.
 
     ``model``: a model id, a local folder or a loaded model (then pass ``tokenizer``).
@@ -137,12 +139,20 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     ``range_margin`` widens every calibrated range by that fraction (scales times
     ``1 + range_margin``, offsets unchanged, so zero stays exactly representable): a remedy
     for per-channel ranges fitted on one corpus clipping channels on another.
+
+    ``max_memory`` ({"cpu": "2GiB", 0: "20GiB"}) and ``offload_folder`` (created if
+    missing) load a model larger than memory from a path: weights that fit nowhere else are
+    offloaded to that folder and streamed in layer by layer. Without ``device_map`` they
+    imply ``device_map="auto"``. The factors are the same as with the model in memory.
     """
     started = time.time()
     params = parse_quant_algo_params(quant_algo_params)
     _check_args(seq_len, num_samples, batch_size, tap, mode, range_margin)
     stream_bins = check_grid_bins(stream_bins)
     lock_timeout = lock_timeout_seconds(lock_timeout)
+    check_max_memory(max_memory)  # a bad size fails before the dataset is read
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        device_map = "auto"  # the only map that reads max_memory and offloads
     if tap == "proj" and params.per_channel:
         warnings.warn("tap='proj' with per-channel factors calibrates pre-RoPE keys (AMCT's tap); "
                       "applied to the post-RoPE KV cache they can cost much accuracy "
@@ -155,7 +165,8 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     state = PartialState(cpu=not torch.cuda.is_available())
     comm = Comm()
     model, tok = load_model(model, device_map=device_map, dtype=dtype,
-                            trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+                            trust_remote_code=trust_remote_code, tokenizer=tokenizer,
+                            max_memory=max_memory, offload_folder=offload_folder)
     _warn_long_context(model, seq_len)
     logger.info("model %s loaded (%s, %s)", type(model).__name__, input_device(model),
                 next(model.parameters()).dtype)

@@ -41,6 +41,11 @@ def _add_model_data(p, *, num_samples: int, seq_len: int, dataset_default: str) 
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"),
                    help="model dtype (default: transformers' default)")
     g.add_argument("--device-map", metavar="MAP", help="from_pretrained device_map, e.g. auto")
+    g.add_argument("--max-memory", metavar="SPEC",
+                   help="memory per device for placing the model, e.g. cpu=2GiB,0=20GiB "
+                        "(implies --device-map auto)")
+    g.add_argument("--offload-folder", metavar="DIR",
+                   help="folder for weights that fit no device (disk offload; implies --device-map auto)")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow custom model code from the model folder/repo")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -141,12 +146,18 @@ def _default_model(args, log) -> str:
     return folder
 
 
+def _placement(args) -> dict:
+    from .offload import parse_max_memory
+    return {"max_memory": parse_max_memory(args.max_memory) if args.max_memory else None,
+            "offload_folder": args.offload_folder}
+
+
 def calibrate_kwargs(args) -> dict:
     """calibrate_kv_cache keyword arguments from parsed calibrate arguments."""
     return dict(record_file=args.record, quant_algo_params=quant_algo_params_from_args(args),
                 split=args.split, text_column=args.text_column, num_samples=args.num_samples,
                 seq_len=args.seq_len, batch_size=args.batch_size, tap=args.tap,
-                device_map=args.device_map, dtype=args.dtype,
+                device_map=args.device_map, dtype=args.dtype, **_placement(args),
                 trust_remote_code=args.trust_remote_code, mode=args.mode,
                 range_margin=args.range_margin, progress=not args.no_progress,
                 lock_timeout=args.lock_timeout)
@@ -217,7 +228,7 @@ def run_eval(args) -> int:
         batch_size=args.batch_size, skip_tokens=args.skip_tokens, split=args.split,
         text_column=args.text_column, references=not args.no_references,
         device_map=args.device_map, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-        progress=not args.no_progress)
+        progress=not args.no_progress, **_placement(args))
     print(result.table(worst=args.worst))
     if args.json:
         from .fileio import atomic_replace

@@ -268,7 +268,7 @@ def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_sample
                       seq_len: int = 512, batch_size: int = 1, skip_tokens: int = 0,
                       split: str = "train", text_column: str = "text", references: bool = True,
                       device_map=None, dtype=None, trust_remote_code: bool = False,
-                      progress: bool = False) -> EvalResult:
+                      progress: bool = False, max_memory=None, offload_folder=None) -> EvalResult:
     """Perplexity with the full-precision KV cache vs K/V quantized by ``record_file``'s
     factors (plus min-max and dynamic per-token references), on ``num_samples`` packed
     chunks of ``seq_len`` tokens of ``dataset``, and per-layer K/V relative MSE.
@@ -292,7 +292,8 @@ def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_sample
     factors, where = load_kv_factors(record_file)  # a bad file fails before the model loads
     texts = load_texts(dataset, split=split, text_column=text_column)
     model, tok = load_model(model, device_map=device_map, dtype=dtype,
-                            trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+                            trust_remote_code=trust_remote_code, tokenizer=tokenizer,
+                            max_memory=max_memory, offload_folder=offload_folder)
     was_training = model.training
     model.eval()  # dropout would make the runs incomparable
     try:

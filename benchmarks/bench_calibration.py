@@ -3,7 +3,7 @@ loop over the same batches, measured in the same run; and peak resident memory f
 and 8*N calibration tokens (each measurement in a fresh process).
 
     .venv/bin/python benchmarks/bench_calibration.py [--samples 64] [--seq-len 512] \
-        [--mem-samples 4] [--mem-seq-len 512]
+        [--mem-samples 4] [--mem-seq-len 512] [--device cpu|cuda]
 
 "forward" is the issue's baseline: ``model(input_ids)`` over the same batches, logits
 included. Calibration computes logits for the last position only (it reads K/V, not
@@ -36,7 +36,8 @@ def _setup(samples, seq_len):
     from amct_hf.data import load_texts, make_batches, tokenize_samples
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     folder = smollm2_folder()
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    # --device reaches the workers through the environment, like BENCH_THREADS
+    model = AutoModelForCausalLM.from_pretrained(folder).eval().to(os.environ.get("BENCH_DEVICE", "cpu"))
     tok = AutoTokenizer.from_pretrained(folder)
     texts = load_texts(str(news_corpus_path()))
     batches = make_batches(tokenize_samples(tok, texts, seq_len=seq_len, num_samples=samples),
@@ -48,7 +49,9 @@ def plain_forward(model, batches, **kwargs):
     import torch
     with torch.no_grad():
         for b in batches:
-            model(input_ids=b["input_ids"], use_cache=False, **kwargs)
+            model(input_ids=b["input_ids"].to(model.device), use_cache=False, **kwargs)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()  # the timer must see the work, not its launch
 
 
 def worker(kind, algo, gran, samples, seq_len):
@@ -108,8 +111,10 @@ def main():
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--mem-samples", type=int, default=4, help="memory: N samples (and 8 N)")
     ap.add_argument("--mem-seq-len", type=int, default=512)
+    ap.add_argument("--device", default=os.environ.get("BENCH_DEVICE", "cpu"), help="cpu, cuda or cuda:N")
     ap.add_argument("--worker", nargs=5)
     args = ap.parse_args()
+    os.environ["BENCH_DEVICE"] = args.device
     if args.worker:
         kind, algo, gran, samples, seq_len = args.worker
         return worker(kind, algo, gran, int(samples), int(seq_len))

@@ -216,3 +216,13 @@ def test_rerun_into_the_same_record_is_quiet(tiny, tmp_path, capsys):
     assert _calibrate(model_dir, corpus, rec, "--algo", "hfmg") == 0
     err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(err) == 1 and err[0].startswith("amct-hf: warning: record ") and "overwritten" in err[0]
+
+
+def test_placement_flags_reach_the_loader(tiny, tmp_path, capsys):
+    model_dir, corpus = tiny
+    assert _calibrate(model_dir, corpus, tmp_path / "kv.txt", "--max-memory", "cpu=lots") == 2
+    assert "lots" in capsys.readouterr().err
+    rec = tmp_path / "offloaded.txt"
+    assert _calibrate(model_dir, corpus, rec, "--max-memory", "cpu=2GiB",
+                      "--offload-folder", str(tmp_path / "off")) == 0
+    assert (tmp_path / "off").is_dir() and len(read_kv_factors(rec)) == 2 * LAYERS

@@ -42,13 +42,22 @@ def load_tokenizer(tok, trust_remote_code: bool = False):
 
 
 def load_model(model, *, device_map=None, dtype=None, trust_remote_code=False, tokenizer=None,
-               **from_pretrained):
+               max_memory=None, offload_folder=None):
     """(model in eval mode, tokenizer) from an id/path or an already loaded model.
 
     A name that looks like a local path and does not exist fails at once, without
-    asking the hub; a folder whose weights cannot be read fails with one line naming it."""
+    asking the hub; a folder whose weights cannot be read fails with one line naming it.
+    ``max_memory`` and ``offload_folder`` go to ``from_pretrained`` (see
+    :func:`amct_hf.offload.offload_kwargs`: without a ``device_map`` they imply
+    ``device_map="auto"``)."""
     from transformers import AutoModelForCausalLM
+
+    from ..offload import offload_kwargs
     if isinstance(model, nn.Module):
+        if max_memory is not None or offload_folder is not None:
+            raise InvalidArgumentError(
+                "max_memory/offload_folder place a model while loading it; this model is already "
+                "loaded (pass its path, or load it with them yourself)")
         if tokenizer is None:
             raise InvalidArgumentError("a loaded model needs its tokenizer: pass tokenizer=...")
         return model, load_tokenizer(tokenizer, trust_remote_code)
@@ -59,12 +68,11 @@ def load_model(model, *, device_map=None, dtype=None, trust_remote_code=False, t
     if (looks_like_path(path) or os.path.exists(path)) and not os.path.isdir(path):
         raise MissingFileError(f"model folder {path!r} does not exist"
                                if not os.path.exists(path) else f"model path {path!r} is not a folder")
-    kwargs = {"trust_remote_code": trust_remote_code, **from_pretrained}
+    kwargs = {"trust_remote_code": trust_remote_code,
+              **offload_kwargs(device_map, max_memory, offload_folder)}
     dtype = resolve_dtype(dtype)
     if dtype is not None:
         kwargs["dtype"] = dtype
-    if device_map is not None:
-        kwargs["device_map"] = device_map
     tok = load_tokenizer(tokenizer if tokenizer is not None else path, trust_remote_code)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)

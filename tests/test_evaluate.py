@@ -305,3 +305,12 @@ def test_a_nan_model_is_an_error_and_writes_no_json(tiny, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and not out.exists()
     assert len(err) == 1 and "perplexity is nan" in err[0]
+
+
+def test_cli_eval_bad_dtype_is_a_usage_error(tiny, capsys):
+    d, records = tiny
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--model", str(d), "--record", str(records["per_tensor"]), "--dtype", "float13"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--dtype: invalid choice: 'float13'" in err and "Traceback" not in err

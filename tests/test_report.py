@@ -87,3 +87,21 @@ def test_cli_report(tmp_path, capsys):
 
     rc = main(["report", "--record", str(tmp_path / "nope.txt"), "--out", str(out)])
     assert rc == 2 and "nope.txt" in capsys.readouterr().err
+
+
+def test_per_tensor_record_gets_no_channel_panel(tmp_path, capsys):
+    per_tensor = tmp_path / "pt.txt"
+    write_kv_factors(per_tensor, {f"model.layers.{i}.self_attn.{p}_proj": ([0.01 * (i + 1)], [3])
+                                  for i in range(4) for p in "kv"})
+    per_channel = tmp_path / "pc.txt"
+    make_record(per_channel)
+    heights = {}
+    for rec in (per_tensor, per_channel):
+        out = tmp_path / f"{rec.stem}.png"
+        summary = plot_report(rec, out)
+        heights[rec.stem] = mpimg.imread(str(out)).shape[0]
+    # two clip panels against two plus the widest/median channel panel: 2 / 3 of the height
+    assert heights["pt"] * 3 == heights["pc"] * 2
+    assert summary["layers"]
+    assert main(["report", "--record", str(per_tensor), "--out", str(tmp_path / "x.png")]) == 0
+    assert "outlier" not in capsys.readouterr().out  # no channel statistics to judge

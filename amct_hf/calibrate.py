@@ -124,7 +124,7 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     ``num_samples`` chunks of exactly ``seq_len`` tokens (documents joined by EOS), so no
     padding is needed; ``pack=False`` truncates each text instead and pads batches (padding
     never enters the statistics). Too little text still calibrates on what there is; the
-    result's ``shortfall`` (also in its summary, and logged) says what was missing.
+    result's ``shortfall`` (also in its summary) says what was missing.
     ``batch_num`` follows from the data: every layer is finalised after the last batch.
     Under ``accelerate launch``/``torchrun`` samples are split between processes and only
     the main process writes.
@@ -222,11 +222,8 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
         write_kv_factors(record_file, factors, lock_timeout=lock_timeout)
         logger.info("merged %d K/V entries into %s", len(factors), record_file)
     comm.barrier()
-    shortfall = _shortfall(samples, num_samples, seq_len)
-    if shortfall:
-        logger.warning("%s", shortfall)
     return CalibrationResult(record_file, factors, params, len(samples), tokens, time.time() - started,
-                             tolerance, shortfall)
+                             tolerance, _shortfall(samples, num_samples, seq_len))
 
 
 def widen_ranges(factors: dict, margin: float) -> dict:

@@ -13,6 +13,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+from google.protobuf import text_format
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from amct_hf.record import (
     RecordFileError,
@@ -786,3 +789,21 @@ def test_index_kept_from_our_last_write_equals_a_fresh_scan(tmp_path):
                 f.write(changed)
             write_kv_factors(p, {"z": ([0.25], [1])})
             assert _protobuf_read(p.read_text()) == {**_protobuf_read(changed), "z": ([0.25], [1])}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.from_regex(r"[a-z0-9_.]{1,12}", fullmatch=True),
+                          st.lists(st.floats(2.0 ** -126, 2.0 ** 127, width=32), min_size=1, max_size=6),
+                          st.integers(-2 ** 31, 2 ** 31 - 1)), min_size=1, max_size=4,
+                unique_by=lambda t: t[0]))
+def test_fast_record_printer_is_protobufs(entries):
+    """format_record (and every merge) prints kv_cache_value itself; byte for byte what
+    protobuf's text printer writes."""
+    from amct_hf import record as rec
+    factors = {name: (scales, [off] * len(scales)) for name, scales, off in entries}
+    msg = rec.ScaleOffsetRecord()
+    for name, (scales, offsets) in factors.items():
+        entry = msg.record.add(key=name)
+        entry.kv_cache_value.scale.extend(scales)
+        entry.kv_cache_value.offset.extend(offsets)
+    assert rec.format_record(factors) == text_format.MessageToString(msg, as_utf8=True)

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "amct_hf"
 # lower layers first; a module may import its own layer (same package) or a lower one
 LAYERS = [
     {"errors"},
-    {"algorithms", "fileio", "naming", "params"},
+    {"algorithms", "bootstrap", "fileio", "naming", "params"},
     {"record", "observers", "distributed", "data"},
     {"op", "modeling"},
     {"calibrate", "evaluate", "export", "report", "assets"},

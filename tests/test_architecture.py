@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "amct_hf"
 LAYERS = [
     {"errors"},
     {"algorithms", "bootstrap", "fileio", "naming", "params"},
-    {"record", "observers", "distributed", "data"},
+    {"record", "observers", "distributed", "data", "targets"},
     {"op", "modeling"},
     {"calibrate", "evaluate", "export", "report", "assets"},
     {"cli"},

@@ -25,7 +25,7 @@ from .distributed import Comm
 from .errors import CalibrationInputError, InvalidArgumentError
 from .modeling.attention import TAPS, KVCalibrationHooks
 from .modeling.loading import input_device, load_model, no_logits_kwargs, text_config
-from .naming import record_order
+from .naming import layer_kind, record_order
 from .observers.kv import KVBank
 from .observers.streaming import check_grid_bins
 from .params import QuantParams
@@ -136,7 +136,8 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
 
     ``range_margin`` widens every calibrated range by that fraction (scales times
     ``1 + range_margin``, offsets unchanged, so zero stays exactly representable): a remedy
-    for per-channel ranges fitted on one corpus clipping channels on another.
+    for per-channel ranges fitted on one corpus clipping channels on another. It may be a
+    ``{"key": ..., "value": ...}`` dict.
 
     ``value_quant_algo_params``: the values' own parameters (default: ``quant_algo_params``).
     ``channel_groups``: ``"channel"`` (default, AMCT's one range per channel),
@@ -150,8 +151,8 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     started = time.time()
     settings = resolve_kv_settings(target, quant_algo_params, value_quant_algo_params,
                                    channel_groups, range_margin)
-    params, range_margin = settings.params["key"], settings.range_margin
-    _check_args(seq_len, num_samples, batch_size, tap, mode, range_margin)
+    params, margins = settings.params["key"], settings.range_margin
+    _check_args(seq_len, num_samples, batch_size, tap, mode, max(margins.values()))
     stream_bins = check_grid_bins(stream_bins)
     if tap == "proj" and (params.per_channel or settings.params["value"].per_channel):
         warnings.warn("tap='proj' with per-channel factors calibrates pre-RoPE keys (AMCT's tap); "
@@ -207,8 +208,8 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
             "another process stopped on an unusable activation (its error names the layer); "
             "nothing was written")
     factors, tolerance = bank.finalize_all(comm, order=record_order)
-    if range_margin:
-        factors = widen_ranges(factors, range_margin)
+    if any(margins.values()):
+        factors = {name: widen_ranges({name: f}, margins[layer_kind(name)])[name] for name, f in factors.items()}
     _check_complete(model, factors)
     tokens = int(sum(len(s) for s in samples))
     if write and comm.rank == 0:

@@ -3,8 +3,9 @@ corpora calibration never saw.
 
 Calibration: the news corpus (gensim's lee_background), --cal-samples x --cal-len tokens
 (the CLI default corpus). Evaluation: --eval-samples x --eval-len tokens each of
-Shakespeare (an excerpt from the middle of every play, so the chunks span the plays)
-and 20-newsgroups posts (every k-th post, so the chunks span the file). Each row's
+Shakespeare (4000-character excerpts from the middle of evenly spaced plays) and
+20-newsgroups posts (evenly spaced posts, each cut at 4000 characters), as few as fill
+the chunks, so the chunks span each corpus. Each row's
 perplexity increase over fp32 is on the same chunks as the fp32 run, with a 95% paired
 bootstrap interval over the chunks (amct_hf.bootstrap).
 
@@ -51,25 +52,30 @@ ROWS = [
 ]
 
 
-def spread_texts(tok, texts, tokens_wanted):
-    """Every k-th text, k chosen so that the kept texts hold ~1.2x the tokens wanted."""
-    total = sum(len(ids) for ids in tok(texts)["input_ids"])
-    stride = max(1, int(total / (1.2 * tokens_wanted)))
-    return texts[::stride]
+def _packs(tok, texts, num_samples, seq_len):
+    from amct_hf.data import tokenize_samples
+    return len(tokenize_samples(tok, texts, seq_len=seq_len, num_samples=num_samples)) >= num_samples
 
 
-def shakespeare_excerpts(tok, tokens_wanted, chars=6000):
-    """Excerpts of ``chars`` characters from the middle of evenly spaced plays (starting at
-    a paragraph), as many as hold ~1.2x the tokens wanted (~3.5 characters per token)."""
+def spread_texts(tok, texts, num_samples, seq_len):
+    """Evenly spaced texts, as few as fill the chunks wanted."""
+    for count in range(1, len(texts) + 1):
+        picked = [texts[i * len(texts) // count] for i in range(count)]
+        if _packs(tok, picked, num_samples, seq_len):
+            return picked
+    return texts
+
+
+def shakespeare_excerpts(tok, num_samples, seq_len, chars=4000):
+    """Excerpts of ``chars`` characters from the middle of evenly spaced plays (each from a
+    paragraph start), as few plays as it takes to fill the chunks wanted."""
     from amct_hf.assets import shakespeare_texts
-    plays = shakespeare_texts()
-    count = min(len(plays), max(1, round(1.2 * tokens_wanted * 3.5 / chars)))
-    out = []
-    for i in range(count):
-        play = plays[i * len(plays) // count].read_text(encoding="utf-8", errors="replace")
+    plays = [p.read_text(encoding="utf-8", errors="replace") for p in shakespeare_texts()]
+    excerpts = []
+    for play in plays:
         start = play.find("\n\n", len(play) // 2) + 2
-        out.append(play[start:start + chars])
-    return out
+        excerpts.append(play[start:start + chars])
+    return spread_texts(tok, excerpts, num_samples, seq_len)
 
 
 def collect_states(model, samples):
@@ -143,9 +149,9 @@ def main():
     started = time.time()
     model, tok = load_smollm2()
     news = load_texts(str(news_corpus_path()))
-    wanted = args.eval_samples * args.eval_len
-    corpora = {"Shakespeare": shakespeare_excerpts(tok, wanted),
-               "newsgroups": spread_texts(tok, newsgroup_posts(), wanted)}
+    n, length = args.eval_samples, args.eval_len
+    corpora = {"Shakespeare": shakespeare_excerpts(tok, n, length),
+               "newsgroups": spread_texts(tok, [p[:4000] for p in newsgroup_posts()], n, length)}
     cal = dict(num_samples=args.cal_samples, seq_len=args.cal_len, progress=False, write=False)
     ev = dict(tokenizer=tok, num_samples=args.eval_samples, seq_len=args.eval_len, progress=False)
     samples = tokenize_samples(tok, news, seq_len=args.cal_len, num_samples=args.cal_samples)

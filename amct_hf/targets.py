@@ -8,8 +8,8 @@ the configuration measured best for what that engine can load
 (``benchmarks/accuracy_smollm2.py``, README "Accuracy"):
 
 * ``"ascend-c8"``: vllm-ascend / MindIE C8 dequantize with the scale alone and read
-  ``[kv_heads * head_dim]`` tensors: symmetric, per-channel records (ranges may be
-  shared by a group and repeated onto its channels);
+  ``[kv_heads * head_dim]`` tensors: symmetric records, per channel or per tensor (the
+  Ascend export repeats a per-tensor scale onto the channels);
 * ``"transformers"``: :class:`~amct_hf.modeling.cache.StaticInt8KVCache` takes any
   record, asymmetric included;
 * ``"vllm-fp8"``: vLLM's static FP8 KV scales are one per tensor: symmetric, per-tensor.
@@ -33,24 +33,27 @@ KINDS = ("key", "value")
 #: target -> what it sets: "key"/"value" quant_algo_params, "channel_groups" and
 #: "range_margin" per kind. Measured on SmolLM2-135M (README "Accuracy").
 TARGETS: dict[str, dict] = {
-    # keys: post-RoPE ranges tied across each rotate_half pair and widened by 20% (fitted
-    # on a few thousand tokens they clip on other text); values: one range per KV head
+    # symmetric only. Keys: one HFMG range per tensor (the export repeats it onto the
+    # channels). Values: HFMG per channel, widened by 25% -- fitted per channel on a few
+    # thousand tokens they clip on other text; per-tensor or per-head symmetric values
+    # cost more (README "Accuracy")
     "ascend-c8": {
-        "key": {"act_algo": "ifmr", "asymmetric": False, "quant_granularity": "per_channel"},
+        "key": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": "per_tensor"},
         "value": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": "per_channel"},
-        "channel_groups": {"key": "rope_pair", "value": "head"},
-        "range_margin": {"key": 0.2, "value": 0.0},
+        "channel_groups": {"key": "channel", "value": "channel"},
+        "range_margin": {"key": 0.0, "value": 0.25},
     },
-    # the same keys; values asymmetric (the cache stores offsets), widened by 10%
+    # any record: HFMG asymmetric per tensor measured best (values need their offset)
     "transformers": {
-        "key": {"act_algo": "ifmr", "asymmetric": False, "quant_granularity": "per_channel"},
-        "value": {"act_algo": "hfmg", "asymmetric": True, "quant_granularity": "per_channel"},
-        "channel_groups": {"key": "rope_pair", "value": "head"},
-        "range_margin": {"key": 0.2, "value": 0.1},
+        "key": {"act_algo": "hfmg", "asymmetric": True, "quant_granularity": "per_tensor"},
+        "value": {"act_algo": "hfmg", "asymmetric": True, "quant_granularity": "per_tensor"},
+        "channel_groups": {"key": "channel", "value": "channel"},
+        "range_margin": {"key": 0.0, "value": 0.0},
     },
+    # one symmetric scale per tensor
     "vllm-fp8": {
-        "key": {"act_algo": "ifmr", "asymmetric": False, "quant_granularity": "per_tensor"},
-        "value": {"act_algo": "ifmr", "asymmetric": False, "quant_granularity": "per_tensor"},
+        "key": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": "per_tensor"},
+        "value": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": "per_tensor"},
         "channel_groups": {"key": "channel", "value": "channel"},
         "range_margin": {"key": 0.0, "value": 0.0},
     },

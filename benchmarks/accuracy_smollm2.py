@@ -31,24 +31,32 @@ PT, PC = "per_tensor", "per_channel"
 # label, calibrate_kv_cache settings (a "target" row runs calibrate_kv_cache(target=...))
 # in order of priority: a run cut short still has the rows that matter most
 ROWS = [
-    ("target ascend-c8", {"target": "ascend-c8"}),
-    ("target transformers", {"target": "transformers"}),
-    ("IFMR per-tensor symmetric (= target vllm-fp8)", {"quant_algo_params": {"act_algo": "ifmr", "asymmetric": False}}),
+    ("target ascend-c8: HFMG symmetric, keys per-tensor, values per-channel +25%", {"target": "ascend-c8"}),
+    ("target transformers: HFMG per-tensor asymmetric", {"target": "transformers"}),
+    ("target vllm-fp8: HFMG per-tensor symmetric", {"target": "vllm-fp8"}),
+    ("IFMR per-tensor symmetric", {"quant_algo_params": {"act_algo": "ifmr", "asymmetric": False}}),
     ("HFMG per-channel symmetric", {"quant_algo_params": {"act_algo": "hfmg", "asymmetric": False,
                                                           "quant_granularity": PC}}),
     ("IFMR per-channel symmetric", {"quant_algo_params": {"act_algo": "ifmr", "asymmetric": False,
                                                           "quant_granularity": PC}}),
+    ("IFMR per-tensor asymmetric (AMCT default)", {"quant_algo_params": {"act_algo": "ifmr"}}),
+    ("HFMG per-channel asymmetric", {"quant_algo_params": {"act_algo": "hfmg", "quant_granularity": PC}}),
+    ("IFMR per-channel asymmetric", {"quant_algo_params": {"act_algo": "ifmr", "quant_granularity": PC}}),
     ("HFMG symmetric, per-KV-head ranges", {"quant_algo_params": {"act_algo": "hfmg", "asymmetric": False,
                                                                   "quant_granularity": PC},
                                             "channel_groups": "head"}),
     ("HFMG symmetric, RoPE-pair ranges", {"quant_algo_params": {"act_algo": "hfmg", "asymmetric": False,
                                                                 "quant_granularity": PC},
                                           "channel_groups": "rope_pair"}),
-    ("HFMG per-tensor symmetric", {"quant_algo_params": {"act_algo": "hfmg", "asymmetric": False}}),
-    ("IFMR per-tensor asymmetric (AMCT default)", {"quant_algo_params": {"act_algo": "ifmr"}}),
-    ("HFMG per-channel asymmetric", {"quant_algo_params": {"act_algo": "hfmg", "quant_granularity": PC}}),
-    ("HFMG per-tensor asymmetric", {"quant_algo_params": {"act_algo": "hfmg"}}),
-    ("IFMR per-channel asymmetric", {"quant_algo_params": {"act_algo": "ifmr", "quant_granularity": PC}}),
+    ("HFMG symmetric, keys per-tensor, values per-channel (no margin)", {
+        "quant_algo_params": {"act_algo": "hfmg", "asymmetric": False},
+        "value_quant_algo_params": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": PC}}),
+    ("HFMG, keys symmetric per-tensor, values asymmetric per-tensor", {
+        "quant_algo_params": {"act_algo": "hfmg", "asymmetric": False},
+        "value_quant_algo_params": {"act_algo": "hfmg", "asymmetric": True}}),
+    ("IFMR symmetric, keys RoPE-pair +20%, values per-KV-head", {
+        "quant_algo_params": {"act_algo": "ifmr", "asymmetric": False, "quant_granularity": PC},
+        "channel_groups": {"key": "rope_pair", "value": "head"}, "range_margin": {"key": 0.2}}),
 ]
 
 
@@ -132,7 +140,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cal-samples", type=int, default=16)
     ap.add_argument("--cal-len", type=int, default=512)
-    ap.add_argument("--eval-samples", type=int, default=16)
+    ap.add_argument("--eval-samples", type=int, default=32)
     ap.add_argument("--eval-len", type=int, default=512)
     ap.add_argument("--rows", type=int, default=len(ROWS), help="evaluate the first N rows only")
     ap.add_argument("--json", default=None, help="write the rows here (rewritten after every row)")

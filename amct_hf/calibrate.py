@@ -26,12 +26,13 @@ from .errors import CalibrationInputError, InvalidArgumentError
 from .fileio import lock_timeout_seconds
 from .modeling.attention import TAPS, KVCalibrationHooks
 from .modeling.loading import input_device, load_model, no_logits_kwargs, text_config
-from .naming import record_order
-from .observers import LayerBank
+from .naming import layer_kind, record_order
+from .observers.kv import KVBank
 from .observers.streaming import check_grid_bins
 from .offload import check_max_memory
-from .params import QuantParams, parse_quant_algo_params
+from .params import QuantParams
 from .record import check_record_file, write_kv_factors
+from .targets import KVSettings, resolve_kv_settings
 
 __all__ = ["calibrate_kv_cache", "CalibrationResult", "DRIVER_MODES", "widen_ranges"]
 
@@ -52,6 +53,8 @@ class CalibrationResult(Mapping):
     tolerance: dict = field(default_factory=dict)  # layer -> IFMR streaming bound (max over channels)
     #: what fell short of the request (fewer or shorter samples than asked), or None
     shortfall: str | None = None
+    #: the settings per kind (``params`` is the keys'), target and channel groups
+    settings: KVSettings | None = None
 
     def __getitem__(self, layer):
         return self.factors[layer]
@@ -115,7 +118,8 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
                        batch_size=1, tap="cache", tokenizer=None, device_map=None, dtype=None,
                        trust_remote_code=False, mode="streaming", stream_bins=None, pack=True,
                        range_margin=0.0, progress=True, write=True, lock_timeout=None,
-                       max_memory=None, offload_folder=None) -> CalibrationResult:
+                       max_memory=None, offload_folder=None, value_quant_algo_params=None,
+                       channel_groups=None, target=None) -> CalibrationResult:
     """Calibrate INT8 K/V factors of every decoder layer and merge them into ``record_file``.
 
     ``model``: a model id, a local folder or a loaded model (then pass ``tokenizer``).
@@ -138,7 +142,17 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
 
     ``range_margin`` widens every calibrated range by that fraction (scales times
     ``1 + range_margin``, offsets unchanged, so zero stays exactly representable): a remedy
-    for per-channel ranges fitted on one corpus clipping channels on another.
+    for per-channel ranges fitted on one corpus clipping channels on another. It may be a
+    ``{"key": ..., "value": ...}`` dict.
+
+    ``value_quant_algo_params``: the values' own parameters (default: ``quant_algo_params``).
+    ``channel_groups``: ``"channel"`` (default, AMCT's one range per channel),
+    ``"rope_pair"`` (one range per RoPE pair ``d``/``d + head_dim/2`` of a head) or
+    ``"head"`` (one per KV head), for both kinds or as ``{"key": ..., "value": ...}``; the
+    record still has ``kv_heads * head_dim`` entries (see :mod:`amct_hf.algorithms.grouping`).
+    ``target``: ``"ascend-c8"``, ``"transformers"`` or ``"vllm-fp8"`` picks the measured
+    best settings for that engine (:mod:`amct_hf.targets`); explicit arguments that
+    contradict it are refused.
 
     ``max_memory`` ({"cpu": "2GiB", 0: "20GiB"}) and ``offload_folder`` (created if
     missing) load a model larger than memory from a path: weights that fit nowhere else are
@@ -146,14 +160,16 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     imply ``device_map="auto"``. The factors are the same as with the model in memory.
     """
     started = time.time()
-    params = parse_quant_algo_params(quant_algo_params)
-    _check_args(seq_len, num_samples, batch_size, tap, mode, range_margin)
+    settings = resolve_kv_settings(target, quant_algo_params, value_quant_algo_params,
+                                   channel_groups, range_margin)
+    params, margins = settings.params["key"], settings.range_margin
+    _check_args(seq_len, num_samples, batch_size, tap, mode, max(margins.values()))
     stream_bins = check_grid_bins(stream_bins)
     lock_timeout = lock_timeout_seconds(lock_timeout)
     check_max_memory(max_memory)  # a bad size fails before the dataset is read
     if device_map is None and (max_memory is not None or offload_folder is not None):
         device_map = "auto"  # the only map that reads max_memory and offloads
-    if tap == "proj" and params.per_channel:
+    if tap == "proj" and (params.per_channel or settings.params["value"].per_channel):
         warnings.warn("tap='proj' with per-channel factors calibrates pre-RoPE keys (AMCT's tap); "
                       "applied to the post-RoPE KV cache they can cost much accuracy "
                       "(SmolLM2: perplexity 37.1 -> 117). Prefer tap='cache'.", stacklevel=2)
@@ -181,7 +197,8 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     if device_map is None and state.device.type != "cpu" and input_device(model).type == "cpu":
         model.to(state.device)  # this process's accelerator (one per rank when distributed)
     device = input_device(model)
-    bank = LayerBank(params, mode, **({"bins": stream_bins} if stream_bins and mode == "streaming" else {}))
+    bank = KVBank(settings.params, mode, settings.groups, head_dim=_head_dim(model),
+                  **({"bins": stream_bins} if stream_bins and mode == "streaming" else {}))
     skip_logits = no_logits_kwargs(model)
     bar = None
     if progress and comm.rank == 0:
@@ -214,8 +231,8 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     solve_started = time.time()
     factors, tolerance = bank.finalize_all(comm, order=record_order)
     logger.info("solved %d K/V entries in %.2f s", len(factors), time.time() - solve_started)
-    if range_margin:
-        factors = widen_ranges(factors, range_margin)
+    if any(margins.values()):
+        factors = {name: widen_ranges({name: f}, margins[layer_kind(name)])[name] for name, f in factors.items()}
     _check_complete(model, factors)
     tokens = int(sum(len(s) for s in samples))
     if write and comm.rank == 0:
@@ -223,7 +240,7 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
         logger.info("merged %d K/V entries into %s", len(factors), record_file)
     comm.barrier()
     return CalibrationResult(record_file, factors, params, len(samples), tokens, time.time() - started,
-                             tolerance, _shortfall(samples, num_samples, seq_len))
+                             tolerance, _shortfall(samples, num_samples, seq_len), settings)
 
 
 def widen_ranges(factors: dict, margin: float) -> dict:
@@ -232,6 +249,12 @@ def widen_ranges(factors: dict, margin: float) -> dict:
     grow = torch.tensor(1.0 + margin, dtype=torch.float32)
     return {name: ([float(torch.tensor(s, dtype=torch.float32) * grow) for s in scales], list(offsets))
             for name, (scales, offsets) in factors.items()}
+
+
+def _head_dim(model) -> int | None:
+    cfg = text_config(model)
+    heads = getattr(cfg, "num_attention_heads", None)
+    return getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None)
 
 
 def _warn_long_context(model, seq_len):

@@ -68,6 +68,12 @@ def _add_calibrate_arguments(p) -> None:
                      help="asymmetric factors (the default)")
     q.add_argument("--num-of-bins", type=int, metavar="N",
                    help="HFMG histogram bins: 1024, 2048, 4096 or 8192")
+    q.add_argument("--target", choices=("ascend-c8", "transformers", "vllm-fp8"),
+                   help="the engine that will serve the factors: picks the configuration measured "
+                        "best for it (README, Accuracy); other quantization flags must agree with it")
+    q.add_argument("--channel-groups", choices=("channel", "rope_pair", "head"),
+                   help="per-channel ranges shared by each RoPE pair or each KV head "
+                        "(default: one per channel, as AMCT)")
     r = p.add_argument_group("run")
     r.add_argument("--tap", choices=("cache", "proj"), default="cache",
                    help="cache: K/V as stored in the KV cache (post-RoPE, default); "
@@ -154,7 +160,8 @@ def _placement(args) -> dict:
 
 def calibrate_kwargs(args) -> dict:
     """calibrate_kv_cache keyword arguments from parsed calibrate arguments."""
-    return dict(record_file=args.record, quant_algo_params=quant_algo_params_from_args(args),
+    return dict(record_file=args.record, quant_algo_params=quant_algo_params_from_args(args) or None,
+                target=args.target, channel_groups=args.channel_groups,
                 split=args.split, text_column=args.text_column, num_samples=args.num_samples,
                 seq_len=args.seq_len, batch_size=args.batch_size, tap=args.tap,
                 device_map=args.device_map, dtype=args.dtype, **_placement(args),
@@ -165,13 +172,14 @@ def calibrate_kwargs(args) -> dict:
 
 def run_calibrate(args) -> int:
     from .errors import InvalidArgumentError
-    from .params import parse_quant_algo_params
     main_process = _is_main_process()
     log = (lambda msg: print(msg, file=sys.stderr)) if main_process else (lambda msg: None)
     kwargs = calibrate_kwargs(args)
-    params = parse_quant_algo_params(kwargs["quant_algo_params"])  # fail before any model is touched
+    from .targets import resolve_kv_settings
+    settings = resolve_kv_settings(args.target, kwargs["quant_algo_params"], None, args.channel_groups,
+                                   args.range_margin)  # fail before any model is touched
     _check_positive(args, ("num_samples", "seq_len", "batch_size"))
-    if args.export_ascend_c8 and (params.asymmetric or args.tap != "cache"):
+    if args.export_ascend_c8 and (any(p.asymmetric for p in settings.params.values()) or args.tap != "cache"):
         raise InvalidArgumentError("--export-ascend-c8 needs --symmetric factors of the KV cache "
                                    "(--tap cache): the Ascend engines dequantize without offsets")
     dataset = args.dataset

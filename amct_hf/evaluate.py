@@ -38,6 +38,7 @@ mismatch is refused naming the first mismatching layer.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .algorithms.convention import fake_quantize, minmax_factors
+from .bootstrap import paired_relative_increase
 from .errors import InvalidArgumentError
 from .modeling.attention import kv_calibration, kv_transform
 from .modeling.layout import broadcast_factor, check_record, kv_layout
@@ -155,7 +157,7 @@ class EvalResult:
     """Perplexities of one evaluation and per-layer K/V quantization errors."""
     baseline_ppl: float
     quantized_ppl: float
-    references: dict          # "minmax"/"dynamic_per_token" -> {"ppl", "relative_increase"}
+    references: dict          # "minmax"/"dynamic_per_token" -> {"ppl", "relative_increase", "interval"}
     layers: dict              # record key -> {"rel_mse", "clip_fraction", "channels", ...}
     record_file: str
     granularity: str          # "per_tensor", "per_channel" or "mixed"
@@ -164,6 +166,15 @@ class EvalResult:
     num_tokens: int           # predicted tokens (the NLL's denominator)
     seconds: float = 0.0
     meta: dict = field(default_factory=dict)
+    #: summed NLL of every chunk (same chunks, same order in both runs) and its predicted
+    #: tokens: what the paired bootstrap resamples
+    baseline_chunk_nll: list = field(default_factory=list)
+    quantized_chunk_nll: list = field(default_factory=list)
+    chunk_tokens: list = field(default_factory=list)
+    chunks_digest: str = ""   # sha256 of the evaluated token ids, in batch order
+    #: paired-bootstrap interval of relative_increase (:mod:`amct_hf.bootstrap`), as
+    #: {"point", "low", "high", "confidence", "resamples", "chunks"}; None below 2 chunks
+    interval: dict | None = None
 
     @property
     def relative_increase(self) -> float:
@@ -177,12 +188,13 @@ class EvalResult:
     def table(self, worst: int = 3) -> str:
         """The perplexity table, then per-layer relative MSE of K and V (the ``worst``
         layers by record error marked with ``*``)."""
-        rows = [("run", "ppl", "rel. increase"),
-                (_LABELS["baseline"], f"{self.baseline_ppl:.4f}", "-"),
+        rows = [("run", "ppl", "rel. increase", _interval_head(self.interval)),
+                (_LABELS["baseline"], f"{self.baseline_ppl:.4f}", "-", ""),
                 (f"{_LABELS['quantized']}, {self.granularity}", f"{self.quantized_ppl:.4f}",
-                 f"{100 * self.relative_increase:+.3f}%")]
+                 f"{100 * self.relative_increase:+.3f}%", _interval_cell(self.interval))]
         for name, ref in self.references.items():
-            rows.append((_LABELS.get(name, name), f"{ref['ppl']:.4f}", f"{100 * ref['relative_increase']:+.3f}%"))
+            rows.append((_LABELS.get(name, name), f"{ref['ppl']:.4f}", f"{100 * ref['relative_increase']:+.3f}%",
+                         _interval_cell(ref.get("interval"))))
         lines = [f"{self.num_samples} x {self.seq_len} tokens ({self.num_tokens} predicted), "
                  f"record {self.record_file}", *_format_rows(rows), ""]
 
@@ -212,6 +224,40 @@ class EvalResult:
         return "\n".join(lines)
 
 
+def _interval_head(interval) -> str:
+    return f"{100 * interval['confidence']:.0f}% interval" if interval else ""
+
+
+def _interval_cell(interval) -> str:
+    return f"[{100 * interval['low']:+.3f}%, {100 * interval['high']:+.3f}%]" if interval else ""
+
+
+def _interval(baseline_chunks, chunks, tokens) -> dict | None:
+    """Paired bootstrap over the chunks (None when there are too few to resample)."""
+    if len(chunks) < 2:
+        return None
+    return paired_relative_increase(baseline_chunks, chunks, tokens).to_dict()
+
+
+def _digest(batches) -> str:
+    h = hashlib.sha256()
+    for b in batches:
+        h.update(str(tuple(b.shape)).encode())
+        h.update(b.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_reuse(baseline, digest: str, references: bool) -> None:
+    if baseline is None:
+        return
+    if references:
+        raise InvalidArgumentError("baseline= reuses an earlier full-precision pass; the references "
+                                   "need their own, so pass references=False with it")
+    if not isinstance(baseline, EvalResult) or baseline.chunks_digest != digest:
+        raise InvalidArgumentError("baseline= is not a result on the same evaluation chunks (dataset, "
+                                   "seq_len, num_samples, skip_tokens and batch_size must match)")
+
+
 def _format_rows(rows) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -221,9 +267,10 @@ def _format_rows(rows) -> list[str]:
 
 # --------------------------------------------------------------------------- evaluation
 
-def _nll(model: nn.Module, batches, device, desc: str, progress: bool) -> tuple[float, int]:
-    """Summed next-token NLL (float64) and the number of predicted tokens."""
-    total, count = 0.0, 0
+def _nll(model: nn.Module, batches, device, desc: str, progress: bool) -> tuple[float, int, list]:
+    """Summed next-token NLL (float64), the number of predicted tokens and each chunk's
+    summed NLL (in batch order)."""
+    total, count, chunks = 0.0, 0, []
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -233,14 +280,16 @@ def _nll(model: nn.Module, batches, device, desc: str, progress: bool) -> tuple[
         logits = model(input_ids=ids, use_cache=False).logits
         # float32 log-softmax even for a bf16 model: the reduction decides the ppl digits
         nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                              ids[:, 1:].reshape(-1), reduction="sum")
-        total += float(nll.double())
+                              ids[:, 1:].reshape(-1), reduction="none")
+        per_chunk = nll.double().reshape(ids.shape[0], -1).sum(1)
+        chunks += per_chunk.tolist()
+        total += float(per_chunk.sum())
         count += ids[:, 1:].numel()
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return total, count
+    return total, count, chunks
 
 
 def _ppl(nll: float, count: int) -> float:
@@ -268,7 +317,8 @@ def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_sample
                       seq_len: int = 512, batch_size: int = 1, skip_tokens: int = 0,
                       split: str = "train", text_column: str = "text", references: bool = True,
                       device_map=None, dtype=None, trust_remote_code: bool = False,
-                      progress: bool = False, max_memory=None, offload_folder=None) -> EvalResult:
+                      progress: bool = False, max_memory=None, offload_folder=None,
+                      baseline: EvalResult | None = None) -> EvalResult:
     """Perplexity with the full-precision KV cache vs K/V quantized by ``record_file``'s
     factors (plus min-max and dynamic per-token references), on ``num_samples`` packed
     chunks of ``seq_len`` tokens of ``dataset``, and per-layer K/V relative MSE.
@@ -278,6 +328,12 @@ def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_sample
     tokens of the packed text (rounded up to whole chunks), e.g. the
     ``num_samples * seq_len`` tokens calibration used when evaluating on the same corpus.
     ``record_file`` may also be a ``{record key: (scales, offsets)}`` mapping.
+
+    Every increase comes with a paired-bootstrap interval over the chunks
+    (``EvalResult.interval``, each reference's ``"interval"``; :mod:`amct_hf.bootstrap`).
+    ``baseline``: an earlier result on the very same chunks (checked by their digest),
+    whose full-precision pass is reused instead of run again, to compare several records
+    at the cost of one pass each; it needs ``references=False``.
     """
     from .data import load_texts, tokenize_samples
 
@@ -310,27 +366,32 @@ def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_sample
             if sum(len(sample) - 1 for sample in samples) == 0:
                 raise InvalidArgumentError("the evaluation text has a single token: nothing to predict")
             batches = _batches(samples, batch_size)
+            digest = _digest(batches)
+            _check_reuse(baseline, digest, references)
             device = input_device(model)
-            result = _evaluate(model, batches, device, factors, layout, references, progress)
+            result = _evaluate(model, batches, device, factors, layout, references, progress, baseline)
     finally:
         model.train(was_training)
 
-    baseline, quantized, refs, layers, count = result
+    baseline, quantized, refs, layers, count, chunks = result
     return EvalResult(
         baseline_ppl=baseline, quantized_ppl=quantized, references=refs, layers=layers,
         record_file=os.fspath(record_file) if isinstance(record_file, (str, os.PathLike)) else "<factors>",
         granularity=_granularity(factors), num_samples=len(samples), seq_len=seq_len, num_tokens=count,
-        seconds=time.time() - started)
+        seconds=time.time() - started, chunks_digest=digest, **chunks)
 
 
-def _evaluate(model, batches, device, factors, layout, references, progress):
+def _evaluate(model, batches, device, factors, layout, references, progress, reuse=None):
     ranges = _RangeObserver()
-    if references:  # the baseline pass also collects the min-max reference's ranges
+    if reuse is not None:  # an earlier result's full-precision pass over these very chunks
+        nll, count, base_chunks = sum(reuse.baseline_chunk_nll), reuse.num_tokens, reuse.baseline_chunk_nll
+    elif references:  # the baseline pass also collects the min-max reference's ranges
         with kv_calibration(model, ranges):
-            nll, count = _nll(model, batches, device, "full precision", progress)
+            nll, count, base_chunks = _nll(model, batches, device, "full precision", progress)
     else:
-        nll, count = _nll(model, batches, device, "full precision", progress)
+        nll, count, base_chunks = _nll(model, batches, device, "full precision", progress)
     baseline = _ppl(nll, count)
+    tokens = [int(b.shape[1]) - 1 for b in batches for _ in range(b.shape[0])]
     if not math.isfinite(baseline):
         raise InvalidArgumentError(
             f"the model's own full-precision perplexity is {baseline}: its outputs are not "
@@ -338,7 +399,8 @@ def _evaluate(model, batches, device, factors, layout, references, progress):
 
     record = _StaticFakeQuant(factors)
     with kv_transform(model, record):
-        quantized = _ppl(*_nll(model, batches, device, "record", progress))
+        q_nll, q_count, q_chunks = _nll(model, batches, device, "record", progress)
+    quantized = _ppl(q_nll, q_count)
 
     layers = {name: {"rel_mse": err.rel_mse,
                      "clip_fraction": err.clipped / err.values if err.values else 0.0,
@@ -350,8 +412,12 @@ def _evaluate(model, batches, device, factors, layout, references, progress):
         for ref_name, transform in (("minmax", _StaticFakeQuant(ranges.factors(factors))),
                                     ("dynamic_per_token", _DynamicPerToken())):
             with kv_transform(model, transform):
-                ppl = _ppl(*_nll(model, batches, device, ref_name, progress))
-            refs[ref_name] = {"ppl": ppl, "relative_increase": ppl / baseline - 1.0}
+                r_nll, r_count, r_chunks = _nll(model, batches, device, ref_name, progress)
+            ppl = _ppl(r_nll, r_count)
+            refs[ref_name] = {"ppl": ppl, "relative_increase": ppl / baseline - 1.0,
+                              "interval": _interval(base_chunks, r_chunks, tokens)}
             for name, err in transform.errors.items():
                 layers.setdefault(name, {})[f"rel_mse_{ref_name}"] = err.rel_mse
-    return baseline, quantized, refs, layers, count
+    chunks = {"baseline_chunk_nll": base_chunks, "quantized_chunk_nll": q_chunks, "chunk_tokens": tokens,
+              "interval": _interval(base_chunks, q_chunks, tokens)}
+    return baseline, quantized, refs, layers, count, chunks

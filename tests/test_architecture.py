@@ -10,8 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "amct_hf"
 # lower layers first; a module may import its own layer (same package) or a lower one
 LAYERS = [
     {"errors"},
-    {"algorithms", "fileio", "naming", "params", "offload"},
-    {"record", "record_scan", "observers", "distributed", "data"},
+    {"algorithms", "bootstrap", "fileio", "naming", "params", "offload"},
+    {"record", "record_scan", "observers", "distributed", "data", "targets"},
     {"op", "modeling"},
     {"calibrate", "evaluate", "export", "report", "assets", "deploy"},
     {"cli"},

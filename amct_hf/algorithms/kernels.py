@@ -116,54 +116,115 @@ if AVAILABLE:
                         tol[c] = 2.0 * eps
         return out, sum_sq, tol
 
+    @njit(cache=True, inline="always")
+    def _insert_descending(buf, xv):
+        # buf sorted descending, xv > buf[-1]: shift the smaller ones down, drop the last
+        j = buf.shape[0] - 1
+        while j > 0 and buf[j - 1] < xv:
+            buf[j] = buf[j - 1]
+            j -= 1
+        buf[j] = xv
+
+    @njit(cache=True, inline="always")
+    def _insert_ascending(buf, xv):
+        j = buf.shape[0] - 1
+        while j > 0 and buf[j - 1] > xv:
+            buf[j] = buf[j - 1]
+            j -= 1
+        buf[j] = xv
+
+    @njit(cache=True)
+    def _update_row(row, level, origin, counts, offsets, top, bottom, track, extremes):
+        # one channel: the values of row into counts/offsets [B], extremes into top/bottom [K]
+        b_n = counts.shape[0]
+        k_n = top.shape[0]
+        w = math.ldexp(1.0, level)
+        inv_w = math.ldexp(1.0, -level)  # exact: multiplying equals dividing by w
+        # the admission thresholds live in registers, reloaded only after an insertion
+        top_min = top[k_n - 1]
+        bottom_max = bottom[k_n - 1]
+        for i in range(row.shape[0]):
+            xv = row[i]
+            v = np.float64(xv)
+            a = np.int64(math.floor(v * inv_w))
+            k = a - origin
+            if k < 0:
+                k = 0
+            elif k >= b_n:
+                k = b_n - 1
+            counts[k] += 1.0
+            if track:
+                offsets[k] += v - (a + 0.5) * w
+            if extremes:
+                if xv > top_min:
+                    _insert_descending(top, xv)
+                    top_min = top[k_n - 1]
+                if xv < bottom_max:
+                    _insert_ascending(bottom, xv)
+                    bottom_max = bottom[k_n - 1]
+
     @njit(parallel=True, cache=True)
     def _aligned_update(x, level, origin, counts, offsets, top, bottom, extremes):
         # x is [C, N] (channel-major, so each thread streams through its own rows)
-        c_n, n = x.shape
         track = offsets.shape[1] > 0
+        for c in prange(x.shape[0]):
+            _update_row(x[c], level[c], origin[c], counts[c], offsets[c] if track else offsets[0:0, 0],
+                        top[c], bottom[c], track, extremes)
+
+    @njit(parallel=True, cache=True)
+    def _aligned_update_split(x, level, origin, counts, offsets, top, bottom, extremes, parts):
+        # one channel (per-tensor) over ``parts`` threads: each fills a private histogram
+        # and extreme buffers from a slice of the values, merged afterwards. Counts and
+        # offsets are sums of terms exact in float64, so the split does not change them.
+        n = x.shape[1]
         b_n = counts.shape[1]
         k_n = top.shape[1]
-        for c in prange(c_n):
-            w = math.ldexp(1.0, level[c])
-            inv_w = math.ldexp(1.0, -level[c])  # exact: multiplying equals dividing by w
-            for i in range(n):
-                v = np.float64(x[c, i])
-                a = np.int64(math.floor(v * inv_w))
-                k = a - origin[c]
-                if k < 0:
-                    k = 0
-                elif k >= b_n:
-                    k = b_n - 1
-                counts[c, k] += 1.0
-                if track:
-                    offsets[c, k] += v - (a + 0.5) * w
-                if extremes:
-                    xv = x[c, i]
-                    if xv > top[c, k_n - 1]:  # keep the k_n largest, descending
-                        j = k_n - 1
-                        while j > 0 and top[c, j - 1] < xv:
-                            top[c, j] = top[c, j - 1]
-                            j -= 1
-                        top[c, j] = xv
-                    if xv < bottom[c, k_n - 1]:  # and the k_n smallest, ascending
-                        j = k_n - 1
-                        while j > 0 and bottom[c, j - 1] > xv:
-                            bottom[c, j] = bottom[c, j - 1]
-                            j -= 1
-                        bottom[c, j] = xv
+        track = offsets.shape[1] > 0
+        part_counts = np.zeros((parts, b_n))
+        part_offsets = np.zeros((parts, b_n if track else 0))
+        part_top = np.full((parts, k_n), -np.inf, dtype=top.dtype)
+        part_bottom = np.full((parts, k_n), np.inf, dtype=bottom.dtype)
+        block = (n + parts - 1) // parts
+        for p in prange(parts):
+            lo = min(n, p * block)
+            hi = min(n, lo + block)
+            if extremes:  # admit only what can enter the merged buffers
+                part_top[p, k_n - 1] = top[0, k_n - 1]
+                part_bottom[p, k_n - 1] = bottom[0, k_n - 1]
+            _update_row(x[0, lo:hi], level[0], origin[0], part_counts[p],
+                        part_offsets[p] if track else part_offsets[0:0, 0], part_top[p], part_bottom[p],
+                        track, extremes)
+        for p in range(parts):
+            counts[0] += part_counts[p]
+            if track:
+                offsets[0] += part_offsets[p]
+            if extremes:
+                for i in range(k_n):
+                    xv = part_top[p, i]
+                    if xv > top[0, k_n - 1]:
+                        _insert_descending(top[0], xv)
+                    xv = part_bottom[p, i]
+                    if xv < bottom[0, k_n - 1]:
+                        _insert_ascending(bottom[0], xv)
 
     def aligned_update(x, level, origin, counts, offsets, top=None, bottom=None):
         """Add x [N, C] to an aligned histogram in place (see aligned.py); optionally keep
         the per-channel top/bottom buffers ([C, K], sorted) of the largest/smallest values."""
         aligned_update_columns(np.ascontiguousarray(x.T), level, origin, counts, offsets, top, bottom)
 
+    # below this many values a single channel is not worth splitting between threads
+    _SPLIT_MIN_VALUES = 1 << 16
+
     def aligned_update_columns(xt, level, origin, counts, offsets, top=None, bottom=None):
         """``aligned_update`` of a channel-major batch xt [C, N] (rows may be strided)."""
-        if top is None:
-            empty = np.empty((xt.shape[0], 1), dtype=xt.dtype)
-            _aligned_update(xt, level, origin, counts, offsets, empty, empty, False)
+        extremes = top is not None
+        if not extremes:
+            top = bottom = np.empty((xt.shape[0], 1), dtype=xt.dtype)
+        threads = numba.get_num_threads()
+        if xt.shape[0] == 1 and threads > 1 and xt.shape[1] >= _SPLIT_MIN_VALUES:
+            _aligned_update_split(xt, level, origin, counts, offsets, top, bottom, extremes, threads)
         else:
-            _aligned_update(xt, level, origin, counts, offsets, top, bottom, True)
+            _aligned_update(xt, level, origin, counts, offsets, top, bottom, extremes)
 
     @njit(parallel=True, cache=True)
     def _aligned_regrid(level, origin, new_level, new_origin, counts, offsets):

@@ -69,6 +69,44 @@ def test_aligned_histogram_kernel_equals_torch_path(monkeypatch, with_offsets):
             assert torch.equal(compiled, fast.means())
 
 
+@pytest.mark.parametrize("with_offsets", [True, False])
+def test_per_tensor_update_split_over_threads_equals_one_thread(monkeypatch, with_offsets):
+    """A single channel (per-tensor) is split between threads, each with a private
+    histogram and extreme buffers merged afterwards: the same counts, offsets and extremes
+    as one thread over all values, and as the torch path."""
+    import numba
+
+    from amct_hf.algorithms.aligned import AlignedHistogram
+    if numba.get_num_threads() < 2:
+        pytest.skip("one numba thread: nothing is split")
+    xs = [make(d, 3 * kernels._SPLIT_MIN_VALUES // 2, 1, i) * (i + 1)
+          for i, d in enumerate(["laplace", "outliers", "normal"])]
+    results = []
+    for path in ("split", "one_thread", "torch"):
+        with monkeypatch.context() as m:
+            if path == "one_thread":
+                m.setattr(kernels, "_SPLIT_MIN_VALUES", 1 << 62)
+            if path == "torch":
+                torch_path(m)
+            hist = AlignedHistogram.empty(1, 65536, with_offsets=with_offsets)
+            top, bottom = torch.full((1, 64), float("-inf")), torch.full((1, 64), float("inf"))
+            for x in xs:
+                if not hist.update(x.t().contiguous(), top, bottom, channels_first=True):
+                    top = torch.cat([top, x.t()], 1).topk(64, 1).values
+                    bottom = torch.cat([bottom, x.t()], 1).topk(64, 1, largest=False).values
+            results.append((hist, top, bottom))
+    (split, top, bottom), (one, top1, bottom1), (slow, top2, bottom2) = results
+    assert split.counts.sum() == sum(x.numel() for x in xs)
+    assert torch.equal(split.counts, one.counts) and torch.equal(split.counts, slow.counts)
+    assert torch.allclose(split.offsets, one.offsets, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(split.offsets, slow.offsets, rtol=1e-9, atol=1e-9)
+    assert torch.equal(top, top1) and torch.equal(top, top2)
+    assert torch.equal(bottom, bottom1) and torch.equal(bottom, bottom2)
+    data = torch.cat(xs).reshape(-1)
+    assert torch.equal(top[0], data.topk(64).values)
+    assert torch.equal(bottom[0], data.topk(64, largest=False).values)
+
+
 def test_streaming_ifmr_kernel_equals_torch_path(monkeypatch):
     from amct_hf.observers.streaming import StreamingIFMRObserver
     from amct_hf.params import parse_quant_algo_params

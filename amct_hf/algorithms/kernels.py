@@ -168,7 +168,7 @@ if AVAILABLE:
         # x is [C, N] (channel-major, so each thread streams through its own rows)
         track = offsets.shape[1] > 0
         for c in prange(x.shape[0]):
-            _update_row(x[c], level[c], origin[c], counts[c], offsets[c] if track else offsets[0:0, 0],
+            _update_row(x[c], level[c], origin[c], counts[c], offsets[c],
                         top[c], bottom[c], track, extremes)
 
     @njit(parallel=True, cache=True)
@@ -188,11 +188,12 @@ if AVAILABLE:
         for p in prange(parts):
             lo = min(n, p * block)
             hi = min(n, lo + block)
-            if extremes:  # admit only what can enter the merged buffers
-                part_top[p, k_n - 1] = top[0, k_n - 1]
-                part_bottom[p, k_n - 1] = bottom[0, k_n - 1]
+            if extremes:  # admit only what can enter the merged buffers: the merge takes
+                # strictly greater (smaller) values, so these placeholders never enter
+                part_top[p, :] = top[0, k_n - 1]
+                part_bottom[p, :] = bottom[0, k_n - 1]
             _update_row(x[0, lo:hi], level[0], origin[0], part_counts[p],
-                        part_offsets[p] if track else part_offsets[0:0, 0], part_top[p], part_bottom[p],
+                        part_offsets[p], part_top[p], part_bottom[p],
                         track, extremes)
         for p in range(parts):
             counts[0] += part_counts[p]

@@ -12,6 +12,7 @@ protection.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_smollm2 import collect_states, factors_from_states, shakespeare_excerpts, spread_texts  # noqa: E402
+from accuracy_smollm2 import add_size_args, collect_states, eval_corpora, factors_from_states  # noqa: E402
 
 CONFIGS = [("target ascend-c8", {"target": "ascend-c8"}),
            ("target vllm-fp8", {"target": "vllm-fp8"})]
@@ -49,20 +50,17 @@ def protect(factors, sinks):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cal-samples", type=int, default=16)
-    ap.add_argument("--cal-len", type=int, default=512)
-    ap.add_argument("--eval-samples", type=int, default=32)
-    ap.add_argument("--eval-len", type=int, default=512)
+    add_size_args(ap)
+    ap.add_argument("--oracle", action="store_true", help="also: sink tokens of the evaluation left unquantized")
     args = ap.parse_args()
     from amct_hf import evaluate_kv_quant
-    from amct_hf.assets import load_smollm2, news_corpus_path, newsgroup_posts
+    from amct_hf.assets import load_smollm2, news_corpus_path
     from amct_hf.data import load_texts, tokenize_samples
     from amct_hf.naming import layer_kind
 
     model, tok = load_smollm2()
     n, length = args.eval_samples, args.eval_len
-    corpora = {"Shakespeare": shakespeare_excerpts(tok, n, length),
-               "newsgroups": spread_texts(tok, [p[:4000] for p in newsgroup_posts()], n, length)}
+    corpora = eval_corpora(tok, n, length)
     news = load_texts(str(news_corpus_path()))
     states = collect_states(model, tokenize_samples(tok, news, seq_len=args.cal_len, num_samples=args.cal_samples))
     # every stored batch is one packed sample: row 0 is its first token
@@ -87,6 +85,43 @@ def main():
                 iv = r.interval
                 cells.append(f"{corpus} {iv['point']:+.3%} [{iv['low']:+.3%}, {iv['high']:+.3%}]")
             print(f"{label}{suffix}: " + ", ".join(cells) + f" ({time.time() - started:.0f} s)", flush=True)
+        if args.oracle:
+            for kinds in (("key", "value"), ("key",), ("value",)):
+                cells = [f"{corpus} {sink_oracle(model, tok, texts, factors, kinds, n, length):+.3%}"
+                         for corpus, texts in corpora.items()]
+                print(f"{label}, evaluation sinks' {'/'.join(kinds)} unquantized: " + ", ".join(cells), flush=True)
+
+
+def sink_oracle(model, tok, texts, factors, kinds, num_samples, seq_len):
+    """Perplexity increase with the record applied to every K/V except the first position of
+    each chunk for ``kinds`` (same chunks as evaluate_kv_quant: packed, one per batch)."""
+    from amct_hf.algorithms.convention import fake_quantize
+    from amct_hf.data import tokenize_samples
+    from amct_hf.modeling.attention import kv_transform
+    from amct_hf.naming import layer_kind
+
+    def transform(name, states):  # states [B, kv_heads, S, head_dim]
+        scales, offsets = (torch.as_tensor(v, dtype=torch.float32) for v in factors[name])
+        shape = (1, states.shape[1], 1, states.shape[3]) if scales.numel() > 1 else (1, 1, 1, 1)
+        out = fake_quantize(states.float(), scales.reshape(shape), offsets.reshape(shape)).to(states.dtype)
+        if layer_kind(name) in kinds:
+            out[..., :1, :] = states[..., :1, :]
+        return out
+
+    def nll(ids):
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                       reduction="sum"))
+    base = quant = 0.0
+    count = 0
+    with torch.no_grad():
+        for sample in tokenize_samples(tok, texts, seq_len=seq_len, num_samples=num_samples):
+            ids = torch.tensor([sample])
+            base += nll(ids)
+            with kv_transform(model, transform):
+                quant += nll(ids)
+            count += ids.shape[1] - 1
+    return math.exp((quant - base) / count) - 1
 
 
 if __name__ == "__main__":

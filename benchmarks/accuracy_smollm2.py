@@ -136,12 +136,24 @@ def print_table(out, seconds=None):
         print(f"| {row['label']} | " + " | ".join(cell(row[c]["interval"]) for c in names) + " |")
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def add_size_args(ap: argparse.ArgumentParser) -> None:
+    """The calibration and evaluation sizes every accuracy benchmark takes."""
     ap.add_argument("--cal-samples", type=int, default=16)
     ap.add_argument("--cal-len", type=int, default=512)
     ap.add_argument("--eval-samples", type=int, default=32)
     ap.add_argument("--eval-len", type=int, default=512)
+
+
+def eval_corpora(tok, num_samples, seq_len) -> dict:
+    """The two held-out corpora, spread so that ``num_samples`` chunks span each."""
+    from amct_hf.assets import newsgroup_posts
+    return {"Shakespeare": shakespeare_excerpts(tok, num_samples, seq_len),
+            "newsgroups": spread_texts(tok, [p[:4000] for p in newsgroup_posts()], num_samples, seq_len)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    add_size_args(ap)
     ap.add_argument("--rows", type=int, default=len(ROWS), help="evaluate the first N rows only")
     ap.add_argument("--json", default=None, help="write the rows here (rewritten after every row)")
     ap.add_argument("--table-only", default=None, metavar="JSON", help="print the table of an earlier run")
@@ -151,15 +163,13 @@ def main():
             print_table(json.load(f))
         return
     from amct_hf import calibrate_kv_cache, evaluate_kv_quant
-    from amct_hf.assets import load_smollm2, news_corpus_path, newsgroup_posts
+    from amct_hf.assets import load_smollm2, news_corpus_path
     from amct_hf.data import load_texts, tokenize_samples
 
     started = time.time()
     model, tok = load_smollm2()
     news = load_texts(str(news_corpus_path()))
-    n, length = args.eval_samples, args.eval_len
-    corpora = {"Shakespeare": shakespeare_excerpts(tok, n, length),
-               "newsgroups": spread_texts(tok, [p[:4000] for p in newsgroup_posts()], n, length)}
+    corpora = eval_corpora(tok, args.eval_samples, args.eval_len)
     cal = dict(num_samples=args.cal_samples, seq_len=args.cal_len, progress=False, write=False)
     ev = dict(tokenizer=tok, num_samples=args.eval_samples, seq_len=args.eval_len, progress=False)
     samples = tokenize_samples(tok, news, seq_len=args.cal_len, num_samples=args.cal_samples)

@@ -12,6 +12,7 @@ protection.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -67,6 +68,7 @@ def main():
     sinks = {name: (torch.stack([b[0] for b in batches]).amin(0), torch.stack([b[0] for b in batches]).amax(0))
              for name, batches in states.items()}
     baselines: dict = {}
+    full_precision: dict = {}  # corpus -> the oracle's full-precision (NLL, tokens)
     ev = dict(tokenizer=tok, num_samples=n, seq_len=length, progress=False)
     for label, kwargs in CONFIGS:
         factors = factors_from_states(model, states, kwargs)
@@ -87,17 +89,21 @@ def main():
             print(f"{label}{suffix}: " + ", ".join(cells) + f" ({time.time() - started:.0f} s)", flush=True)
         if args.oracle:
             for kinds in (("key", "value"), ("key",), ("value",)):
-                cells = [f"{corpus} {sink_oracle(model, tok, texts, factors, kinds, n, length):+.3%}"
-                         for corpus, texts in corpora.items()]
+                cells = []
+                for corpus, texts in corpora.items():
+                    chunks = tokenize_samples(tok, texts, seq_len=length, num_samples=n)
+                    if corpus not in full_precision:
+                        full_precision[corpus] = summed_nll(model, chunks)
+                    quantized = summed_nll(model, chunks, sink_kept_transform(factors, kinds))
+                    increase = math.exp((quantized[0] - full_precision[corpus][0]) / quantized[1]) - 1
+                    cells.append(f"{corpus} {increase:+.3%}")
                 print(f"{label}, evaluation sinks' {'/'.join(kinds)} unquantized: " + ", ".join(cells), flush=True)
 
 
-def sink_oracle(model, tok, texts, factors, kinds, num_samples, seq_len):
-    """Perplexity increase with the record applied to every K/V except the first position of
-    each chunk for ``kinds`` (same chunks as evaluate_kv_quant: packed, one per batch)."""
+def sink_kept_transform(factors, kinds):
+    """kv_transform callback: the record applied to every K/V except the first position of
+    each chunk for ``kinds``."""
     from amct_hf.algorithms.convention import fake_quantize
-    from amct_hf.data import tokenize_samples
-    from amct_hf.modeling.attention import kv_transform
     from amct_hf.naming import layer_kind
 
     def transform(name, states):  # states [B, kv_heads, S, head_dim]
@@ -107,21 +113,23 @@ def sink_oracle(model, tok, texts, factors, kinds, num_samples, seq_len):
         if layer_kind(name) in kinds:
             out[..., :1, :] = states[..., :1, :]
         return out
+    return transform
 
-    def nll(ids):
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                       reduction="sum"))
-    base = quant = 0.0
-    count = 0
+
+def summed_nll(model, chunks, transform=None):
+    """(summed next-token NLL, predicted tokens) over the chunks, one per batch, as
+    evaluate_kv_quant scores them."""
+    from amct_hf.modeling.attention import kv_transform
+    total, count = 0.0, 0
     with torch.no_grad():
-        for sample in tokenize_samples(tok, texts, seq_len=seq_len, num_samples=num_samples):
-            ids = torch.tensor([sample])
-            base += nll(ids)
-            with kv_transform(model, transform):
-                quant += nll(ids)
+        for chunk in chunks:
+            ids = torch.tensor([chunk])
+            with kv_transform(model, transform) if transform is not None else contextlib.nullcontext():
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            total += float(torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
             count += ids.shape[1] - 1
-    return math.exp((quant - base) / count) - 1
+    return total, count
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ import time
 CONFIGS = [("ifmr", "per_tensor"), ("ifmr", "per_channel"), ("hfmg", "per_tensor"), ("hfmg", "per_channel")]
 
 
-def _setup(samples, seq_len):
+def setup(samples, seq_len):
+    """SmolLM2-135M fp32 (on BENCH_DEVICE), its tokenizer, the news corpus and the
+    ``samples`` x ``seq_len`` batches every calibration timing runs over."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -57,7 +59,7 @@ def plain_forward(model, batches, **kwargs):
 def worker(kind, algo, gran, samples, seq_len):
     """One measurement in this process; prints a JSON line."""
     from amct_hf import calibrate_kv_cache
-    model, tok, texts, batches = _setup(samples, seq_len)
+    model, tok, texts, batches = setup(samples, seq_len)
     plain_forward(model, batches[:1])  # warm-up (allocator, kernels)
     out = {"kind": kind, "algo": algo, "granularity": gran, "samples": samples, "seq_len": seq_len}
     params = {"act_algo": algo, "quant_granularity": gran}

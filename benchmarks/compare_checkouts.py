@@ -23,25 +23,14 @@ HERE = Path(__file__).resolve().parents[1]
 
 
 def worker(samples, seq_len):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from bench_calibration import plain_forward, setup  # this tree's benchmark, either tree's amct_hf
 
     import amct_hf
     from amct_hf import calibrate_kv_cache
-    from amct_hf.assets import news_corpus_path, smollm2_folder
-    from amct_hf.data import load_texts, make_batches, tokenize_samples
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    folder = smollm2_folder()
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
-    texts = load_texts(str(news_corpus_path()))
-    batches = make_batches(tokenize_samples(tok, texts, seq_len=seq_len, num_samples=samples),
-                           batch_size=1, pad_token_id=tok.pad_token_id)
+    model, tok, texts, batches = setup(samples, seq_len)
 
     def forward():
-        with torch.no_grad():
-            for b in batches:
-                model(input_ids=b["input_ids"], use_cache=False, logits_to_keep=1)
+        plain_forward(model, batches, logits_to_keep=1)
 
     out = {"source": str(Path(amct_hf.__file__).parent), "forward_s": [], "calibrate_s": {}}
     forward()  # warm-up

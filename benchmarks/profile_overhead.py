@@ -15,7 +15,6 @@ of each to ``forward``.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 CONFIGS = [("ifmr", "per_tensor"), ("ifmr", "per_channel"), ("hfmg", "per_tensor"), ("hfmg", "per_channel")]
@@ -30,10 +29,8 @@ def main():
     args = ap.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from bench_calibration import plain_forward, setup
 
-    from amct_hf.assets import news_corpus_path, smollm2_folder
-    from amct_hf.data import load_texts, make_batches, tokenize_samples
     from amct_hf.distributed import Comm
     from amct_hf.modeling.attention import KVCalibrationHooks
     from amct_hf.naming import record_order
@@ -41,26 +38,17 @@ def main():
     from amct_hf.observers.kv import KVBank
     from amct_hf.params import parse_quant_algo_params
 
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    folder = smollm2_folder()
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
-    texts = load_texts(str(news_corpus_path()))
-    batches = make_batches(tokenize_samples(tok, texts, seq_len=args.seq_len, num_samples=args.samples),
-                           batch_size=1, pad_token_id=tok.pad_token_id)
+    model, _, _, batches = setup(args.samples, args.seq_len)
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     configs = CONFIGS if args.configs == "all" else [tuple(c.split("/")) for c in args.configs.split(",")]
 
     def run(sink):
         start = time.perf_counter()
-        with torch.no_grad():
-            if sink is None:
-                for b in batches:
-                    model(input_ids=b["input_ids"], use_cache=False, logits_to_keep=1)
-            else:
-                with KVCalibrationHooks(model, sink):
-                    for b in batches:
-                        model(input_ids=b["input_ids"], use_cache=False, logits_to_keep=1)
+        if sink is None:
+            plain_forward(model, batches, logits_to_keep=1)
+        else:
+            with KVCalibrationHooks(model, sink):
+                plain_forward(model, batches, logits_to_keep=1)
         return time.perf_counter() - start
 
     def make_bank(algo, gran):

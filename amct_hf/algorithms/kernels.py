@@ -175,7 +175,8 @@ if AVAILABLE:
     def _aligned_update_split(x, level, origin, counts, offsets, top, bottom, extremes, parts):
         # one channel (per-tensor) over ``parts`` threads: each fills a private histogram
         # and extreme buffers from a slice of the values, merged afterwards. Counts and
-        # offsets are sums of terms exact in float64, so the split does not change them.
+        # extremes are those of one thread exactly; offsets are float64 sums regrouped, as
+        # when processes' histograms are summed.
         n = x.shape[1]
         b_n = counts.shape[1]
         k_n = top.shape[1]

@@ -24,7 +24,8 @@ from .data import load_texts, make_batches, shard, tokenize_samples
 from .distributed import Comm
 from .errors import CalibrationInputError, InvalidArgumentError
 from .fileio import lock_timeout_seconds
-from .modeling.attention import TAPS, KVCalibrationHooks
+from .modeling.attention import TAPS, KVCalibrationHooks, KVStatesComplete
+from .modeling.centering import supports_value_centering
 from .modeling.loading import input_device, load_model, no_logits_kwargs, text_config
 from .naming import layer_kind, record_order
 from .observers.kv import KVBank
@@ -184,6 +185,14 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
                             trust_remote_code=trust_remote_code, tokenizer=tokenizer,
                             max_memory=max_memory, offload_folder=offload_folder)
     _warn_long_context(model, seq_len)
+    if target is not None and not supports_value_centering(model.config):
+        centred = settings
+        settings = resolve_kv_settings(target, quant_algo_params, value_quant_algo_params,
+                                       channel_groups, range_margin, value_centering=False)
+        params, margins = settings.params["key"], settings.range_margin
+        if settings != centred:
+            logger.info("target %s: %s has no attention bias to carry value centres; values "
+                        "calibrated symmetric", target, getattr(model.config, "model_type", "the model"))
     logger.info("model %s loaded (%s, %s)", type(model).__name__, input_device(model),
                 next(model.parameters()).dtype)
     samples = tokenize_samples(tok, texts, seq_len=seq_len, num_samples=num_samples, pack=pack)
@@ -206,7 +215,10 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
         bar = tqdm(total=len(batches), desc="calibrating", unit="batch")
     failure = None
     try:
-        with torch.no_grad(), KVCalibrationHooks(model, bank, tap=tap):
+        # The forward stops once the last layer's K/V are observed, except under accelerate's
+        # dispatch hooks: their post-forward (offloading weights back) must run.
+        dispatched = any(hasattr(m, "_hf_hook") for m in model.modules())
+        with torch.no_grad(), KVCalibrationHooks(model, bank, tap=tap, stop_when_complete=not dispatched):
             for batch in batches:
                 ids = batch["input_ids"].to(device)
                 mask = batch["attention_mask"]
@@ -216,7 +228,10 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
                     # without padding the mask is omitted: no per-batch token selection
                     kwargs = {"attention_mask": mask.to(device),
                               "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device)}
-                model(input_ids=ids, use_cache=False, **skip_logits, **kwargs)
+                try:
+                    model(input_ids=ids, use_cache=False, **skip_logits, **kwargs)
+                except KVStatesComplete:
+                    pass
                 if bar is not None:
                     bar.update(1)
     except CalibrationInputError as err:

@@ -179,9 +179,10 @@ def run_calibrate(args) -> int:
     settings = resolve_kv_settings(args.target, kwargs["quant_algo_params"], None, args.channel_groups,
                                    args.range_margin)  # fail before any model is touched
     _check_positive(args, ("num_samples", "seq_len", "batch_size"))
-    if args.export_ascend_c8 and (any(p.asymmetric for p in settings.params.values()) or args.tap != "cache"):
-        raise InvalidArgumentError("--export-ascend-c8 needs --symmetric factors of the KV cache "
-                                   "(--tap cache): the Ascend engines dequantize without offsets")
+    if args.export_ascend_c8 and (settings.params["key"].asymmetric or args.tap != "cache"):
+        raise InvalidArgumentError("--export-ascend-c8 needs symmetric keys of the KV cache (--target "
+                                   "ascend-c8, or --symmetric; --tap cache): the Ascend engines dequantize "
+                                   "without offsets")
     dataset = args.dataset
     if dataset is None:
         from .assets import default_corpus_file

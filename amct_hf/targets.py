@@ -8,8 +8,12 @@ the configuration measured best for what that engine can load
 (``benchmarks/accuracy_smollm2.py``, README "Accuracy"):
 
 * ``"ascend-c8"``: vllm-ascend / MindIE C8 dequantize with the scale alone and read
-  ``[kv_heads * head_dim]`` tensors: symmetric records, per channel or per tensor (the
-  Ascend export repeats a per-tensor scale onto the channels);
+  ``[kv_heads * head_dim]`` tensors (the Ascend export repeats a per-tensor scale onto the
+  channels). Keys: symmetric. Values: asymmetric, for a model whose attention biases can
+  carry the value centres (Llama: the Ascend export folds the offsets into ``v_proj`` /
+  ``o_proj`` biases, :mod:`amct_hf.modeling.centering`, and the engine's symmetric
+  quantization then computes what the record measures); symmetric otherwise
+  (``value_centering=False``, e.g. Qwen2, whose ``o_proj`` has no bias);
 * ``"transformers"``: :class:`~amct_hf.modeling.cache.StaticInt8KVCache` takes any
   record, asymmetric included;
 * ``"vllm-fp8"``: vLLM's static FP8 KV scales are one per tensor: symmetric, per-tensor.
@@ -26,22 +30,21 @@ from .algorithms.grouping import CHANNEL_GROUPS
 from .errors import InvalidArgumentError
 from .params import QuantParams, parse_quant_algo_params
 
-__all__ = ["TARGETS", "KVSettings", "resolve_kv_settings"]
+__all__ = ["TARGETS", "WITHOUT_VALUE_CENTERING", "KVSettings", "resolve_kv_settings"]
 
 KINDS = ("key", "value")
 
 #: target -> what it sets: "key"/"value" quant_algo_params, "channel_groups" and
 #: "range_margin" per kind. Measured on SmolLM2-135M (README "Accuracy").
 TARGETS: dict[str, dict] = {
-    # symmetric only. Keys: one HFMG range per tensor (the export repeats it onto the
-    # channels). Values: HFMG per channel, widened by 25% -- fitted per channel on a few
-    # thousand tokens they clip on other text; per-tensor or per-head symmetric values
-    # cost more (README "Accuracy")
+    # Keys: one symmetric HFMG range per tensor (the export repeats it onto the channels).
+    # Values: one asymmetric HFMG range per tensor, served through the bias fold; the
+    # symmetric value ranges cost 0.3% perplexity on newsgroups (README "Accuracy")
     "ascend-c8": {
         "key": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": "per_tensor"},
-        "value": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": "per_channel"},
+        "value": {"act_algo": "hfmg", "asymmetric": True, "quant_granularity": "per_tensor"},
         "channel_groups": {"key": "channel", "value": "channel"},
-        "range_margin": {"key": 0.0, "value": 0.25},
+        "range_margin": {"key": 0.0, "value": 0.0},
     },
     # any record: HFMG asymmetric per tensor measured best (values need their offset)
     "transformers": {
@@ -56,6 +59,18 @@ TARGETS: dict[str, dict] = {
         "value": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": "per_tensor"},
         "channel_groups": {"key": "channel", "value": "channel"},
         "range_margin": {"key": 0.0, "value": 0.0},
+    },
+}
+
+#: a target's settings for a model whose attention cannot carry value centres
+WITHOUT_VALUE_CENTERING: dict[str, dict] = {
+    # symmetric only. Values: HFMG per channel, widened by 25% -- fitted per channel on a
+    # few thousand tokens they clip on other text; per-tensor or per-head symmetric values
+    # cost more (README "Accuracy")
+    "ascend-c8": {
+        **TARGETS["ascend-c8"],
+        "value": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": "per_channel"},
+        "range_margin": {"key": 0.0, "value": 0.25},
     },
 }
 
@@ -131,8 +146,12 @@ def _merge(target: str, kind: str, fixed: dict, given) -> QuantParams:
 
 
 def resolve_kv_settings(target=None, quant_algo_params=None, value_quant_algo_params=None,
-                        channel_groups=None, range_margin=0.0) -> KVSettings:
+                        channel_groups=None, range_margin=0.0, value_centering=True) -> KVSettings:
     """The settings of a calibration run (see the module docstring).
+
+    ``value_centering``: whether the model's attention biases can carry value centres
+    (:func:`amct_hf.modeling.centering.supports_value_centering`); a target that relies on
+    them takes its symmetric settings otherwise.
 
     Without a target: keys use ``quant_algo_params``, values ``value_quant_algo_params``
     (default: the same); ``channel_groups`` is one grouping for both or a
@@ -145,7 +164,7 @@ def resolve_kv_settings(target=None, quant_algo_params=None, value_quant_algo_pa
         return _checked(KVSettings({"key": key, "value": value}, _groups(channel_groups), _margins(range_margin)))
     if target not in TARGETS:
         raise InvalidArgumentError(f"target={target!r} is not known; use one of {tuple(TARGETS)}")
-    spec = TARGETS[target]
+    spec = TARGETS[target] if value_centering else WITHOUT_VALUE_CENTERING.get(target, TARGETS[target])
     value_given = quant_algo_params if value_quant_algo_params is None else value_quant_algo_params
     params = {"key": _merge(target, "key", spec["key"], quant_algo_params),
               "value": _merge(target, "value", spec["value"], value_given)}

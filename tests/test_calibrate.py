@@ -170,11 +170,19 @@ def test_calibration_skips_logits_of_all_but_the_last_position(tiny_dir, monkeyp
                                   quant_algo_params={"quant_granularity": 1}, progress=False, write=False).factors
     try:
         spared = run()
-        assert positions == [1, 1, 1]  # one forward per sample, one logit position each
+        # the first forward runs whole, with one logit position; the other two stop once the
+        # last layer's K/V are observed, before the logits
+        assert positions == [1]
         positions.clear()
         monkeypatch.setattr(calibrate_module, "no_logits_kwargs", lambda m: {})
         full = run()
-        assert positions == [16, 16, 16]
+        assert positions == [16]
+        positions.clear()
+        hooks = calibrate_module.KVCalibrationHooks
+        monkeypatch.setattr(calibrate_module, "KVCalibrationHooks",
+                            lambda *a, **k: hooks(*a, **{**k, "stop_when_complete": False}))
+        whole = run()
+        assert positions == [16, 16, 16]  # every forward to the end
     finally:
         handle.remove()
-    assert spared == full  # the K/V statistics do not change
+    assert spared == full == whole  # the K/V statistics do not change

@@ -110,23 +110,41 @@ def test_keys_and_values_take_their_own_settings(tiny_dir, tmp_path):
 def test_targets_write_what_their_engine_loads(tiny_dir):
     kw = dict(write=False, progress=False, num_samples=SAMPLES, seq_len=SEQ)
     c8 = calibrate_kv_cache(str(tiny_dir), str(tiny_dir / "corpus.txt"), target="ascend-c8", **kw)
-    assert all(set(o) == {0} for s, o in c8.factors.values())  # symmetric: engines ignore offsets
-    # values per channel ([kv_heads * head_dim]); keys one scale (the export repeats it)
-    assert {len(s) for n, (s, _) in c8.factors.items()} == {1, 32}
-    assert all(len(s) == (1 if layer_kind(n) == "key" else 32) for n, (s, _) in c8.factors.items())
-    assert c8.settings.target == "ascend-c8"
+    # a Llama: symmetric keys (engines ignore offsets), asymmetric values whose offsets the
+    # Ascend export folds into attention biases; one range per tensor each
+    assert all(len(s) == 1 for s, _ in c8.factors.values())
+    assert all(o == [0] for n, (_, o) in c8.factors.items() if layer_kind(n) == "key")
+    assert any(o != [0] for n, (_, o) in c8.factors.items() if layer_kind(n) == "value")
+    assert c8.settings.target == "ascend-c8" and c8.settings.params["value"].asymmetric
     fp8 = calibrate_kv_cache(str(tiny_dir), str(tiny_dir / "corpus.txt"), target="vllm-fp8", **kw)
     assert all(len(s) == 1 and o == [0] for s, o in fp8.factors.values())  # one symmetric scale per tensor
     hf = calibrate_kv_cache(str(tiny_dir), str(tiny_dir / "corpus.txt"), target="transformers", **kw)
     assert set(hf.factors) == set(c8.factors) and hf.settings.params["value"].asymmetric
 
 
+def test_ascend_target_without_value_centering_is_symmetric_throughout(tiny_dir):
+    """Qwen2's o_proj has no bias to carry value centres: ascend-c8 calibrates its values
+    symmetric, per channel ([kv_heads * head_dim]), widened by 25%."""
+    from transformers import AutoTokenizer
+
+    from .tiny_models import build
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    res = calibrate_kv_cache(build("qwen2"), str(tiny_dir / "corpus.txt"), tokenizer=tok, target="ascend-c8",
+                             write=False, progress=False, num_samples=SAMPLES, seq_len=SEQ)
+    assert all(set(o) == {0} for _, o in res.factors.values())
+    assert all(len(s) == (1 if layer_kind(n) == "key" else 32) for n, (s, _) in res.factors.items())
+    assert res.settings.range_margin == {"key": 0.0, "value": 0.25}
+    assert not res.settings.params["value"].asymmetric
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"target": "ascend-c8", "quant_algo_params": {"asymmetric": True}}, "asymmetric"),
-    ({"target": "ascend-c8", "value_quant_algo_params": {"quant_granularity": "per_tensor"}}, "quant_granularity"),
+    ({"target": "ascend-c8", "value_quant_algo_params": {"quant_granularity": "per_channel"}}, "quant_granularity"),
     ({"target": "transformers", "quant_algo_params": {"act_algo": "ifmr"}}, "act_algo"),
     ({"target": "vllm-fp8", "channel_groups": "head"}, "channel_groups"),
     ({"target": "ascend-c8", "range_margin": 0.3}, "range_margin"),
+    ({"target": "ascend-c8", "value_quant_algo_params": {"asymmetric": False}}, "asymmetric"),
     ({"range_margin": {"key": -1}}, "range_margin"),
     ({"range_margin": {"keys": 0.1}}, "range_margin"),
     ({"target": "tensorrt"}, "not known"),

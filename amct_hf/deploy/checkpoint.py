@@ -31,7 +31,7 @@ from ..fileio import fsync_dir
 
 __all__ = [
     "DEFAULT_MAX_SHARD_SIZE", "SourceModel", "parse_size", "read_source_model",
-    "check_out_dir", "write_model_dir",
+    "check_out_dir", "read_tensor", "write_model_dir",
 ]
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10 ** 9  # "5GB", transformers' unit convention (10**9)
@@ -194,6 +194,17 @@ def read_source_model(model_dir: str | os.PathLike, *, trust_remote_code: bool =
     return SourceModel(model_dir, config, _torch_dtype(config, tensors), tensors, layout, meta_model)
 
 
+def read_tensor(source: SourceModel, name: str):
+    """One tensor of the source checkpoint, as stored (memory-mapped file, one tensor read)."""
+    from safetensors import safe_open
+
+    info = next((t for t in source.tensors if t.name == name), None)
+    if info is None:
+        raise ExportError(f"{source.model_dir} has no tensor {name!r}")
+    with safe_open(info.source_file, framework="pt", device="cpu") as f:
+        return f.get_tensor(info.source_name)
+
+
 def check_out_dir(out_dir: str | os.PathLike, model_dir: str | os.PathLike, overwrite: bool) -> str:
     """Refuse an existing non-empty ``out_dir`` (unless ``overwrite``) and any ``out_dir``
     that is, or contains, the model directory (overwriting it would delete the source)."""
@@ -260,9 +271,11 @@ def write_model_dir(source: SourceModel, out_dir: str | os.PathLike, *,
                     added_tensors: Mapping[str, object], weights_prefix: str,
                     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
                     extra_json: Mapping[str, object] | None = None,
-                    edit_config: Callable[[dict], dict] | None = None) -> dict:
+                    edit_config: Callable[[dict], dict] | None = None,
+                    replaced_tensors: Mapping[str, object] | None = None) -> dict:
     """Write ``out_dir``: the source's tensors plus ``added_tensors`` (name -> torch tensor,
-    appended after them), the index, every other file of the model directory (verbatim,
+    appended after them), with ``replaced_tensors`` (name -> tensor of the source's
+    dtype and shape) written in place of the source's own, the index, every other file of the model directory (verbatim,
     except ``config.json`` when ``edit_config`` is given), and ``extra_json`` files.
 
     Returns ``{"out_dir", "files", "weight_map", "total_size"}``. ``out_dir`` is checked
@@ -276,6 +289,12 @@ def write_model_dir(source: SourceModel, out_dir: str | os.PathLike, *,
     if clash:
         raise ExportError(f"{source.model_dir} already has a tensor named {clash[0]!r}; "
                           f"it looks like an exported directory already")
+    replaced = dict(replaced_tensors or {})
+    stored = {t.name: t for t in source.tensors}
+    for name, tensor in replaced.items():
+        old = stored.get(name)
+        if old is None or list(tensor.shape) != old.shape or tensor.numel() * tensor.element_size() != old.nbytes:
+            raise ExportError(f"cannot replace tensor {name!r}: not in {source.model_dir} with that shape and size")
     infos = list(source.tensors)
     for name, tensor in added_tensors.items():
         infos.append(_TensorInfo(name, "", list(tensor.shape),
@@ -291,7 +310,7 @@ def write_model_dir(source: SourceModel, out_dir: str | os.PathLike, *,
     try:
         weight_map: dict[str, str] = {}
         for shard_name, infos_k in zip(shard_names, shards):
-            _write_shard(os.path.join(tmp, shard_name), infos_k, added_tensors)
+            _write_shard(os.path.join(tmp, shard_name), infos_k, {**added_tensors, **replaced})
             weight_map.update({t.name: shard_name for t in infos_k})
         total = sum(t.nbytes for t in infos)
         files = {f"{weights_prefix}.safetensors.index.json":

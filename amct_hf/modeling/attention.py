@@ -21,14 +21,20 @@ from torch import nn
 from ..errors import InvalidArgumentError, UnpatchableModelError
 from ..naming import kv_record_keys
 
-__all__ = ["KVCalibrationHooks", "kv_calibration", "kv_transform", "Observe", "key_value_names",
-           "TAPS"]
+__all__ = ["KVCalibrationHooks", "KVStatesComplete", "kv_calibration", "kv_transform", "Observe",
+           "key_value_names", "TAPS"]
 
 Observe = Callable[[str, torch.Tensor], object]  # (record key, [tokens, channels])
 TAPS = ("cache", "proj")
 _PREFIX = "amct_hf_kv_"
 _STATES: weakref.WeakKeyDictionary[nn.Module, _ModelState] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
+
+
+class KVStatesComplete(Exception):
+    """Raised out of the model's forward by hooks made with ``stop_when_complete=True`` once
+    every attention layer has handed over its key/value states: the rest of the forward
+    (the last layer's attention and MLP, the final norm, the logits) is not needed."""
 
 
 def key_value_names(path: str, module: nn.Module) -> tuple[str, str]:
@@ -86,6 +92,14 @@ class _ModelState:
         self.handles = []
         self.paths = {id(m): p for p, m in model.named_modules()}
         self.seen: dict[str, int] = {}  # record key -> channels, for completeness checks
+        self.stop_when_complete = False
+        self.last_emitted: str | None = None  # in the current forward
+        self.stop_after: str | None = None    # the last key a whole forward emitted
+
+    def forward_started(self) -> None:
+        if self.stop_when_complete and self.stop_after is None:
+            self.stop_after = self.last_emitted  # None before the first forward has run
+        self.last_emitted = None
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, F] -> [tokens, F], dropping padding positions of the current batch."""
@@ -96,10 +110,12 @@ class _ModelState:
         return x.reshape(b * s, f)
 
     def emit(self, name: str, x: torch.Tensor) -> None:
-        if x.shape[0] == 0:
-            return  # a batch of padding only
-        self.seen[name] = x.shape[-1]
-        self.observe(name, x)
+        if x.shape[0]:  # else a batch of padding only
+            self.seen[name] = x.shape[-1]
+            self.observe(name, x)
+        self.last_emitted = name
+        if name == self.stop_after:
+            raise KVStatesComplete(name)
 
     def observe_attention(self, module, query, key, value):
         # with a cache the attention sees past + new tokens; the new ones are the last q_len
@@ -113,6 +129,7 @@ class _ModelState:
 
 def _capture_mask(state: _ModelState):
     def hook(module, args, kwargs):
+        state.forward_started()
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
             mask = args[1]
@@ -126,9 +143,14 @@ class KVCalibrationHooks:
     the raw ``k_proj``/``v_proj`` outputs, as AMCT taps them) are passed to
     ``observe(record_key, states[tokens, kv_heads * head_dim])`` with padding removed.
     On exit the model is restored. Entering again for the same model and observer is a
-    no-op."""
+    no-op.
 
-    def __init__(self, model: nn.Module, observe: Observe, tap: str = "cache", *, transform=None):
+    ``stop_when_complete``: from the second forward on, raise :class:`KVStatesComplete` right
+    after the key that came last in the first forward has been observed; the caller
+    catches it. The first forward runs whole, so the order is learnt, not assumed."""
+
+    def __init__(self, model: nn.Module, observe: Observe, tap: str = "cache", *, transform=None,
+                 stop_when_complete: bool = False):
         if transform is not None and tap != "cache":
             raise ValueError("a key/value transform needs tap='cache'")
         self.transform = transform
@@ -137,6 +159,7 @@ class KVCalibrationHooks:
         if not callable(observe):
             raise TypeError(f"observe must be callable (e.g. a QuantCalibrationOp), got {observe!r}")
         self.model, self.observe, self.tap = model, observe, tap
+        self.stop_when_complete = stop_when_complete
         self.state: _ModelState | None = None
 
     def __enter__(self) -> KVCalibrationHooks:
@@ -151,6 +174,7 @@ class KVCalibrationHooks:
                 self.state = state
                 return self
             state = _ModelState(self.model, self.observe, self.tap, self.transform)
+            state.stop_when_complete = self.stop_when_complete
             self._install(state)
             state.depth = 1
             _STATES[self.model] = state

@@ -28,3 +28,16 @@ def per_tensor_record(sym_record, tmp_path_factory):
     write_kv_factors(path, {name: ([max(s)], [0]) for name, (s, _) in factors.items()})
     return path
 
+
+
+@pytest.fixture(scope="session")
+def centred_record(smollm2_dir, tmp_path_factory):
+    """Path of a record calibrated as target="ascend-c8" calibrates a Llama: symmetric keys,
+    asymmetric values (news corpus, 2 x 64 tokens)."""
+    import amct_hf
+    from amct_hf import assets
+
+    path = tmp_path_factory.mktemp("records") / "centred.txt"
+    amct_hf.calibrate_kv_cache(str(smollm2_dir), str(assets.default_corpus_file()), record_file=str(path),
+                               target="ascend-c8", num_samples=2, seq_len=64, progress=False)
+    return path

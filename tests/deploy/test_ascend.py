@@ -125,15 +125,29 @@ def _assert_nothing_written(parent, out):
     assert not [n for n in os.listdir(parent) if n.startswith(".")]
 
 
-def test_asymmetric_record_refused_nothing_created(sym_record, smollm2_dir, tmp_path):
+def test_asymmetric_keys_refused_nothing_created(sym_record, smollm2_dir, tmp_path):
     factors = read_kv_factors(sym_record)
-    name = "model.layers.4.self_attn.v_proj"
+    name = "model.layers.4.self_attn.k_proj"
     scales, offsets = factors[name]
     factors[name] = (scales, [0] * 10 + [-3] + offsets[11:])
     asym = tmp_path / "asym.txt"
     write_kv_factors(asym, factors)
-    with pytest.raises(ExportError, match=r"model\.layers\.4\.self_attn\.v_proj.*offset -3.*--symmetric"):
+    with pytest.raises(ExportError, match=r"model\.layers\.4\.self_attn\.k_proj.*offset -3.*symmetric keys"):
         export_ascend_c8(asym, smollm2_dir, tmp_path / "out")
+    _assert_nothing_written(tmp_path, tmp_path / "out")
+
+
+def test_value_offsets_of_a_model_without_o_proj_bias_refused(tmp_path):
+    from amct_hf.modeling.layout import kv_layout
+
+    model = build("qwen2")
+    model.save_pretrained(tmp_path / "qwen2")
+    factors = {n: ([0.01] * slot.channels, [0] * slot.channels) for n, slot in kv_layout(model).items()}
+    name = next(n for n in factors if n.endswith("v_proj"))
+    factors[name] = (factors[name][0], [5] * len(factors[name][0]))
+    write_kv_factors(tmp_path / "rec.txt", factors)
+    with pytest.raises(ExportError, match=rf"{name}.*value offsets.*qwen2 model has no o_proj bias"):
+        export_ascend_c8(tmp_path / "rec.txt", tmp_path / "qwen2", tmp_path / "out")
     _assert_nothing_written(tmp_path, tmp_path / "out")
 
 
@@ -188,3 +202,78 @@ def test_fused_qkv_model_names_map_to_k_proj_v_proj(tmp_path):
         assert torch.equal(tensors[f"{attn}.{proj}.kv_cache_scale"], torch.tensor(scales))
         assert desc[f"{attn}.{proj}.kv_cache_offset"] == "C8"
     assert any(n.endswith("self_attn.qkv_proj.weight") for n in tensors)
+
+
+def _symmetric_fake_quant(factors):
+    """kv_transform callback: fake-quantize each entry with its (scale, offset) lists,
+    broadcast over [batch, kv_heads, seq, head_dim]."""
+    from amct_hf.algorithms.convention import fake_quantize
+    from amct_hf.modeling.layout import broadcast_factor
+
+    def transform(name, states):
+        scales, offsets = factors[name]
+        s = broadcast_factor(torch.tensor(scales, dtype=torch.float32), states, name)
+        o = broadcast_factor(torch.tensor(offsets, dtype=torch.float32), states, name)
+        return fake_quantize(states.float(), s, o).to(states.dtype)
+    return transform
+
+
+def test_value_offsets_folded_into_biases_serve_the_asymmetric_record(centred_record, smollm2_dir, tmp_path):
+    """The folded export, read back as an engine would (attention biases from config.json,
+    symmetric scales, no offsets), computes the logits of the original model under the
+    asymmetric value record."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from amct_hf.modeling.attention import kv_transform
+
+    record = read_kv_factors(centred_record)
+    assert any(o for name, (_, offsets) in record.items() if name.endswith("v_proj") for o in offsets)
+    assert not any(o for name, (_, offsets) in record.items() if name.endswith("k_proj") for o in offsets)
+    out = tmp_path / "out"
+    result = export_ascend_c8(centred_record, smollm2_dir, out)
+    assert result["folded_value_offsets"]
+    tensors, _ = load_dir_tensors(out)
+    source = load_file(smollm2_dir / "model.safetensors")
+    biases = {f"model.layers.{i}.self_attn.{p}.bias" for i in range(LAYERS)
+              for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    assert set(tensors) == set(source) | {"lm_head.weight"} | KV_NAMES | biases
+    for name, t in source.items():  # every source tensor untouched
+        assert torch.equal(tensors[name].view(torch.uint8), t.view(torch.uint8)), name
+    assert not any(tensors[n].any() for n in biases if ".q_proj." in n or ".k_proj." in n)
+    desc = json.loads((out / "quant_model_description.json").read_text())
+    assert {desc[n] for n in biases} == {"FLOAT"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["attention_bias"] is True
+    assert {k: v for k, v in config.items() if k != "attention_bias"} == \
+        {k: v for k, v in json.loads((smollm2_dir / "config.json").read_text()).items() if k != "attention_bias"}
+
+    served = {}  # what a scale-only engine quantizes with
+    for name in record:
+        attn, proj = name.rsplit(".", 1)
+        scales = tensors[f"{attn}.{proj}.kv_cache_scale"]
+        assert not tensors[f"{attn}.{proj}.kv_cache_offset"].any()
+        served[name] = (scales.tolist(), [0] * len(scales))
+    original = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    folded = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out)).eval()
+    folded.load_state_dict({n: t for n, t in tensors.items() if ".kv_cache_" not in n}, strict=True)
+    ids = torch.randint(100, 40000, (2, 48), generator=torch.Generator().manual_seed(0))
+
+    def only(layer, factors):  # one layer quantized: rounding flips cannot compound over 30 layers
+        transform = _symmetric_fake_quant(factors)
+        return lambda name, states: transform(name, states) if f".layers.{layer}." in name else states
+
+    with torch.no_grad():
+        plain = original(ids).logits
+        assert (folded(ids).logits - plain).abs().max() < 1e-4 * plain.abs().max()  # same model
+        for layer in (0, 14, 29):
+            with kv_transform(original, only(layer, record)):
+                asymmetric = original(ids).logits
+            with kv_transform(folded, only(layer, served)):
+                engine = folded(ids).logits
+            with kv_transform(original, only(layer, served)):
+                unfolded = original(ids).logits
+            effect = (asymmetric - plain).abs().max()
+            assert effect > 1e-2, layer
+            # float rounding of the folded biases flips a few values to the next grid point
+            assert (engine - asymmetric).abs().max() < 0.1 * effect, layer
+            assert (unfolded - asymmetric).abs().max() > 3 * (engine - asymmetric).abs().max(), layer

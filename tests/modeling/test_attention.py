@@ -188,3 +188,34 @@ def test_kv_transform_changes_attention_inputs():
         zeroed = model(x).logits
     assert not torch.allclose(base, zeroed)
     assert torch.equal(model(x).logits, base)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("tap", ["cache", "proj"])
+def test_stop_when_complete_skips_the_tail_and_observes_the_same(kind, tap):
+    from amct_hf.modeling.attention import KVCalibrationHooks, KVStatesComplete
+
+    model = build(kind)
+    full, stopped = Collect(), Collect()
+    batches = [ids(seed=s) for s in (1, 2, 3)]
+    with torch.no_grad(), KVCalibrationHooks(model, full, tap=tap):
+        for x in batches:
+            model(x)
+    last_layer = model.model.layers[-1]
+    tail_calls = []
+    handles = [last_layer.mlp.register_forward_hook(lambda *a: tail_calls.append("mlp")),
+               model.model.norm.register_forward_hook(lambda *a: tail_calls.append("norm"))]
+    raised = 0
+    with torch.no_grad(), KVCalibrationHooks(model, stopped, tap=tap, stop_when_complete=True):
+        for x in batches:
+            try:
+                model(x)
+            except KVStatesComplete:
+                raised += 1
+    for h in handles:
+        h.remove()
+    assert raised == 2 and tail_calls == ["mlp", "norm"]  # only the first forward ran whole
+    assert list(stopped.data) == list(full.data)
+    for name in full.data:
+        assert torch.equal(stopped.cat(name), full.cat(name)), name
+    model(batches[0])  # the hooks are gone: nothing raises after exit

@@ -3,12 +3,14 @@
 symmetrically, with ``mu = -offset * scale`` moved into a ``v_proj`` bias and
 ``W_o @ repeat_kv(mu)`` into an ``o_proj`` bias, gives the logits of quantizing ``v``
 with the asymmetric (scale, offset). Checked through the real routed attention
-(:func:`kv_transform`) on a tiny Llama whose config carries attention biases."""
+(:func:`kv_transform`) on a tiny Llama whose config carries attention biases, with the
+biases from :func:`centering_biases`."""
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from amct_hf.algorithms.convention import fake_quantize
 from amct_hf.modeling.attention import kv_transform
+from amct_hf.modeling.centering import centering_biases, supports_value_centering
 from amct_hf.naming import layer_kind
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16
@@ -46,16 +48,17 @@ def test_value_offsets_fold_into_attention_biases_exactly():
         model(ids)
     scales = {i: peak[i] / 60 for i in range(2)}
     offsets = {i: torch.full(shape, -100.0) for i in range(2)}
+    assert supports_value_centering(model.config)
     folded = LlamaForCausalLM(_config(True)).eval()
     state = dict(model.state_dict())
     for i, layer in enumerate(model.model.layers):
-        mu = (-offsets[i] * scales[i]).reshape(KV_HEADS, HEAD_DIM)
-        mu_per_query_head = mu.repeat_interleave(HEADS // KV_HEADS, dim=0).reshape(-1)  # repeat_kv's order
+        mu = (-offsets[i] * scales[i]).reshape(-1)
+        v_delta, o_delta = centering_biases(mu, layer.self_attn.o_proj.weight, HEADS)
         prefix = f"model.layers.{i}.self_attn."
         state[prefix + "q_proj.bias"] = torch.zeros(HEADS * HEAD_DIM)
         state[prefix + "k_proj.bias"] = torch.zeros(KV_HEADS * HEAD_DIM)
-        state[prefix + "v_proj.bias"] = -mu.reshape(-1)
-        state[prefix + "o_proj.bias"] = layer.self_attn.o_proj.weight @ mu_per_query_head
+        state[prefix + "v_proj.bias"] = v_delta.float()
+        state[prefix + "o_proj.bias"] = o_delta.float()
     folded.load_state_dict(state)
     with torch.no_grad():
         plain = model(ids).logits
@@ -70,3 +73,8 @@ def test_value_offsets_fold_into_attention_biases_exactly():
     with torch.no_grad(), kv_transform(model, _values_only({i: (scales[i], torch.zeros(shape)) for i in range(2)})):
         unfolded = model(ids).logits
     assert (unfolded - asymmetric).abs().max() > 10 * (symmetric_folded - asymmetric).abs().max()
+
+
+def test_qwen2_cannot_carry_value_centres():
+    from transformers import Qwen2Config
+    assert not supports_value_centering(Qwen2Config())

@@ -120,7 +120,7 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
                        trust_remote_code=False, mode="streaming", stream_bins=None, pack=True,
                        range_margin=0.0, progress=True, write=True, lock_timeout=None,
                        max_memory=None, offload_folder=None, value_quant_algo_params=None,
-                       channel_groups=None, target=None) -> CalibrationResult:
+                       channel_groups=None, target=None, value_centering=True) -> CalibrationResult:
     """Calibrate INT8 K/V factors of every decoder layer and merge them into ``record_file``.
 
     ``model``: a model id, a local folder or a loaded model (then pass ``tokenizer``).
@@ -153,7 +153,10 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     record still has ``kv_heads * head_dim`` entries (see :mod:`amct_hf.algorithms.grouping`).
     ``target``: ``"ascend-c8"``, ``"transformers"`` or ``"vllm-fp8"`` picks the measured
     best settings for that engine (:mod:`amct_hf.targets`); explicit arguments that
-    contradict it are refused.
+    contradict it are refused. ``value_centering=False`` keeps ``"ascend-c8"`` symmetric
+    throughout even where the model could carry value centres in its attention biases
+    (for an engine that does not read them); models that cannot carry them (Qwen2) get the
+    symmetric settings anyway.
 
     ``max_memory`` ({"cpu": "2GiB", 0: "20GiB"}) and ``offload_folder`` (created if
     missing) load a model larger than memory from a path: weights that fit nowhere else are
@@ -162,7 +165,7 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     """
     started = time.time()
     settings = resolve_kv_settings(target, quant_algo_params, value_quant_algo_params,
-                                   channel_groups, range_margin)
+                                   channel_groups, range_margin, value_centering)
     params, margins = settings.params["key"], settings.range_margin
     _check_args(seq_len, num_samples, batch_size, tap, mode, max(margins.values()))
     stream_bins = check_grid_bins(stream_bins)
@@ -185,7 +188,7 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
                             trust_remote_code=trust_remote_code, tokenizer=tokenizer,
                             max_memory=max_memory, offload_folder=offload_folder)
     _warn_long_context(model, seq_len)
-    if target is not None and not supports_value_centering(model.config):
+    if target is not None and value_centering and not supports_value_centering(model.config):
         centred = settings
         settings = resolve_kv_settings(target, quant_algo_params, value_quant_algo_params,
                                        channel_groups, range_margin, value_centering=False)

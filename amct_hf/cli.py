@@ -71,6 +71,10 @@ def _add_calibrate_arguments(p) -> None:
     q.add_argument("--target", choices=("ascend-c8", "transformers", "vllm-fp8"),
                    help="the engine that will serve the factors: picks the configuration measured "
                         "best for it (README, Accuracy); other quantization flags must agree with it")
+    q.add_argument("--no-value-centering", dest="value_centering", action="store_false",
+                   help="with --target ascend-c8: symmetric values even for a Llama whose attention "
+                        "biases could carry the value centres (for an engine that does not read "
+                        "attention_bias)")
     q.add_argument("--channel-groups", choices=("channel", "rope_pair", "head"),
                    help="per-channel ranges shared by each RoPE pair or each KV head "
                         "(default: one per channel, as AMCT)")
@@ -90,7 +94,7 @@ def _add_calibrate_arguments(p) -> None:
                         "(default: wait forever)")
     r.add_argument("--export-ascend-c8", metavar="OUT_DIR",
                    help="after calibrating, write the ascend-c8 model directory (vllm-ascend / MindIE) "
-                        "of the local model folder with these factors; needs --symmetric")
+                        "of the local model folder with these factors; needs symmetric keys")
 
 
 # --------------------------------------------------------------------------- calibrate
@@ -161,7 +165,7 @@ def _placement(args) -> dict:
 def calibrate_kwargs(args) -> dict:
     """calibrate_kv_cache keyword arguments from parsed calibrate arguments."""
     return dict(record_file=args.record, quant_algo_params=quant_algo_params_from_args(args) or None,
-                target=args.target, channel_groups=args.channel_groups,
+                target=args.target, value_centering=args.value_centering, channel_groups=args.channel_groups,
                 split=args.split, text_column=args.text_column, num_samples=args.num_samples,
                 seq_len=args.seq_len, batch_size=args.batch_size, tap=args.tap,
                 device_map=args.device_map, dtype=args.dtype, **_placement(args),
@@ -177,7 +181,7 @@ def run_calibrate(args) -> int:
     kwargs = calibrate_kwargs(args)
     from .targets import resolve_kv_settings
     settings = resolve_kv_settings(args.target, kwargs["quant_algo_params"], None, args.channel_groups,
-                                   args.range_margin)  # fail before any model is touched
+                                   args.range_margin, args.value_centering)  # fail before any model is touched
     _check_positive(args, ("num_samples", "seq_len", "batch_size"))
     if args.export_ascend_c8 and (settings.params["key"].asymmetric or args.tap != "cache"):
         raise InvalidArgumentError("--export-ascend-c8 needs symmetric keys of the KV cache (--target "

@@ -381,7 +381,9 @@ def recipe_args(defaults: dict, argv=None, description: str | None = None,
                 model_required: str | None = None) -> argparse.Namespace:
     """The calibrate arguments for a recipe script: the CLI's own flags, with the recipe's
     ``defaults`` (flag destinations such as ``model``, ``params``, ``algo``) in place of
-    the CLI's. ``model_required``: the usage error to give when no model is set."""
+    the CLI's. With ``--target``, the recipe's ``params`` give way to the target's settings
+    (``--params`` on the command line still counts, and must agree with the target).
+    ``model_required``: the usage error to give when no model is set."""
     p = argparse.ArgumentParser(description=description)
     _add_calibrate_arguments(p)
     unknown = set(defaults) - {a.dest for a in p._actions}
@@ -389,6 +391,9 @@ def recipe_args(defaults: dict, argv=None, description: str | None = None,
         raise ValueError(f"recipe defaults name no calibrate flag: {sorted(unknown)}")
     p.set_defaults(**defaults)
     args = p.parse_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    if args.target and not any(a == "--params" or a.startswith("--params=") for a in given):
+        args.params = None  # the target sets the quantization; the recipe's own is a default
     if model_required and args.model is None:
         p.error(model_required)  # usage + the message, exit status 2
     return args

@@ -4,7 +4,10 @@ interleaved, with the hooks feeding sinks of increasing cost:
 - ``forward``: ``model(input_ids, logits_to_keep=1)``, no hooks (the baseline);
 - ``hooks``: routed attention, a sink that does nothing;
 - ``check``: the sink runs :func:`~amct_hf.observers.base.check_activation` only;
-- ``bank``: the driver's :class:`~amct_hf.observers.kv.KVBank` (statistics, no solve);
+- ``bank``: the driver's :class:`~amct_hf.observers.kv.KVBank` (statistics, no solve),
+  forwards stopping as in ``stop`` (as the driver runs them);
+- ``stop``: the sink does nothing and each forward stops once the last layer's K/V are
+  observed (``stop_when_complete``, as the driver runs);
 - ``solve``: the bank's reduce + algorithm after the last batch (measured once per config).
 
     .venv/bin/python benchmarks/profile_overhead.py [--samples 16] [--seq-len 512] [--repeats 3]
@@ -32,7 +35,7 @@ def main():
     from bench_calibration import plain_forward, setup
 
     from amct_hf.distributed import Comm
-    from amct_hf.modeling.attention import KVCalibrationHooks
+    from amct_hf.modeling.attention import KVCalibrationHooks, KVStatesComplete
     from amct_hf.naming import record_order
     from amct_hf.observers.base import check_activation
     from amct_hf.observers.kv import KVBank
@@ -42,13 +45,20 @@ def main():
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     configs = CONFIGS if args.configs == "all" else [tuple(c.split("/")) for c in args.configs.split(",")]
 
-    def run(sink):
+    def run(sink, stop=False):
         start = time.perf_counter()
         if sink is None:
             plain_forward(model, batches, logits_to_keep=1)
-        else:
+        elif not stop:
             with KVCalibrationHooks(model, sink):
                 plain_forward(model, batches, logits_to_keep=1)
+        else:
+            with torch.no_grad(), KVCalibrationHooks(model, sink, stop_when_complete=True):
+                for batch in batches:
+                    try:
+                        model(input_ids=batch["input_ids"], use_cache=False, logits_to_keep=1)
+                    except KVStatesComplete:
+                        pass
         return time.perf_counter() - start
 
     def make_bank(algo, gran):
@@ -66,16 +76,17 @@ def main():
             model(input_ids=batches[0]["input_ids"][:, :16], use_cache=False, logits_to_keep=1)
         bank.finalize_all(Comm(), order=record_order)
 
-    rows = {name: [] for name in ("forward", "hooks", "check")}
+    rows = {name: [] for name in ("forward", "hooks", "stop", "check")}
     banks = {f"{a}/{g}": [] for a, g in configs}
     solves = {}
     for _ in range(args.repeats):
         rows["forward"].append(run(None))
         rows["hooks"].append(run(noop))
+        rows["stop"].append(run(noop, stop=True))
         rows["check"].append(run(checking))
         for algo, gran in configs:
             bank = make_bank(algo, gran)
-            banks[f"{algo}/{gran}"].append(run(bank))
+            banks[f"{algo}/{gran}"].append(run(bank, stop=True))
             start = time.perf_counter()
             bank.finalize_all(Comm(), order=record_order)
             solves.setdefault(f"{algo}/{gran}", []).append(time.perf_counter() - start)

@@ -170,6 +170,25 @@ def test_recipe_defaults_on_tiny_model(tiny, tmp_path, monkeypatch, name, channe
     assert all(len(scales) == channels for scales, _ in factors.values())
 
 
+@pytest.mark.parametrize("name", ["llama.py", "qwen.py"])
+def test_recipe_target_replaces_the_recipe_quantization(tiny, tmp_path, monkeypatch, capsys, name):
+    model_dir, corpus = tiny
+    rec = tmp_path / "rec.txt"
+    common = ("--model", str(model_dir), "--dataset", str(corpus), "--num-samples", "4", "--seq-len", "16")
+    with pytest.raises(SystemExit) as exc:  # the recipe's __main__ exits only on failure
+        _run_recipe(name, monkeypatch, *common, "--record", str(rec), "--target", "ascend-c8")
+        raise SystemExit(0)
+    assert exc.value.code == 0
+    factors = read_kv_factors(rec)  # the target's: HFMG per tensor, symmetric keys (a Llama: centred values)
+    assert all(len(s) == 1 for s, _ in factors.values())
+    assert all(o == [0] for n, (_, o) in factors.items() if n.endswith("k_proj"))
+    with pytest.raises(SystemExit) as exc:  # an explicit --params must still agree with the target
+        _run_recipe(name, monkeypatch, *common, "--record", str(tmp_path / "x.txt"), "--target", "ascend-c8",
+                    "--params", '{"act_algo": "ifmr"}')
+    assert exc.value.code == 2 and "act_algo" in capsys.readouterr().err
+    assert not (tmp_path / "x.txt").exists()
+
+
 def test_qwen_recipe_needs_a_model(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         _run_recipe("qwen.py", monkeypatch, "--num-samples", "4")

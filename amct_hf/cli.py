@@ -162,6 +162,12 @@ def _placement(args) -> dict:
             "offload_folder": args.offload_folder}
 
 
+def _say_folded(written: dict) -> None:
+    if written.get("folded_value_offsets"):
+        print("value offsets folded into the attention biases (v_proj/o_proj; config.json "
+              "attention_bias: true): the engine's scale-only C8 cache serves the asymmetric values")
+
+
 def calibrate_kwargs(args) -> dict:
     """calibrate_kv_cache keyword arguments from parsed calibrate arguments."""
     return dict(record_file=args.record, quant_algo_params=quant_algo_params_from_args(args) or None,
@@ -206,6 +212,7 @@ def run_calibrate(args) -> int:
                                        trust_remote_code=args.trust_remote_code)
             print(f"wrote ascend-c8 model directory {written['out_dir']}; serve it with: "
                   f"vllm serve {written['out_dir']} --quantization ascend")
+            _say_folded(written)
         model_hint = "" if args.model is None else f" --model {args.model}"
         log(f"next: amct-hf eval{model_hint} --record {args.record}   "
             "(perplexity on held-out text, with and without these factors)")
@@ -277,6 +284,7 @@ def run_export(args) -> int:
                          max_shard_size=args.max_shard_size, trust_remote_code=args.trust_remote_code)
         print(f"wrote {args.format} model directory {written['out_dir']} "
               f"({len(written['files'])} files, {written['total_size'] / 1e6:.0f} MB of weights)")
+        _say_folded(written)
         return 0
     out = args.out or os.path.splitext(args.record)[0] + (
         ".lmdeploy.txt" if args.format == "lmdeploy-ascend" else "." + args.format)

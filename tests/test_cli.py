@@ -256,6 +256,7 @@ def test_target_flag_picks_the_engine_configuration(tiny, tmp_path, capsys):
     assert all(o == [0] for n, (_, o) in factors.items() if n.endswith("k_proj"))  # symmetric keys
     assert any(o != [0] for n, (_, o) in factors.items() if n.endswith("v_proj"))  # centred values ...
     assert json.loads((out / "config.json").read_text())["attention_bias"] is True  # ... folded into biases
+    assert "value offsets folded into the attention biases" in capsys.readouterr().out
     assert (out / "quant_model_description.json").is_file()
     assert _calibrate(model_dir, corpus, tmp_path / "sym.txt", "--target", "ascend-c8", "--no-value-centering") == 0
     sym = read_kv_factors(tmp_path / "sym.txt")  # for an engine that ignores attention biases

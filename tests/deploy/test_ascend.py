@@ -204,6 +204,49 @@ def test_fused_qkv_model_names_map_to_k_proj_v_proj(tmp_path):
     assert any(n.endswith("self_attn.qkv_proj.weight") for n in tensors)
 
 
+def test_value_offsets_added_to_existing_attention_biases(tmp_path):
+    """A Llama that has attention biases already: v_proj.bias and o_proj.bias are replaced by
+    old - mu and old + W_o repeat_kv(mu), every other tensor is copied bit for bit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from amct_hf.modeling.layout import kv_layout
+
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, attention_bias=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            torch.nn.init.normal_(module.bias)  # non-zero, so "replaced" is not "added"
+    model.save_pretrained(tmp_path / "llama")
+    factors = {}
+    for j, (name, slot) in enumerate(kv_layout(model).items()):
+        offsets = [0] * slot.channels if name.endswith("k_proj") else [j - 7 + (c % 3) for c in range(slot.channels)]
+        factors[name] = ([0.01 * (j + 1) + 0.001 * c for c in range(slot.channels)], offsets)
+    write_kv_factors(tmp_path / "rec.txt", factors)
+    result = export_ascend_c8(tmp_path / "rec.txt", tmp_path / "llama", tmp_path / "out")
+    assert result["folded_value_offsets"]
+    tensors, _ = load_dir_tensors(tmp_path / "out")
+    source = load_file(tmp_path / "llama" / "model.safetensors")
+    record = read_kv_factors(tmp_path / "rec.txt")  # float32 scales, as the export reads them
+    for i in range(2):
+        attn = f"model.layers.{i}.self_attn"
+        scales, offsets = record[f"{attn}.v_proj"]
+        mu = torch.tensor([-o * s for s, o in zip(scales, offsets)], dtype=torch.float64)
+        per_query_head = mu.reshape(2, 16).repeat_interleave(2, dim=0).reshape(-1)
+        w_o = source[f"{attn}.o_proj.weight"].double()
+        assert torch.allclose(tensors[f"{attn}.v_proj.bias"].double(), source[f"{attn}.v_proj.bias"].double() - mu,
+                              atol=1e-6)
+        assert torch.allclose(tensors[f"{attn}.o_proj.bias"].double(),
+                              source[f"{attn}.o_proj.bias"].double() + w_o @ per_query_head, atol=1e-5)
+        assert not torch.equal(tensors[f"{attn}.o_proj.bias"], source[f"{attn}.o_proj.bias"])
+    untouched = [n for n in source if not n.endswith(("v_proj.bias", "o_proj.bias"))]
+    assert len(untouched) == len(source) - 4
+    for name in untouched:
+        assert torch.equal(tensors[name].view(torch.uint8), source[name].view(torch.uint8)), name
+    assert set(tensors) == set(source) | {n + ".kv_cache_" + t for n in record for t in ("scale", "offset")}
+
+
 def _symmetric_fake_quant(factors):
     """kv_transform callback: fake-quantize each entry with its (scale, offset) lists,
     broadcast over [batch, kv_heads, seq, head_dim]."""

@@ -25,7 +25,7 @@ from .distributed import Comm
 from .errors import CalibrationInputError, InvalidArgumentError
 from .fileio import lock_timeout_seconds
 from .modeling.attention import TAPS, KVCalibrationHooks, KVStatesComplete
-from .modeling.centering import supports_value_centering
+from .modeling.centering import model_supports_value_centering
 from .modeling.loading import input_device, load_model, no_logits_kwargs, text_config
 from .naming import layer_kind, record_order
 from .observers.kv import KVBank
@@ -153,10 +153,11 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     record still has ``kv_heads * head_dim`` entries (see :mod:`amct_hf.algorithms.grouping`).
     ``target``: ``"ascend-c8"``, ``"transformers"`` or ``"vllm-fp8"`` picks the measured
     best settings for that engine (:mod:`amct_hf.targets`); explicit arguments that
-    contradict it are refused. ``value_centering=False`` keeps ``"ascend-c8"`` symmetric
-    throughout even where the model could carry value centres in its attention biases
-    (for an engine that does not read them); models that cannot carry them (Qwen2) get the
-    symmetric settings anyway.
+    contradict it are refused. ``"ascend-c8"`` calibrates asymmetric values for a model
+    whose attention biases can carry the value centres (Llama, read from its config before
+    anything else) and symmetric ones otherwise (Qwen2); ``value_centering=False`` asks for
+    the symmetric settings on any model (for an engine that does not read
+    ``attention_bias``).
 
     ``max_memory`` ({"cpu": "2GiB", 0: "20GiB"}) and ``offload_folder`` (created if
     missing) load a model larger than memory from a path: weights that fit nowhere else are
@@ -164,6 +165,8 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     imply ``device_map="auto"``. The factors are the same as with the model in memory.
     """
     started = time.time()
+    if target is not None and value_centering:  # a target's settings depend on the model type
+        value_centering = model_supports_value_centering(model, trust_remote_code)
     settings = resolve_kv_settings(target, quant_algo_params, value_quant_algo_params,
                                    channel_groups, range_margin, value_centering)
     params, margins = settings.params["key"], settings.range_margin
@@ -188,14 +191,6 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
                             trust_remote_code=trust_remote_code, tokenizer=tokenizer,
                             max_memory=max_memory, offload_folder=offload_folder)
     _warn_long_context(model, seq_len)
-    if target is not None and value_centering and not supports_value_centering(model.config):
-        centred = settings
-        settings = resolve_kv_settings(target, quant_algo_params, value_quant_algo_params,
-                                       channel_groups, range_margin, value_centering=False)
-        params, margins = settings.params["key"], settings.range_margin
-        if settings != centred:
-            logger.info("target %s: %s has no attention bias to carry value centres; values "
-                        "calibrated symmetric", target, getattr(model.config, "model_type", "the model"))
     logger.info("model %s loaded (%s, %s)", type(model).__name__, input_device(model),
                 next(model.parameters()).dtype)
     samples = tokenize_samples(tok, texts, seq_len=seq_len, num_samples=num_samples, pack=pack)

@@ -185,9 +185,15 @@ def run_calibrate(args) -> int:
     main_process = _is_main_process()
     log = (lambda msg: print(msg, file=sys.stderr)) if main_process else (lambda msg: None)
     kwargs = calibrate_kwargs(args)
+    from .modeling.centering import model_supports_value_centering
     from .targets import resolve_kv_settings
+    if not args.value_centering and args.target != "ascend-c8":
+        raise InvalidArgumentError("--no-value-centering applies to --target ascend-c8 only")
+    # the bundled default model is a Llama; a given one is judged by its config
+    centering = args.value_centering and (args.model is None or args.target is None
+                                          or model_supports_value_centering(args.model, args.trust_remote_code))
     settings = resolve_kv_settings(args.target, kwargs["quant_algo_params"], None, args.channel_groups,
-                                   args.range_margin, args.value_centering)  # fail before any model is touched
+                                   args.range_margin, centering)  # fail before any weights are loaded
     _check_positive(args, ("num_samples", "seq_len", "batch_size"))
     if args.export_ascend_c8 and (settings.params["key"].asymmetric or args.tap != "cache"):
         raise InvalidArgumentError("--export-ascend-c8 needs symmetric keys of the KV cache (--target "
@@ -397,11 +403,12 @@ def recipe_args(defaults: dict, argv=None, description: str | None = None,
     unknown = set(defaults) - {a.dest for a in p._actions}
     if unknown:
         raise ValueError(f"recipe defaults name no calibrate flag: {sorted(unknown)}")
-    p.set_defaults(**defaults)
+    unset = object()  # tells a --params on the command line (abbreviated or not) from the recipe's
+    p.set_defaults(**{**defaults, "params": unset})
     args = p.parse_args(argv)
-    given = sys.argv[1:] if argv is None else list(argv)
-    if args.target and not any(a == "--params" or a.startswith("--params=") for a in given):
-        args.params = None  # the target sets the quantization; the recipe's own is a default
+    if args.params is unset:
+        # with a target, the target sets the quantization; the recipe's own is only a default
+        args.params = None if args.target else defaults.get("params")
     if model_required and args.model is None:
         p.error(model_required)  # usage + the message, exit status 2
     return args

@@ -139,9 +139,11 @@ def _merge(target: str, kind: str, fixed: dict, given) -> QuantParams:
     got = parse_quant_algo_params({**fixed, **given}).to_dict()
     for field in ("act_algo", "asymmetric", "quant_granularity", "num_bits"):
         if got[field] != want[field]:
+            hint = ("; value_centering=False (--no-value-centering) gives symmetric values"
+                    if target in WITHOUT_VALUE_CENTERING and kind == "value" and field == "asymmetric" else "")
             raise InvalidArgumentError(
                 f"target={target!r} calibrates the {kind}s with {field}={want[field]!r}, but the "
-                f"arguments ask for {field}={got[field]!r}; drop the argument or the target")
+                f"arguments ask for {field}={got[field]!r}; drop the argument or the target{hint}")
     return parse_quant_algo_params({**fixed, **given})
 
 

@@ -136,6 +136,27 @@ def test_ascend_target_without_value_centering_is_symmetric_throughout(tiny_dir)
     assert all(len(s) == (1 if layer_kind(n) == "key" else 32) for n, (s, _) in res.factors.items())
     assert res.settings.range_margin == {"key": 0.0, "value": 0.25}
     assert not res.settings.params["value"].asymmetric
+    # arguments are checked against the settings this model gets, before any work
+    same = calibrate_kv_cache(build("qwen2"), str(tiny_dir / "corpus.txt"), tokenizer=tok, target="ascend-c8",
+                              value_quant_algo_params={"quant_granularity": "per_channel"},
+                              write=False, progress=False, num_samples=SAMPLES, seq_len=SEQ)
+    assert same.factors == res.factors
+    with pytest.raises(InvalidArgumentError, match="quant_granularity"):
+        calibrate_kv_cache(build("qwen2"), str(tiny_dir / "corpus.txt"), tokenizer=tok, target="ascend-c8",
+                           value_quant_algo_params={"quant_granularity": "per_tensor"}, write=False, progress=False)
+    with pytest.warns(UserWarning, match="tap='proj' with per-channel"):
+        calibrate_kv_cache(build("qwen2"), str(tiny_dir / "corpus.txt"), tokenizer=tok, target="ascend-c8",
+                           tap="proj", write=False, progress=False, num_samples=SAMPLES, seq_len=SEQ)
+
+
+def test_ascend_target_symmetric_values_on_request(tiny_dir):
+    kw = dict(write=False, progress=False, num_samples=SAMPLES, seq_len=SEQ, target="ascend-c8")
+    with pytest.raises(InvalidArgumentError, match="asymmetric.*value_centering=False"):
+        calibrate_kv_cache(str(tiny_dir), str(tiny_dir / "corpus.txt"),
+                           value_quant_algo_params={"asymmetric": False}, **kw)
+    res = calibrate_kv_cache(str(tiny_dir), str(tiny_dir / "corpus.txt"), value_centering=False, **kw)
+    assert all(set(o) == {0} for _, o in res.factors.values())
+    assert res.settings.range_margin == {"key": 0.0, "value": 0.25}
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -184,7 +184,7 @@ def test_recipe_target_replaces_the_recipe_quantization(tiny, tmp_path, monkeypa
     assert all(o == [0] for n, (_, o) in factors.items() if n.endswith("k_proj"))
     with pytest.raises(SystemExit) as exc:  # an explicit --params must still agree with the target
         _run_recipe(name, monkeypatch, *common, "--record", str(tmp_path / "x.txt"), "--target", "ascend-c8",
-                    "--params", '{"act_algo": "ifmr"}')
+                    "--param", '{"act_algo": "ifmr"}')  # abbreviated, as argparse allows
     assert exc.value.code == 2 and "act_algo" in capsys.readouterr().err
     assert not (tmp_path / "x.txt").exists()
 
@@ -262,6 +262,9 @@ def test_target_flag_picks_the_engine_configuration(tiny, tmp_path, capsys):
     sym = read_kv_factors(tmp_path / "sym.txt")  # for an engine that ignores attention biases
     assert all(set(o) == {0} for _, o in sym.values())
     assert {len(s) for n, (s, _) in sym.items() if n.endswith("v_proj")} == {32}
+    capsys.readouterr()
+    assert _calibrate(model_dir, corpus, tmp_path / "y.txt", "--no-value-centering") == 2
+    assert "--target ascend-c8 only" in capsys.readouterr().err and not (tmp_path / "y.txt").exists()
     capsys.readouterr()
     assert _calibrate(model_dir, corpus, tmp_path / "x.txt", "--target", "vllm-fp8",
                       "--granularity", "per_channel") == 2

@@ -58,16 +58,20 @@ def fold_value_offsets(pairs, source, record_file: str) -> FoldedBiases | None:
             raise ExportError(f"{source.model_dir}: no tensor {missing[0]!r}; value offsets can only be "
                               f"folded into separate q/k/v/o projections")
         mu = torch.tensor([-o * s for s, o in zip(*pair.value)], dtype=torch.float64)
-        v_delta, o_delta = centering_biases(mu, read_tensor(source, weights["o_proj"]), heads)
-        deltas = {"v_proj": v_delta, "o_proj": o_delta}
-        for proj, weight in weights.items():
-            bias = f"{pair.attention}.{proj}.bias"
-            delta = deltas.get(proj)
-            if bias in names:
-                if delta is not None:
-                    old = read_tensor(source, bias)
-                    folded.replaced[bias] = (old.to(torch.float64) + delta).to(old.dtype)
-                continue
-            new = torch.zeros(shapes[weight][0], dtype=torch.float64) if delta is None else delta
-            folded.added[bias] = new.to(source.dtype)
+        prefix = f"{pair.attention}."
+        biases = {p: prefix + p + ".bias" for p in _PROJECTIONS}
+        old = {p: read_tensor(source, b) for p, b in biases.items() if b in names}
+        # v_proj first: the o_proj term must undo the shift the stored (rounded) bias makes,
+        # not the exact mu, or a bf16/fp16 checkpoint keeps a constant error in every token
+        v_old = old.get("v_proj", torch.zeros(shapes[weights["v_proj"]][0], dtype=source.dtype))
+        v_new = (v_old.to(torch.float64) - mu).to(v_old.dtype)
+        _, o_delta = centering_biases(v_old.to(torch.float64) - v_new.to(torch.float64),
+                                      read_tensor(source, weights["o_proj"]), heads)
+        o_old = old.get("o_proj", torch.zeros(shapes[weights["o_proj"]][0], dtype=source.dtype))
+        new = {"v_proj": v_new, "o_proj": (o_old.to(torch.float64) + o_delta).to(o_old.dtype)}
+        for proj, bias in biases.items():
+            if proj in new:
+                (folded.replaced if proj in old else folded.added)[bias] = new[proj]
+            elif proj not in old:
+                folded.added[bias] = torch.zeros(shapes[weights[proj]][0], dtype=source.dtype)
     return folded

@@ -93,13 +93,15 @@ class _ModelState:
         self.paths = {id(m): p for p, m in model.named_modules()}
         self.seen: dict[str, int] = {}  # record key -> channels, for completeness checks
         self.stop_when_complete = False
-        self.last_emitted: str | None = None  # in the current forward
-        self.stop_after: str | None = None    # the last key a whole forward emitted
+        self.emitted = 0                   # hand-overs in the current forward
+        self.stop_after: int | None = None  # hand-overs of the first, whole forward
 
     def forward_started(self) -> None:
-        if self.stop_when_complete and self.stop_after is None:
-            self.stop_after = self.last_emitted  # None before the first forward has run
-        self.last_emitted = None
+        # counted, not named: a module that runs twice per forward (shared blocks) would
+        # otherwise stop the forward at its first call
+        if self.stop_when_complete and self.stop_after is None and self.emitted:
+            self.stop_after = self.emitted
+        self.emitted = 0
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, F] -> [tokens, F], dropping padding positions of the current batch."""
@@ -113,8 +115,8 @@ class _ModelState:
         if x.shape[0]:  # else a batch of padding only
             self.seen[name] = x.shape[-1]
             self.observe(name, x)
-        self.last_emitted = name
-        if name == self.stop_after:
+        self.emitted += 1
+        if self.emitted == self.stop_after:
             raise KVStatesComplete(name)
 
     def observe_attention(self, module, query, key, value):
@@ -146,8 +148,8 @@ class KVCalibrationHooks:
     no-op.
 
     ``stop_when_complete``: from the second forward on, raise :class:`KVStatesComplete` right
-    after the key that came last in the first forward has been observed; the caller
-    catches it. The first forward runs whole, so the order is learnt, not assumed."""
+    after as many hand-overs as the first forward made; the caller catches it. The first
+    forward runs whole, so the count is learnt, not assumed."""
 
     def __init__(self, model: nn.Module, observe: Observe, tap: str = "cache", *, transform=None,
                  stop_when_complete: bool = False):
@@ -166,10 +168,11 @@ class KVCalibrationHooks:
         with _LOCK:
             state = _STATES.get(self.model)
             if state is not None:
-                if state.observe is not self.observe or state.tap != self.tap:
+                if (state.observe is not self.observe or state.tap != self.tap
+                        or state.stop_when_complete != self.stop_when_complete):
                     raise RuntimeError(
                         f"{type(self.model).__name__} is already being calibrated with another "
-                        "observer or tap; exit that context first")
+                        "observer, tap or stop_when_complete; exit that context first")
                 state.depth += 1
                 self.state = state
                 return self

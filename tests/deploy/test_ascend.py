@@ -204,9 +204,11 @@ def test_fused_qkv_model_names_map_to_k_proj_v_proj(tmp_path):
     assert any(n.endswith("self_attn.qkv_proj.weight") for n in tensors)
 
 
-def test_value_offsets_added_to_existing_attention_biases(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_value_offsets_added_to_existing_attention_biases(tmp_path, dtype):
     """A Llama that has attention biases already: v_proj.bias and o_proj.bias are replaced by
-    old - mu and old + W_o repeat_kv(mu), every other tensor is copied bit for bit."""
+    old - mu and old + W_o repeat_kv(mu), every other tensor is copied bit for bit. In
+    bf16 the o_proj term undoes the shift the stored v_proj bias really makes."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from amct_hf.modeling.layout import kv_layout
@@ -218,7 +220,7 @@ def test_value_offsets_added_to_existing_attention_biases(tmp_path):
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module.bias is not None:
             torch.nn.init.normal_(module.bias)  # non-zero, so "replaced" is not "added"
-    model.save_pretrained(tmp_path / "llama")
+    model.to(dtype).save_pretrained(tmp_path / "llama")
     factors = {}
     for j, (name, slot) in enumerate(kv_layout(model).items()):
         offsets = [0] * slot.channels if name.endswith("k_proj") else [j - 7 + (c % 3) for c in range(slot.channels)]
@@ -233,13 +235,16 @@ def test_value_offsets_added_to_existing_attention_biases(tmp_path):
         attn = f"model.layers.{i}.self_attn"
         scales, offsets = record[f"{attn}.v_proj"]
         mu = torch.tensor([-o * s for s, o in zip(scales, offsets)], dtype=torch.float64)
-        per_query_head = mu.reshape(2, 16).repeat_interleave(2, dim=0).reshape(-1)
         w_o = source[f"{attn}.o_proj.weight"].double()
-        assert torch.allclose(tensors[f"{attn}.v_proj.bias"].double(), source[f"{attn}.v_proj.bias"].double() - mu,
-                              atol=1e-6)
-        assert torch.allclose(tensors[f"{attn}.o_proj.bias"].double(),
-                              source[f"{attn}.o_proj.bias"].double() + w_o @ per_query_head, atol=1e-5)
-        assert not torch.equal(tensors[f"{attn}.o_proj.bias"], source[f"{attn}.o_proj.bias"])
+        v_new, v_old = tensors[f"{attn}.v_proj.bias"], source[f"{attn}.v_proj.bias"]
+        o_new, o_old = tensors[f"{attn}.o_proj.bias"], source[f"{attn}.o_proj.bias"]
+        assert v_new.dtype == o_new.dtype == dtype
+        tol = 1e-6 if dtype == torch.float32 else 2 ** -8
+        shift = v_old.double() - v_new.double()  # what the stored bias really subtracts
+        assert torch.allclose(shift, mu, atol=tol * (1 + v_old.double().abs().max()))
+        undo = w_o @ shift.reshape(2, 16).repeat_interleave(2, dim=0).reshape(-1)
+        assert torch.allclose(o_new.double(), o_old.double() + undo, atol=tol * (1 + o_new.double().abs().max()))
+        assert not torch.equal(o_new, o_old)
     untouched = [n for n in source if not n.endswith(("v_proj.bias", "o_proj.bias"))]
     assert len(untouched) == len(source) - 4
     for name in untouched:

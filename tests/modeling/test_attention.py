@@ -219,3 +219,40 @@ def test_stop_when_complete_skips_the_tail_and_observes_the_same(kind, tap):
     for name in full.data:
         assert torch.equal(stopped.cat(name), full.cat(name)), name
     model(batches[0])  # the hooks are gone: nothing raises after exit
+
+
+def test_stop_when_complete_counts_a_module_that_runs_twice_per_forward():
+    """A block shared between depths (layer 0 runs again at the end) hands over the same keys
+    twice per forward: the stop comes after as many hand-overs as the first forward made,
+    not at the first repeat of the last key."""
+    from amct_hf.modeling.attention import KVCalibrationHooks, KVStatesComplete
+
+    model = build("llama")
+    layers = model.model.layers
+    model.model.layers = nn.ModuleList([layers[0], layers[1], layers[0]])
+    model.config.num_hidden_layers = 3
+    full, stopped = Collect(), Collect()
+    batches = [ids(seed=s) for s in (1, 2, 3)]
+    with torch.no_grad(), KVCalibrationHooks(model, full):
+        for x in batches:
+            model(x)
+    with torch.no_grad(), KVCalibrationHooks(model, stopped, stop_when_complete=True):
+        for x in batches:
+            try:
+                model(x)
+            except KVStatesComplete:
+                pass
+    assert len(full.data["model.layers.0.self_attn.k_proj"]) == 6  # twice per forward
+    for name in full.data:
+        assert torch.equal(stopped.cat(name), full.cat(name)), name
+
+
+def test_nested_hooks_with_another_stop_setting_refused():
+    from amct_hf.modeling.attention import KVCalibrationHooks
+
+    model = build("llama")
+    sink = Collect()
+    with KVCalibrationHooks(model, sink):
+        with pytest.raises(RuntimeError, match="stop_when_complete"):
+            with KVCalibrationHooks(model, sink, stop_when_complete=True):
+                pass

@@ -35,7 +35,7 @@ from .params import QuantParams
 from .record import check_record_file, write_kv_factors
 from .targets import KVSettings, resolve_kv_settings
 
-__all__ = ["calibrate_kv_cache", "CalibrationResult", "DRIVER_MODES", "widen_ranges"]
+__all__ = ["calibrate_kv_cache", "CalibrationResult", "DRIVER_MODES", "kv_settings_for_model", "widen_ranges"]
 
 logger = logging.getLogger("amct_hf")
 DRIVER_MODES = ("streaming", "exact")
@@ -165,10 +165,8 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     imply ``device_map="auto"``. The factors are the same as with the model in memory.
     """
     started = time.time()
-    if target is not None and value_centering:  # a target's settings depend on the model type
-        value_centering = model_supports_value_centering(model, trust_remote_code)
-    settings = resolve_kv_settings(target, quant_algo_params, value_quant_algo_params,
-                                   channel_groups, range_margin, value_centering)
+    settings = kv_settings_for_model(model, target, quant_algo_params, value_quant_algo_params,
+                                     channel_groups, range_margin, value_centering, trust_remote_code)
     params, margins = settings.params["key"], settings.range_margin
     _check_args(seq_len, num_samples, batch_size, tap, mode, max(margins.values()))
     stream_bins = check_grid_bins(stream_bins)
@@ -254,6 +252,19 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     comm.barrier()
     return CalibrationResult(record_file, factors, params, len(samples), tokens, time.time() - started,
                              tolerance, _shortfall(samples, num_samples, seq_len), settings)
+
+
+def kv_settings_for_model(model, target=None, quant_algo_params=None, value_quant_algo_params=None,
+                          channel_groups=None, range_margin=0.0, value_centering=True,
+                          trust_remote_code=False) -> KVSettings:
+    """:func:`~amct_hf.targets.resolve_kv_settings` with ``value_centering`` decided by the
+    model (a loaded one, or an id / folder read from its config alone; None: the bundled
+    SmolLM2, a Llama): a target's settings depend on whether its attention biases can
+    carry value centres."""
+    if target is not None and value_centering and model is not None:
+        value_centering = model_supports_value_centering(model, trust_remote_code)
+    return resolve_kv_settings(target, quant_algo_params, value_quant_algo_params,
+                               channel_groups, range_margin, value_centering)
 
 
 def widen_ranges(factors: dict, margin: float) -> dict:

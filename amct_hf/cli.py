@@ -185,15 +185,12 @@ def run_calibrate(args) -> int:
     main_process = _is_main_process()
     log = (lambda msg: print(msg, file=sys.stderr)) if main_process else (lambda msg: None)
     kwargs = calibrate_kwargs(args)
-    from .modeling.centering import model_supports_value_centering
-    from .targets import resolve_kv_settings
+    from .calibrate import kv_settings_for_model
     if not args.value_centering and args.target != "ascend-c8":
         raise InvalidArgumentError("--no-value-centering applies to --target ascend-c8 only")
-    # the bundled default model is a Llama; a given one is judged by its config
-    centering = args.value_centering and (args.model is None or args.target is None
-                                          or model_supports_value_centering(args.model, args.trust_remote_code))
-    settings = resolve_kv_settings(args.target, kwargs["quant_algo_params"], None, args.channel_groups,
-                                   args.range_margin, centering)  # fail before any weights are loaded
+    settings = kv_settings_for_model(args.model, args.target, kwargs["quant_algo_params"], None,
+                                     args.channel_groups, args.range_margin, args.value_centering,
+                                     args.trust_remote_code)  # fail before any weights are loaded
     _check_positive(args, ("num_samples", "seq_len", "batch_size"))
     if args.export_ascend_c8 and (settings.params["key"].asymmetric or args.tap != "cache"):
         raise InvalidArgumentError("--export-ascend-c8 needs symmetric keys of the KV cache (--target "

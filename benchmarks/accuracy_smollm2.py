@@ -30,8 +30,6 @@ import time
 
 import torch
 
-from amct_hf.targets import resolve_kv_settings
-
 PT, PC = "per_tensor", "per_channel"
 # label, calibrate_kv_cache settings (a "target" row runs calibrate_kv_cache(target=...))
 # in order of priority: a run cut short still has the rows that matter most
@@ -105,15 +103,13 @@ def collect_states(model, samples):
 
 def factors_from_states(model, states, kwargs):
     """calibrate_kv_cache's sink and margins, fed the stored states (streaming mode)."""
-    from amct_hf.calibrate import widen_ranges
+    from amct_hf.calibrate import kv_settings_for_model, widen_ranges
     from amct_hf.distributed import Comm
-    from amct_hf.modeling.centering import supports_value_centering
     from amct_hf.naming import layer_kind, record_order
     from amct_hf.observers.kv import KVBank
-    settings = resolve_kv_settings(kwargs.get("target"), kwargs.get("quant_algo_params"),
-                                   kwargs.get("value_quant_algo_params"), kwargs.get("channel_groups"),
-                                   kwargs.get("range_margin", 0.0),
-                                   value_centering=supports_value_centering(model.config))
+    settings = kv_settings_for_model(model, kwargs.get("target"), kwargs.get("quant_algo_params"),
+                                     kwargs.get("value_quant_algo_params"), kwargs.get("channel_groups"),
+                                     kwargs.get("range_margin", 0.0))
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     bank = KVBank(settings.params, "streaming", settings.groups, head_dim=head_dim)

@@ -60,18 +60,23 @@ def fold_value_offsets(pairs, source, record_file: str) -> FoldedBiases | None:
         mu = torch.tensor([-o * s for s, o in zip(*pair.value)], dtype=torch.float64)
         prefix = f"{pair.attention}."
         biases = {p: prefix + p + ".bias" for p in _PROJECTIONS}
-        old = {p: read_tensor(source, b) for p, b in biases.items() if b in names}
+        present = {p for p, b in biases.items() if b in names}
+
+        def stored(p):  # the checkpoint's bias, or the zeros a bias-free projection implies
+            if p in present:
+                return read_tensor(source, biases[p])
+            return torch.zeros(shapes[weights[p]][0], dtype=source.dtype)
         # v_proj first: the o_proj term must undo the shift the stored (rounded) bias makes,
         # not the exact mu, or a bf16/fp16 checkpoint keeps a constant error in every token
-        v_old = old.get("v_proj", torch.zeros(shapes[weights["v_proj"]][0], dtype=source.dtype))
+        v_old = stored("v_proj")
         v_new = (v_old.to(torch.float64) - mu).to(v_old.dtype)
         _, o_delta = centering_biases(v_old.to(torch.float64) - v_new.to(torch.float64),
                                       read_tensor(source, weights["o_proj"]), heads)
-        o_old = old.get("o_proj", torch.zeros(shapes[weights["o_proj"]][0], dtype=source.dtype))
+        o_old = stored("o_proj")
         new = {"v_proj": v_new, "o_proj": (o_old.to(torch.float64) + o_delta).to(o_old.dtype)}
         for proj, bias in biases.items():
             if proj in new:
-                (folded.replaced if proj in old else folded.added)[bias] = new[proj]
-            elif proj not in old:
-                folded.added[bias] = torch.zeros(shapes[weights[proj]][0], dtype=source.dtype)
+                (folded.replaced if proj in present else folded.added)[bias] = new[proj]
+            elif proj not in present:
+                folded.added[bias] = stored(proj)
     return folded

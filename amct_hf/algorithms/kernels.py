@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 __all__ = ["AVAILABLE", "use_kernels", "histc_rows", "ifmr_losses", "aligned_update", "aligned_update_columns",
-           "aligned_regrid", "aligned_cumulative", "aligned_means", "hfmg_walk", "hfmg_losses"]
+           "row_ranges", "aligned_regrid", "aligned_cumulative", "aligned_means", "hfmg_walk", "hfmg_losses"]
 
 try:
     if os.environ.get("AMCT_HF_DISABLE_NUMBA"):
@@ -137,15 +137,10 @@ if AVAILABLE:
     def _update_row(row, level, origin, counts, offsets, top, bottom, track, extremes):
         # one channel: the values of row into counts/offsets [B], extremes into top/bottom [K]
         b_n = counts.shape[0]
-        k_n = top.shape[0]
         w = math.ldexp(1.0, level)
         inv_w = math.ldexp(1.0, -level)  # exact: multiplying equals dividing by w
-        # the admission thresholds live in registers, reloaded only after an insertion
-        top_min = top[k_n - 1]
-        bottom_max = bottom[k_n - 1]
         for i in range(row.shape[0]):
-            xv = row[i]
-            v = np.float64(xv)
+            v = np.float64(row[i])
             a = np.int64(math.floor(v * inv_w))
             k = a - origin
             if k < 0:
@@ -155,7 +150,38 @@ if AVAILABLE:
             counts[k] += 1.0
             if track:
                 offsets[k] += v - (a + 0.5) * w
-            if extremes:
+        if extremes:
+            _update_extremes(row, top, bottom)
+
+    # values per block of the extremes pass: one compare pair per block decides
+    _EXTREME_BLOCK = 32
+
+    @njit(cache=True, fastmath={"nnan", "ninf", "nsz"})
+    def _block_range(row, start, stop):
+        # finite values only (the bank checks every activation): min/max vectorize then
+        lo = row[start]
+        hi = row[start]
+        for i in range(start + 1, stop):
+            lo = min(lo, row[i])
+            hi = max(hi, row[i])
+        return lo, hi
+
+    @njit(cache=True)
+    def _update_extremes(row, top, bottom):
+        # A separate pass: in the histogram loop the two compares cost as much as the bin
+        # update. The admission thresholds only rise (fall), so a block whose range lies
+        # within them holds nothing to admit; the buffers end as with a value-by-value scan.
+        k_n = top.shape[0]
+        top_min = top[k_n - 1]
+        bottom_max = bottom[k_n - 1]
+        n = row.shape[0]
+        for start in range(0, n, _EXTREME_BLOCK):
+            stop = min(n, start + _EXTREME_BLOCK)
+            lo, hi = _block_range(row, start, stop)
+            if hi <= top_min and lo >= bottom_max:
+                continue
+            for i in range(start, stop):
+                xv = row[i]
                 if xv > top_min:
                     _insert_descending(top, xv)
                     top_min = top[k_n - 1]
@@ -163,13 +189,40 @@ if AVAILABLE:
                     _insert_ascending(bottom, xv)
                     bottom_max = bottom[k_n - 1]
 
+    @njit(parallel=True, cache=True, fastmath={"nnan", "ninf", "nsz"})
+    def _row_ranges(x, n):
+        c_n = x.shape[0]
+        lo = np.empty(c_n, dtype=x.dtype)
+        hi = np.empty(c_n, dtype=x.dtype)
+        for c in prange(c_n):
+            lo[c], hi[c] = _block_range(x[c], 0, n)
+        return lo, hi
+
+    def row_ranges(x, n):
+        """(min, max) of ``x[c, :n]`` per row, for finite values (n >= 1)."""
+        return _row_ranges(x, n)
+
+    @njit(cache=True)
+    def _warm(counts, offsets, track):
+        # one load per cache line, in address order: the hardware prefetcher streams the
+        # channel's histogram in, where the update's scattered loads would each miss
+        acc = 0.0
+        for k in range(0, counts.shape[0], 8):
+            acc += counts[k]
+            if track:
+                acc += offsets[k]
+        return acc
+
     @njit(parallel=True, cache=True)
     def _aligned_update(x, level, origin, counts, offsets, top, bottom, extremes):
         # x is [C, N] (channel-major, so each thread streams through its own rows)
         track = offsets.shape[1] > 0
+        warmed = np.empty(x.shape[0])  # kept so the warming loads are not optimised away
         for c in prange(x.shape[0]):
+            warmed[c] = _warm(counts[c], offsets[c], track)
             _update_row(x[c], level[c], origin[c], counts[c], offsets[c],
                         top[c], bottom[c], track, extremes)
+        return warmed
 
     @njit(parallel=True, cache=True)
     def _aligned_update_split(x, level, origin, counts, offsets, top, bottom, extremes, parts):

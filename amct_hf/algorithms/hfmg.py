@@ -156,8 +156,13 @@ def loss_tables(hist: torch.Tensor):
     q1 = torch.cat([zero, (hist * (i + 0.5)).cumsum(1)], 1)
     m0 = q0[:, -1]
     m1 = q1[:, -1]
-    m2 = (hist * (i * i + i + 1.0 / 3.0)).sum(1)
-    return q0, q1, torch.cat([hist, zero], 1), (m0, m1, m2)
+    return q0, q1, torch.cat([hist, zero], 1), (m0, m1, second_moment(hist))
+
+
+def second_moment(hist: torch.Tensor) -> torch.Tensor:
+    """Sum over bins of the squared (centred) positions, each bin uniform ([C] float64)."""
+    i = torch.arange(hist.shape[1], device=hist.device, dtype=torch.float64) - hist.shape[1] / 2
+    return (hist * (i * i + i + 1.0 / 3.0)).sum(1)
 
 
 def hfmg_losses(hist: torch.Tensor, left: torch.Tensor, right: torch.Tensor, tables=None) -> torch.Tensor:
@@ -190,27 +195,22 @@ def hfmg_factors(state: HistogramState, asymmetric: bool = True, candidate_chunk
     """HFMG scales (float32 [C]) and offsets (int64 [C]) from accumulated histograms."""
     hist, lo, hi = state.hist, state.lo, state.hi
     bins = hist.shape[1]
-    tables = loss_tables(hist)
     fast = kernels.use_kernels(hist)
     if fast:
         h = hist.contiguous().numpy()
         left, right, count = (torch.from_numpy(a) for a in kernels.hfmg_walk(h, math.ceil(bins / 4)))
-        k = max(int(count.max()), 1)
-        left, right = left[:, :k].contiguous(), right[:, :k].contiguous()
-        valid = torch.arange(k)[None, :] < count[:, None]
+        valid = torch.arange(left.shape[1])[None, :] < count[:, None]
     else:
         left, right, valid = search_ranges(hist)
     w = (hi - lo) / bins
     dst_w = w[:, None] * (right - left + 1).to(torch.float32) / DST_BINS
-    if fast:
-        q0, q1, hh = (t.contiguous().numpy() for t in tables[:3])
-        m0, m1, m2 = tables[3]
+    if fast:  # the kernel builds the prefix tables itself, per channel
         # skipping candidates is safe only where none would have its loss forced to zero below
         prune = ~((dst_w < FLT_EPSILON) & valid).any(1)
         losses = torch.from_numpy(kernels.hfmg_losses(
-            q0, q1, hh, m0.numpy(), m1.numpy(), m2.numpy(), left.numpy(), right.numpy(), count.numpy(),
-            DST_BINS, prune.numpy()))
+            h, second_moment(hist).numpy(), left.numpy(), right.numpy(), count.numpy(), DST_BINS, prune.numpy()))
     else:
+        tables = loss_tables(hist)
         losses = torch.cat([hfmg_losses(hist, left[:, j:j + candidate_chunk], right[:, j:j + candidate_chunk],
                                         tables)
                             for j in range(0, left.shape[1], candidate_chunk)], 1)

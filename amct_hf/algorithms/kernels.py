@@ -13,7 +13,8 @@ import os
 import numpy as np
 
 __all__ = ["AVAILABLE", "use_kernels", "histc_rows", "ifmr_losses", "aligned_update", "aligned_update_columns",
-           "row_ranges", "aligned_regrid", "aligned_cumulative", "aligned_means", "hfmg_walk", "hfmg_losses"]
+           "row_ranges", "aligned_regrid", "aligned_cumulative", "aligned_resample", "aligned_means", "hfmg_walk",
+           "hfmg_losses"]
 
 try:
     if os.environ.get("AMCT_HF_DISABLE_NUMBA"):
@@ -313,6 +314,34 @@ if AVAILABLE:
         """Move the channels whose grid changed, in place."""
         _aligned_regrid(level, origin, new_level, new_origin, counts, offsets)
 
+    @njit(cache=True, inline="always")
+    def _prefix_of(counts, prefix):
+        prefix[0] = 0.0
+        for k in range(counts.shape[0]):
+            prefix[k + 1] = prefix[k] + counts[k]
+
+    @njit(cache=True, inline="always")
+    def _count_below(counts, prefix, w, inv_w, origin, lo_c, hi_c, v):
+        # values below v, spread uniformly over each bin's data span
+        b_n = counts.shape[0]
+        if v >= hi_c:
+            return prefix[b_n]
+        if v < lo_c:
+            return 0.0
+        k = np.int64(math.floor(v * inv_w)) - origin
+        if k < 0:
+            k = 0
+        elif k >= b_n:
+            k = b_n - 1
+        edge = (origin + k) * w
+        left = max(edge, lo_c)
+        right = min(edge + w, hi_c)
+        frac = (v - left) / (right - left)
+        if frac != frac:
+            frac = 1.0
+        frac = min(max(frac, 0.0), 1.0)
+        return prefix[k] + counts[k] * frac
+
     @njit(parallel=True, cache=True)
     def _aligned_cumulative(counts, level, origin, lo, hi, x):
         c_n, b_n = counts.shape
@@ -320,34 +349,45 @@ if AVAILABLE:
         out = np.empty((c_n, m_n))
         for c in prange(c_n):
             prefix = np.empty(b_n + 1)
-            prefix[0] = 0.0
-            for k in range(b_n):
-                prefix[k + 1] = prefix[k] + counts[c, k]
+            _prefix_of(counts[c], prefix)
             w = math.ldexp(1.0, level[c])
             inv_w = math.ldexp(1.0, -level[c])
             lo_c, hi_c = np.float64(lo[c]), np.float64(hi[c])
             for m in range(m_n):
-                v = x[c, m]
-                if v >= hi_c:
-                    out[c, m] = prefix[b_n]
-                    continue
-                if v < lo_c:
-                    out[c, m] = 0.0
-                    continue
-                k = np.int64(math.floor(v * inv_w)) - origin[c]
-                if k < 0:
-                    k = 0
-                elif k >= b_n:
-                    k = b_n - 1
-                edge = (origin[c] + k) * w
-                left = max(edge, lo_c)
-                right = min(edge + w, hi_c)
-                frac = (v - left) / (right - left)
-                if frac != frac:
-                    frac = 1.0
-                frac = min(max(frac, 0.0), 1.0)
-                out[c, m] = prefix[k] + counts[c, k] * frac
+                out[c, m] = _count_below(counts[c], prefix, w, inv_w, origin[c], lo_c, hi_c, x[c, m])
         return out
+
+    @njit(parallel=True, cache=True)
+    def _aligned_resample(counts, level, origin, lo, hi, bins):
+        # the cumulative count at lo + k * (hi - lo) / bins, differenced: one pass per
+        # channel instead of [C, bins + 1] temporaries
+        c_n, b_n = counts.shape
+        out = np.zeros((c_n, bins))
+        for c in prange(c_n):
+            prefix = np.empty(b_n + 1)
+            _prefix_of(counts[c], prefix)
+            lo_c, hi_c = np.float64(lo[c]), np.float64(hi[c])
+            if lo_c == hi_c:  # as torch.histc: a constant channel lands in the middle bin
+                total = 0.0
+                for k in range(b_n):
+                    total += counts[c, k]
+                out[c, bins // 2] = total
+                continue
+            w = math.ldexp(1.0, level[c])
+            inv_w = math.ldexp(1.0, -level[c])
+            step = (hi_c - lo_c) / bins
+            below = _count_below(counts[c], prefix, w, inv_w, origin[c], lo_c, hi_c, lo_c)
+            for k in range(bins):
+                edge = lo_c + step * np.float64(k + 1)
+                above = _count_below(counts[c], prefix, w, inv_w, origin[c], lo_c, hi_c, edge)
+                out[c, k] = above - below
+                below = above
+        return out
+
+    def aligned_resample(counts, level, origin, lo, hi, bins):
+        """Counts of an aligned histogram on ``bins`` equal bins over [lo, hi] per channel
+        (uniform within each fine bin): ``cumulative_at`` of the edges, differenced."""
+        return _aligned_resample(counts, level, origin, lo, hi, bins)
 
     @njit(parallel=True, cache=True)
     def _aligned_means(counts, offsets, level, origin):
@@ -372,8 +412,10 @@ if AVAILABLE:
     @njit(parallel=True, cache=True)
     def _hfmg_walk(hist, min_bins):
         c_n, bins = hist.shape
-        left_out = np.zeros((c_n, bins), dtype=np.int64)
-        right_out = np.zeros((c_n, bins), dtype=np.int64)
+        # [C, bins] would be 2 x 6 MB of fresh pages per 192 channels; walks are far shorter
+        # than bins, and only the pages they write are touched
+        left_out = np.empty((c_n, bins), dtype=np.int64)
+        right_out = np.empty((c_n, bins), dtype=np.int64)
         count = np.zeros(c_n, dtype=np.int64)
         for c in prange(c_n):
             total = 0.0
@@ -397,31 +439,46 @@ if AVAILABLE:
                 right_out[c, k] = right
                 k += 1
             count[c] = k
-        return left_out, right_out, count
+        k_n = max(1, count.max())
+        left_trim = np.empty((c_n, k_n), dtype=np.int64)
+        right_trim = np.empty((c_n, k_n), dtype=np.int64)
+        for c in prange(c_n):
+            for k in range(k_n):  # past a channel's walk: its first range (or the whole)
+                src = k if k < count[c] else 0
+                left_trim[c, k] = left_out[c, src] if count[c] else 0
+                right_trim[c, k] = right_out[c, src] if count[c] else bins - 1
+        return left_trim, right_trim, count
 
     @njit(parallel=True, cache=True)
-    def _hfmg_losses(q0, q1, h, m0, m1, m2, left, right, count, dst_bins, prune):
+    def _hfmg_losses(hist, m2, left, right, count, dst_bins, prune):
         c_n, k_n = left.shape
-        bins = q0.shape[1] - 1
+        bins = hist.shape[1]
         shift = bins / 2.0
         out = np.full((c_n, k_n), np.inf)
         for c in prange(c_n):
-            # one interleaved table per channel: the loads of an edge share a cache line
+            # one interleaved table per channel: the loads of an edge share a cache line.
+            # Columns 0/1 are loss_tables' q0/q1 (torch's cumsum is this sequential sum)
             tab = np.empty((bins + 1, 4))
+            q0 = 0.0
+            q1 = 0.0
             q2 = 0.0
             for i in range(bins + 1):
-                tab[i, 0] = q0[c, i]
-                tab[i, 1] = q1[c, i]
-                tab[i, 2] = 0.5 * h[c, i]
+                h = hist[c, i] if i < bins else 0.0
+                tab[i, 0] = q0
+                tab[i, 1] = q1
+                tab[i, 2] = 0.5 * h
                 tab[i, 3] = q2  # second moment of the bins below i (uniform within a bin)
                 if i < bins:
                     u = i - shift
-                    q2 += h[c, i] * (u * u + u + 1.0 / 3.0)
+                    q0 += h
+                    q1 += h * (u + 0.5)
+                    q2 += h * (u * u + u + 1.0 / 3.0)
+            m0, m1 = q0, q1  # loss_tables' m0/m1: the last prefix sums
             # Every value outside [L, R) costs at least its squared distance to that interval
             # (it is quantized to an edge bin's centre, further inside). The walk only ever
             # narrows the interval, so this bound never decreases: once it exceeds the best
             # loss so far (by far more than rounding), no later candidate can win.
-            slack = 1e-9 * (m2[c] + m0[c] * bins * bins)
+            slack = 1e-9 * (m2[c] + m0 * bins * bins)
             best = np.inf
             inv = 1.0 / dst_bins
             for k in range(count[c]):
@@ -430,7 +487,7 @@ if AVAILABLE:
                     R = right[c, k] + 1 - shift
                     a, b = left[c, k], right[c, k] + 1
                     below = L * L * tab[a, 0] - 2.0 * L * tab[a, 1] + tab[a, 3]
-                    above = (R * R * (m0[c] - tab[b, 0]) - 2.0 * R * (m1[c] - tab[b, 1])
+                    above = (R * R * (m0 - tab[b, 0]) - 2.0 * R * (m1 - tab[b, 1])
                              + (m2[c] - tab[b, 3]))
                     if below + above > best + slack:
                         break
@@ -447,7 +504,7 @@ if AVAILABLE:
                     p = pos * inv - shift
                     acc += tab[i, 1] - p * tab[i, 0] - tab[i, 2] * r * r
                 c255 = L + (dst_bins - 0.5) * D
-                loss = m2[c] - 2.0 * c255 * m1[c] + c255 * c255 * m0[c] + 2.0 * D * acc
+                loss = m2[c] - 2.0 * c255 * m1 + c255 * c255 * m0 + 2.0 * D * acc
                 out[c, k] = loss
                 if loss < best:
                     best = loss
@@ -488,9 +545,10 @@ if AVAILABLE:
     def hfmg_walk(hist, min_bins):
         return _hfmg_walk(hist, min_bins)
 
-    def hfmg_losses(q0, q1, h, m0, m1, m2, left, right, count, dst_bins, prune=None):
-        """Losses of the walk's candidates ([C, K]); where ``prune[c]``, candidates that
-        provably cannot beat the best one are left at +inf (the walk stops early)."""
+    def hfmg_losses(hist, m2, left, right, count, dst_bins, prune=None):
+        """Losses of the walk's candidates ([C, K]) from the histogram [C, bins] and its
+        second moment ``m2`` (``loss_tables``); where ``prune[c]``, candidates that provably cannot beat
+        the best one are left at +inf (the walk stops early)."""
         if prune is None:
             prune = np.zeros(left.shape[0], dtype=np.bool_)
-        return _hfmg_losses(q0, q1, h, m0, m1, m2, left, right, count, dst_bins, prune)
+        return _hfmg_losses(hist, m2, left, right, count, dst_bins, prune)

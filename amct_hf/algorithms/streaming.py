@@ -90,6 +90,10 @@ def streaming_hfmg_factors(h: AlignedHistogram, num_of_bins: int, asymmetric: bo
     """HFMG (scales, offsets) from the fine histogram (counts only are needed)."""
     lo, hi = h.lo, h.hi
     check_binnable(lo, hi, num_of_bins)
+    if kernels.use_kernels(h.counts):
+        hist = torch.from_numpy(kernels.aligned_resample(
+            h.counts.contiguous().numpy(), h.level.numpy(), h.origin.numpy(), lo.numpy(), hi.numpy(), num_of_bins))
+        return hfmg_factors(HistogramState(hist, lo, hi), asymmetric)
     step = (hi.double() - lo.double()) / num_of_bins
     edges = lo.double()[:, None] + step[:, None] * torch.arange(num_of_bins + 1, dtype=torch.float64,
                                                                 device=lo.device)

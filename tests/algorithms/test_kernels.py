@@ -136,16 +136,18 @@ def test_hfmg_pruned_walk_keeps_every_loss_that_can_win(dist):
 
     import numpy as np
 
-    from amct_hf.algorithms.hfmg import DST_BINS, loss_tables
+    from amct_hf.algorithms.hfmg import DST_BINS, hfmg_losses, second_moment
     x = make(dist, 4000, 5, 7) * 3
     lo, hi = x.amin(0), x.amax(0)
     hist = histc_per_channel(x, lo, torch.where(hi > lo, hi, lo + 1), 2048)
-    q0, q1, h, (m0, m1, m2) = loss_tables(hist)
     left, right, count = kernels.hfmg_walk(hist.numpy(), math.ceil(2048 / 4))
-    args = [t.contiguous().numpy() for t in (q0, q1, h, m0, m1, m2)] + [left, right, count, DST_BINS]
+    args = [hist.numpy(), second_moment(hist).numpy(), left, right, count, DST_BINS]
     full = kernels.hfmg_losses(*args)
-    pruned = kernels.hfmg_losses(*args, np.ones(5, dtype=np.bool_))
     valid = np.arange(left.shape[1])[None, :] < count[:, None]
+    # the kernel's own prefix tables give the torch formula's losses
+    reference = hfmg_losses(hist, torch.from_numpy(left), torch.from_numpy(right)).numpy()
+    assert np.allclose(full[valid], reference[valid], rtol=1e-12, atol=1e-9 * float(hist.sum()))
+    pruned = kernels.hfmg_losses(*args, np.ones(5, dtype=np.bool_))
     kept = np.isfinite(pruned)
     assert np.array_equal(pruned[kept], full[kept])  # what is computed is computed the same way
     full_valid = np.where(valid, full, np.inf)
@@ -177,3 +179,25 @@ def test_streaming_hfmg_kernels_equal_torch_path(monkeypatch, dist):
             results.append((h.cumulative_at(probe), *obs.compute()))
     assert torch.equal(results[0][0], results[1][0])
     assert torch.equal(results[0][1], results[1][1]) and torch.equal(results[0][2], results[1][2])
+
+
+@pytest.mark.parametrize("dist", ["normal", "outliers", "positive", "constant"])
+def test_resample_kernel_equals_cumulative_difference(monkeypatch, dist):
+    """The fused HFMG resample is bit for bit the torch path: cumulative counts at the
+    ``num_of_bins`` edges over [lo, hi], differenced, a constant channel in the middle bin."""
+    from amct_hf.algorithms.aligned import AlignedHistogram
+    h = AlignedHistogram.empty(4, 512)
+    for seed in range(3):
+        h.update(make(dist, 700, 4, seed) * (seed + 1))
+    fused = torch.from_numpy(kernels.aligned_resample(h.counts.numpy(), h.level.numpy(), h.origin.numpy(),
+                                                      h.lo.numpy(), h.hi.numpy(), 4096))
+    with monkeypatch.context() as m:
+        torch_path(m)
+        step = (h.hi.double() - h.lo.double()) / 4096
+        edges = h.lo.double()[:, None] + step[:, None] * torch.arange(4097, dtype=torch.float64)
+        expected = h.cumulative_at(edges).diff(dim=1)
+    const = h.lo == h.hi
+    expected[const] = 0.0
+    expected[const, 2048] = h.counts[const].sum(1)
+    assert torch.equal(fused, expected)
+    assert torch.allclose(fused.sum(1), h.counts.sum(1))  # every value lands in a bin

@@ -66,6 +66,8 @@ class AlignedHistogram:
 
     def regrid(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Move to the grid that [lo, hi] (a superset of the current range) dictates."""
+        if lo.device.type == "cpu" and torch.equal(lo, self.lo) and torch.equal(hi, self.hi):
+            return  # the grid is a function of the range: the usual case once it has settled
         level = torch.maximum(fit_level(lo, hi, self.bins), self.level)
         origin = _floor_index(lo, level)
         if lo.device.type == "cpu" and torch.equal(level, self.level) and torch.equal(origin, self.origin):

@@ -3,7 +3,8 @@ loop over the same batches, measured in the same run; and peak resident memory f
 and 8*N calibration tokens (each measurement in a fresh process).
 
     .venv/bin/python benchmarks/bench_calibration.py [--samples 64] [--seq-len 512] \
-        [--mem-samples 4] [--mem-seq-len 512] [--device cpu|cuda]
+        [--mem-samples 4] [--mem-seq-len 512] [--device cpu|cuda] [--repeats 3] \
+        [--configs ifmr/per_channel,...] [--no-memory]
 
 "forward" is the issue's baseline: ``model(input_ids)`` over the same batches, logits
 included. Calibration computes logits for the last position only (it reads K/V, not
@@ -12,8 +13,12 @@ the ratio to it is what the statistics and the solve cost.
 
 Calibration has a fixed cost per layer (the solve at the end: about 1 s for per-channel
 IFMR and HFMG over SmolLM2's 60 K/V entries on 2 CPU cores) on top
-of the per-batch statistics, so the ratio is measured on a calibration-sized run. Forward
-loop and calibration alternate twice in one process; the fastest of each is kept.
+of the per-batch statistics, so the ratio is measured on a calibration-sized run. The
+``logits_to_keep=1`` forward and the calibration alternate ``--repeats`` times in one process:
+"ratio to it" is the fastest calibration over the fastest forward, "median pair ratio" the
+median over the repeats of each calibration over the forward just before it (drift between
+pairs cancels; this machine's speed drifts by 10-20% over minutes). The forward with
+logits is timed once, before the first pair.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -73,14 +79,16 @@ def worker(kind, algo, gran, samples, seq_len):
                            seq_len=seq_len, progress=False, write=False)
 
     # alternate the two and keep the fastest of each: this machine's speed drifts by 10-15%
-    # over minutes, more than the difference being measured
-    repeats = 2 if kind == "time" else 1
+    # over minutes, more than the difference being measured; the median of the ratios of
+    # adjacent pairs is the second estimate (drift between pairs cancels)
+    repeats = int(os.environ.get("BENCH_REPEATS", "3")) if kind == "time" else 1
     forward_s, no_logits_s, calibrate_s = [], [], []
-    for _ in range(repeats):
-        if kind == "time":
+    for i in range(repeats):
+        if kind == "time" and i == 0:  # the forward with logits is context only: timed once
             start = time.perf_counter()
             plain_forward(model, batches)
             forward_s.append(time.perf_counter() - start)
+        if kind == "time":
             # calibration spares the LM head (logits_to_keep=1): the same forward without
             # logits shows what the statistics themselves cost
             start = time.perf_counter()
@@ -94,6 +102,7 @@ def worker(kind, algo, gran, samples, seq_len):
         out["forward_all_s"] = forward_s
         out["forward_no_logits_s"] = min(no_logits_s)
         out["forward_no_logits_all_s"] = no_logits_s
+        out["pair_ratios"] = [c / f for c, f in zip(calibrate_s, no_logits_s)]
     out["calibrate_s"] = min(calibrate_s)
     out["calibrate_all_s"] = calibrate_s
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -114,9 +123,14 @@ def main():
     ap.add_argument("--mem-samples", type=int, default=4, help="memory: N samples (and 8 N)")
     ap.add_argument("--mem-seq-len", type=int, default=512)
     ap.add_argument("--device", default=os.environ.get("BENCH_DEVICE", "cpu"), help="cpu, cuda or cuda:N")
+    ap.add_argument("--repeats", type=int, default=int(os.environ.get("BENCH_REPEATS", "3")),
+                    help="forward/calibration pairs per configuration")
+    ap.add_argument("--configs", default="all", help="comma list like ifmr/per_channel, or all")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS runs")
     ap.add_argument("--worker", nargs=5)
     args = ap.parse_args()
     os.environ["BENCH_DEVICE"] = args.device
+    os.environ["BENCH_REPEATS"] = str(args.repeats)
     if args.worker:
         kind, algo, gran, samples, seq_len = args.worker
         return worker(kind, algo, gran, int(samples), int(seq_len))
@@ -124,17 +138,24 @@ def main():
     mn, mseq = args.mem_samples, args.mem_seq_len
     print(f"SmolLM2-135M fp32, news corpus; time: {n} x {seq} tokens; peak RSS: {mn} x {mseq} (N) "
           f"and {8 * mn} x {mseq} (8N) tokens")
+    print(f"{args.repeats} forward/calibration pairs per configuration")
     print("| algorithm | granularity | forward (s) | calibrate (s) | ratio | forward, no logits (s) | "
-          "ratio to it | peak RSS N (MB) | peak RSS 8N (MB) | 8N / N |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for algo, gran in CONFIGS:
+          "ratio to it | median pair ratio (all pairs) | peak RSS N (MB) | peak RSS 8N (MB) | 8N / N |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    configs = CONFIGS if args.configs == "all" else [tuple(c.split("/")) for c in args.configs.split(",")]
+    for algo, gran in configs:
         t = run("time", algo, gran, n, seq)
-        m1 = run("memory", algo, gran, mn, mseq)
-        m8 = run("memory", algo, gran, 8 * mn, mseq)
+        memory = "| - | - | - |"
+        if not args.no_memory:
+            m1 = run("memory", algo, gran, mn, mseq)
+            m8 = run("memory", algo, gran, 8 * mn, mseq)
+            memory = (f"| {m1['peak_rss_mb']:.0f} | {m8['peak_rss_mb']:.0f} | "
+                      f"{m8['peak_rss_mb'] / m1['peak_rss_mb']:.3f} |")
+        pairs = t["pair_ratios"]
         print(f"| {algo} | {gran} | {t['forward_s']:.2f} | {t['calibrate_s']:.2f} | "
               f"{t['calibrate_s'] / t['forward_s']:.3f} | {t['forward_no_logits_s']:.2f} | "
-              f"{t['calibrate_s'] / t['forward_no_logits_s']:.3f} | {m1['peak_rss_mb']:.0f} | "
-              f"{m8['peak_rss_mb']:.0f} | {m8['peak_rss_mb'] / m1['peak_rss_mb']:.3f} |", flush=True)
+              f"{t['calibrate_s'] / t['forward_no_logits_s']:.3f} | {statistics.median(pairs):.3f} "
+              f"({', '.join(f'{r:.3f}' for r in pairs)}) {memory}", flush=True)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,23 @@ class AlignedHistogram:
         return centre + torch.where(self.counts > 0, self.offsets / self.counts.clamp_min(1),
                                     torch.zeros_like(self.offsets))
 
+    def resample(self, bins: int) -> torch.Tensor:
+        """Counts on ``bins`` equal bins over [lo, hi] per channel ([C, bins] float64), each fine
+        bin spread uniformly over its data span; as torch.histc, a constant channel lands in
+        the middle bin."""
+        if kernels.use_kernels(self.counts):  # one pass per channel, bit for bit the same
+            return torch.from_numpy(kernels.aligned_resample(
+                self.counts.contiguous().numpy(), self.level.numpy(), self.origin.numpy(),
+                self.lo.numpy(), self.hi.numpy(), bins))
+        step = (self.hi.double() - self.lo.double()) / bins
+        edges = self.lo.double()[:, None] + step[:, None] * torch.arange(bins + 1, dtype=torch.float64,
+                                                                         device=self.lo.device)
+        hist = self.cumulative_at(edges).diff(dim=1)
+        const = (self.lo == self.hi)[:, None]
+        middle = torch.zeros_like(hist)
+        middle[:, bins // 2] = self.counts.sum(1)
+        return torch.where(const, middle, hist)
+
     def cumulative_at(self, x: torch.Tensor) -> torch.Tensor:
         """Count of values below ``x`` ([C, M] float64), uniform within each bin's data span."""
         if kernels.use_kernels(x):

@@ -88,19 +88,5 @@ def _tolerance(h: AlignedHistogram, hi, lo, scales) -> torch.Tensor:
 
 def streaming_hfmg_factors(h: AlignedHistogram, num_of_bins: int, asymmetric: bool):
     """HFMG (scales, offsets) from the fine histogram (counts only are needed)."""
-    lo, hi = h.lo, h.hi
-    check_binnable(lo, hi, num_of_bins)
-    if kernels.use_kernels(h.counts):
-        hist = torch.from_numpy(kernels.aligned_resample(
-            h.counts.contiguous().numpy(), h.level.numpy(), h.origin.numpy(), lo.numpy(), hi.numpy(), num_of_bins))
-        return hfmg_factors(HistogramState(hist, lo, hi), asymmetric)
-    step = (hi.double() - lo.double()) / num_of_bins
-    edges = lo.double()[:, None] + step[:, None] * torch.arange(num_of_bins + 1, dtype=torch.float64,
-                                                                device=lo.device)
-    hist = h.cumulative_at(edges).diff(dim=1)
-    # as torch.histc: a constant channel lands in the middle bin
-    const = (lo == hi)[:, None]
-    middle = torch.zeros_like(hist)
-    middle[:, num_of_bins // 2] = h.counts.sum(1)
-    hist = torch.where(const, middle, hist)
-    return hfmg_factors(HistogramState(hist, lo, hi), asymmetric)
+    check_binnable(h.lo, h.hi, num_of_bins)
+    return hfmg_factors(HistogramState(h.resample(num_of_bins), h.lo, h.hi), asymmetric)

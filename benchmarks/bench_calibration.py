@@ -24,7 +24,8 @@ barely moves. "ratio to it (sums)" is over all ``--repeats`` calibrations.
 ``--interleave run``: whole forward loops and calibrations alternate ``--repeats`` times;
 "ratio to it" is the fastest calibration over the fastest forward, "median pair ratio" the
 median of each calibration over the forward just before it.
-The forward with logits is timed once, before the first calibration.
+The forward with logits is timed once, before the first calibration. ``BENCH_TRACE=FILE``
+appends every measurement as a JSON line (per batch where interleaved).
 """
 from __future__ import annotations
 
@@ -52,6 +53,12 @@ def setup(samples, seq_len):
     folder = smollm2_folder()
     # --device reaches the workers through the environment, like BENCH_THREADS
     model = AutoModelForCausalLM.from_pretrained(folder).eval().to(os.environ.get("BENCH_DEVICE", "cpu"))
+    # On CPU the weights are views of the mmapped safetensors file, whose pages the kernel may
+    # drop and read back; a private copy puts them in the same kind of memory as the
+    # interleaved baseline's deep copy (tied weights stay tied: one Parameter each)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.clone()
     tok = AutoTokenizer.from_pretrained(folder)
     texts = load_texts(str(news_corpus_path()))
     batches = make_batches(tokenize_samples(tok, texts, seq_len=seq_len, num_samples=samples),
@@ -134,10 +141,11 @@ def batch_interleaved(model, calibrate, repeats):
 
     import torch
     baseline = copy.deepcopy(model)  # made before any hooks: the observers never see it
-    spent = []
+    spent, marks = [], []
 
     def before_batch(module, args, kwargs):
         start = time.perf_counter()
+        marks.append(start)
         with torch.no_grad():
             baseline(input_ids=kwargs["input_ids"], use_cache=False, logits_to_keep=1)
         if kwargs["input_ids"].device.type == "cuda":
@@ -145,18 +153,24 @@ def batch_interleaved(model, calibrate, repeats):
         spent.append(time.perf_counter() - start)
 
     handle = model.register_forward_pre_hook(before_batch, with_kwargs=True)
-    forward_s, calibrate_s = [], []
+    forward_s, calibrate_s, per_batch = [], [], []
     try:
         for _ in range(repeats):
             spent.clear()
+            marks.clear()
             start = time.perf_counter()
             calibrate()
-            total = time.perf_counter() - start
+            end = time.perf_counter()
             forward_s.append(sum(spent))
-            calibrate_s.append(total - sum(spent))
+            calibrate_s.append(end - start - sum(spent))
+            # per batch: the baseline forward, then the calibration's share up to the next
+            # batch (the first includes the setup before it, the last the solve after it)
+            edges = [start] + marks[1:] + [end]
+            per_batch.append([(f, edges[i + 1] - edges[i] - f) for i, f in enumerate(spent)])
     finally:
         handle.remove()
     return {"interleaved_forward_s": forward_s, "interleaved_calibrate_s": calibrate_s,
+            "interleaved_per_batch_s": per_batch,
             "interleaved_ratios": [c / f for c, f in zip(calibrate_s, forward_s)],
             "interleaved_ratio_of_sums": sum(calibrate_s) / sum(forward_s)}
 
@@ -164,7 +178,11 @@ def batch_interleaved(model, calibrate, repeats):
 def run(kind, algo, gran, samples, seq_len):
     proc = subprocess.run([sys.executable, __file__, "--worker", kind, algo, gran, str(samples), str(seq_len)],
                           capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    line = proc.stdout.strip().splitlines()[-1]
+    if os.environ.get("BENCH_TRACE"):  # every measurement, per batch where interleaved
+        with open(os.environ["BENCH_TRACE"], "a") as trace:
+            trace.write(line + "\n")
+    return json.loads(line)
 
 
 def main():

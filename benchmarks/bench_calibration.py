@@ -91,48 +91,43 @@ def worker(kind, algo, gran, samples, seq_len):
         calibrate_kv_cache(model, texts, tokenizer=tok, quant_algo_params=params, num_samples=samples,
                            seq_len=seq_len, progress=False, write=False)
 
-    if kind == "time" and os.environ.get("BENCH_INTERLEAVE", "batch") == "batch":
+    if kind == "time":
         start = time.perf_counter()
         plain_forward(model, batches)  # the forward with logits: context, timed once
         out["forward_s"] = time.perf_counter() - start
-        out.update(batch_interleaved(model, calibrate, int(os.environ.get("BENCH_REPEATS", "3"))))
-        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps(out), flush=True)
-        return
-
-    # alternate the two and keep the fastest of each: this machine's speed drifts by 10-15%
-    # over minutes, more than the difference being measured; the median of the ratios of
-    # adjacent pairs is the second estimate (drift between pairs cancels)
-    repeats = int(os.environ.get("BENCH_REPEATS", "3")) if kind == "time" else 1
-    forward_s, no_logits_s, calibrate_s = [], [], []
-    for i in range(repeats):
-        if kind == "time" and i == 0:  # the forward with logits is context only: timed once
-            start = time.perf_counter()
-            plain_forward(model, batches)
-            forward_s.append(time.perf_counter() - start)
-        if kind == "time":
-            # calibration spares the LM head (logits_to_keep=1): the same forward without
-            # logits shows what the statistics themselves cost
-            start = time.perf_counter()
-            plain_forward(model, batches, logits_to_keep=1)
-            no_logits_s.append(time.perf_counter() - start)
+        repeats = int(os.environ.get("BENCH_REPEATS", "3"))
+        interleave = batch_interleaved if os.environ.get("BENCH_INTERLEAVE", "batch") == "batch" \
+            else alternated_runs
+        out.update(interleave(model, batches, calibrate, repeats))
+    else:
         start = time.perf_counter()
         calibrate()
-        calibrate_s.append(time.perf_counter() - start)
-    if forward_s:
-        out["forward_s"] = min(forward_s)
-        out["forward_all_s"] = forward_s
-        out["forward_no_logits_s"] = min(no_logits_s)
-        out["forward_no_logits_all_s"] = no_logits_s
-        out["pair_ratios"] = [c / f for c, f in zip(calibrate_s, no_logits_s)]
-    out["calibrate_s"] = min(calibrate_s)
-    out["calibrate_all_s"] = calibrate_s
+        out["calibrate_s"] = time.perf_counter() - start
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["rss_before_calibration_mb"] = rss_before / 1024
     print(json.dumps(out), flush=True)
 
 
-def batch_interleaved(model, calibrate, repeats):
+def alternated_runs(model, batches, calibrate, repeats):
+    """Whole ``logits_to_keep=1`` forward loops and calibrations alternated: the fastest of
+    each, and the ratio of each calibration to the forward just before it (drift between
+    pairs cancels; drift within a pair, over a minute here, does not)."""
+    no_logits_s, calibrate_s = [], []
+    for _ in range(repeats):
+        # calibration spares the LM head (logits_to_keep=1): the same forward without
+        # logits shows what the statistics themselves cost
+        start = time.perf_counter()
+        plain_forward(model, batches, logits_to_keep=1)
+        no_logits_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        calibrate()
+        calibrate_s.append(time.perf_counter() - start)
+    return {"forward_no_logits_s": min(no_logits_s), "forward_no_logits_all_s": no_logits_s,
+            "calibrate_s": min(calibrate_s), "calibrate_all_s": calibrate_s,
+            "pair_ratios": [c / f for c, f in zip(calibrate_s, no_logits_s)]}
+
+
+def batch_interleaved(model, batches, calibrate, repeats):
     """Calibrations whose every batch is preceded by the baseline forward over the same
     tokens, on an unhooked copy of the model: drift on this machine takes minutes, a batch
     a second. The baseline's time is taken out of the calibration's wall time, which keeps

@@ -56,36 +56,47 @@ if AVAILABLE:
         tol = np.zeros(c_n, dtype=np.float64)
         half = np.float32(0.5)
         for c in prange(c_n):
-            p0 = np.empty(n + 1)
-            p1 = np.empty(n + 1)
-            p2 = np.empty(n + 1)
-            p0[0] = 0.0
-            p1[0] = 0.0
-            p2[0] = 0.0
+            xc = x[c]
+            # the three prefix sums side by side: a bucket's end reads one row
+            prefix = np.empty((n + 1, 3))
+            a0 = 0.0
+            a1 = 0.0
+            a2 = 0.0
+            prefix[0, 0] = 0.0
+            prefix[0, 1] = 0.0
+            prefix[0, 2] = 0.0
             for i in range(n):
-                v = np.float64(x[c, i])
+                v = np.float64(xc[i])
                 wt = 1.0 if unit else w[c, i]
-                p0[i + 1] = p0[i] + wt
-                p1[i + 1] = p1[i] + wt * v
-                p2[i + 1] = p2[i] + wt * v * v
-            sum_sq[c] = p2[n]
+                a0 += wt
+                a1 += wt * v
+                a2 += wt * v * v
+                prefix[i + 1, 0] = a0
+                prefix[i + 1, 1] = a1
+                prefix[i + 1, 2] = a2
+            sum_sq[c] = a2
             inv_w = 1.0
             org = 0
             if not unit:
                 inv_w = math.ldexp(1.0, -level[c])  # exact: a power of two
                 org = origin[c]
+            tol_c = 0.0
             for r in range(r_n):
                 s = scales[c, r]
                 j = np.rint(np.float32(los[c, r] / s))
                 j_hi = np.rint(np.float32(his[c, r] / s))
                 start = 0
+                # the previous bucket's end row, carried instead of read again
+                b0 = 0.0
+                b1 = 0.0
+                b2 = 0.0
                 total = 0.0
                 crossed = 0.0  # values in histogram bins that a rounding threshold crosses
                 while True:
                     if j < j_hi:
                         t = np.float32((j + half) * s)
                         if unit:
-                            end = _lower_bound(x[c], t, start)
+                            end = _lower_bound(xc, t, start)
                         else:
                             # bin means lie inside their aligned bins: only the bin holding t
                             # needs a comparison (same answer as the binary search)
@@ -96,25 +107,28 @@ if AVAILABLE:
                                 end = n
                             else:
                                 crossed += w[c, k]
-                                end = k + 1 if x[c, k] < t else k
-                            if end < start:
-                                end = start
+                                end = k + (xc[k] < t)
+                            end = max(end, start)
                     else:
                         end = n
+                    e0 = prefix[end, 0]
+                    e1 = prefix[end, 1]
+                    e2 = prefix[end, 2]
                     q = np.float64(np.float32(j * s))
-                    val = ((p0[end] - p0[start]) * q * q - 2.0 * q * (p1[end] - p1[start])
-                           + (p2[end] - p2[start]))
-                    if val > 0.0:
-                        total += val
+                    # max(): float rounding can leave a bucket's exact zero slightly negative
+                    total += max((e0 - b0) * q * q - 2.0 * q * (e1 - b1) + (e2 - b2), 0.0)
                     if end == n or j >= j_hi:
                         break
                     start = end
+                    b0 = e0
+                    b1 = e1
+                    b2 = e2
                     j += np.float32(1.0)
                 out[c, r] = total
                 if not unit:
                     eps = 2.0 * np.float64(s) * math.ldexp(1.0, level[c]) * crossed
-                    if 2.0 * eps > tol[c]:
-                        tol[c] = 2.0 * eps
+                    tol_c = max(tol_c, 2.0 * eps)
+            tol[c] = tol_c
         return out, sum_sq, tol
 
     @njit(cache=True, inline="always")

@@ -24,15 +24,17 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "QuantCalibrationOp": "op",
-    "QuantParams": "params", "parse_quant_algo_params": "params",
-    "read_kv_factors": "record", "write_kv_factors": "record", "load_kv_factors": "record",
+    "QuantParams": "settings.quant_params", "parse_quant_algo_params": "settings.quant_params",
+    "read_kv_factors": "record.files", "write_kv_factors": "record.files", "load_kv_factors": "record.files",
     "calibrate_kv_cache": "calibrate", "CalibrationResult": "calibrate",
     "kv_calibration": "modeling.attention", "kv_transform": "modeling.attention",
     "KVCalibrationHooks": "modeling.attention",
     "StaticInt8KVCache": "modeling.cache",
-    "evaluate_kv_quant": "evaluate", "EvalResult": "evaluate",
-    "export_json": "export", "export_safetensors": "export", "load_export": "export",
-    "plot_report": "report",
+    "evaluate_kv_quant": "evaluation.perplexity", "EvalResult": "evaluation.perplexity",
+    "export_json": "export.factors", "export_safetensors": "export.factors", "load_export": "export.factors",
+    "export_ascend_c8": "export.ascend", "export_vllm_fp8": "export.vllm",
+    "export_lmdeploy_ascend": "export.lmdeploy",
+    "plot_report": "evaluation.report",
 }
 
 __all__ = [

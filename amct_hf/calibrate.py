@@ -20,20 +20,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import load_texts, make_batches, shard, tokenize_samples
+from .data.samples import load_texts, make_batches, shard, tokenize_samples
 from .distributed import Comm
 from .errors import CalibrationInputError, InvalidArgumentError
 from .fileio import lock_timeout_seconds
 from .modeling.attention import TAPS, KVCalibrationHooks, KVStatesComplete
 from .modeling.centering import model_supports_value_centering
 from .modeling.loading import input_device, load_model, no_logits_kwargs, text_config
+from .modeling.placement import check_max_memory
 from .naming import layer_kind, record_order
 from .observers.kv import KVBank
 from .observers.streaming import check_grid_bins
-from .offload import check_max_memory
-from .params import QuantParams
-from .record import check_record_file, write_kv_factors
-from .targets import KVSettings, resolve_kv_settings
+from .record.files import check_record_file, write_kv_factors
+from .settings.presets import KVSettings, resolve_kv_settings
+from .settings.quant_params import QuantParams
 
 __all__ = ["calibrate_kv_cache", "CalibrationResult", "DRIVER_MODES", "kv_settings_for_model", "widen_ranges"]
 
@@ -152,7 +152,7 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     ``"head"`` (one per KV head), for both kinds or as ``{"key": ..., "value": ...}``; the
     record still has ``kv_heads * head_dim`` entries (see :mod:`amct_hf.algorithms.grouping`).
     ``target``: ``"ascend-c8"``, ``"transformers"`` or ``"vllm-fp8"`` picks the measured
-    best settings for that engine (:mod:`amct_hf.targets`); explicit arguments that
+    best settings for that engine (:mod:`amct_hf.settings.presets`); explicit arguments that
     contradict it are refused. ``"ascend-c8"`` calibrates asymmetric values for a model
     whose attention biases can carry the value centres (Llama, read from its config before
     anything else) and symmetric ones otherwise (Qwen2); ``value_centering=False`` asks for
@@ -257,7 +257,7 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
 def kv_settings_for_model(model, target=None, quant_algo_params=None, value_quant_algo_params=None,
                           channel_groups=None, range_margin=0.0, value_centering=True,
                           trust_remote_code=False) -> KVSettings:
-    """:func:`~amct_hf.targets.resolve_kv_settings` with ``value_centering`` decided by the
+    """:func:`~amct_hf.settings.presets.resolve_kv_settings` with ``value_centering`` decided by the
     model (a loaded one, or an id / folder read from its config alone; None: the bundled
     SmolLM2, a Llama): a target's settings depend on whether its attention biases can
     carry value centres."""

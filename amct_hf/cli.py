@@ -150,22 +150,16 @@ def _quiet_loading(args) -> None:
 def _default_model(args, log) -> str:
     if args.model is not None:
         return args.model
-    from .assets import smollm2_folder
+    from .data.bundled import smollm2_folder
     folder = str(smollm2_folder())
     log(f"model: bundled SmolLM2-135M-Instruct at {folder}")
     return folder
 
 
 def _placement(args) -> dict:
-    from .offload import parse_max_memory
+    from .modeling.placement import parse_max_memory
     return {"max_memory": parse_max_memory(args.max_memory) if args.max_memory else None,
             "offload_folder": args.offload_folder}
-
-
-def _say_folded(written: dict) -> None:
-    if written.get("folded_value_offsets"):
-        print("value offsets folded into the attention biases (v_proj/o_proj; config.json "
-              "attention_bias: true): the engine's scale-only C8 cache serves the asymmetric values")
 
 
 def calibrate_kwargs(args) -> dict:
@@ -198,7 +192,7 @@ def run_calibrate(args) -> int:
                                    "without offsets")
     dataset = args.dataset
     if dataset is None:
-        from .assets import default_corpus_file
+        from .data.bundled import default_corpus_file
         dataset = str(default_corpus_file())
         log(f"dataset: bundled news corpus at {dataset}")
     model = _default_model(args, log)
@@ -210,12 +204,10 @@ def run_calibrate(args) -> int:
         if args.no_progress and result.shortfall:
             print(f"warning: {result.shortfall}")
         if args.export_ascend_c8:
-            from .deploy import export_ascend_c8
-            written = export_ascend_c8(args.record, model, args.export_ascend_c8,
-                                       trust_remote_code=args.trust_remote_code)
-            print(f"wrote ascend-c8 model directory {written['out_dir']}; serve it with: "
-                  f"vllm serve {written['out_dir']} --quantization ascend")
-            _say_folded(written)
+            from .export.formats import export_format
+            print(export_format("ascend-c8").export(args.record, args.export_ascend_c8, model=model,
+                                                    trust_remote_code=args.trust_remote_code))
+            print(f"serve it with: vllm serve {args.export_ascend_c8} --quantization ascend")
         model_hint = "" if args.model is None else f" --model {args.model}"
         log(f"next: amct-hf eval{model_hint} --record {args.record}   "
             "(perplexity on held-out text, with and without these factors)")
@@ -235,7 +227,7 @@ def run_eval(args) -> int:
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     _check_positive(args, ("num_samples", "seq_len", "batch_size"))
     dataset = args.dataset
-    from .assets import default_corpus_file, shakespeare_texts
+    from .data.bundled import default_corpus_file, shakespeare_texts
     if dataset is None:
         dataset = shakespeare_texts()
         log(f"dataset: bundled Shakespeare plays (held out from calibration's news corpus), "
@@ -245,7 +237,7 @@ def run_eval(args) -> int:
             "tokens calibration used; pass --skip-tokens N (N = calibration samples x seq-len)")
     model = _default_model(args, log)
     _quiet_loading(args)
-    from .evaluate import evaluate_kv_quant
+    from .evaluation.perplexity import evaluate_kv_quant
     result = evaluate_kv_quant(
         model, dataset, args.record, num_samples=args.num_samples, seq_len=args.seq_len,
         batch_size=args.batch_size, skip_tokens=args.skip_tokens, split=args.split,
@@ -269,44 +261,16 @@ def run_eval(args) -> int:
 
 # --------------------------------------------------------------------------- export, report
 
-_FACTOR_FORMATS = ("json", "safetensors")
-_MODEL_FORMATS = ("ascend-c8", "vllm-fp8")  # a whole model directory: need --model
-_EXPORT_FORMATS = _FACTOR_FORMATS + _MODEL_FORMATS + ("lmdeploy-ascend",)
-
-
 def run_export(args) -> int:
-    from .errors import InvalidArgumentError
-    if args.format in _MODEL_FORMATS:
-        if not args.model or not args.out:
-            raise InvalidArgumentError(f"--format {args.format} writes a model directory: pass "
-                                       "--model MODEL_DIR (the model the record was calibrated on) "
-                                       "and --out OUT_DIR")
-        from .deploy import export_ascend_c8, export_vllm_fp8
-        export = export_ascend_c8 if args.format == "ascend-c8" else export_vllm_fp8
-        written = export(args.record, args.model, args.out, overwrite=args.overwrite,
-                         max_shard_size=args.max_shard_size, trust_remote_code=args.trust_remote_code)
-        print(f"wrote {args.format} model directory {written['out_dir']} "
-              f"({len(written['files'])} files, {written['total_size'] / 1e6:.0f} MB of weights)")
-        _say_folded(written)
-        return 0
-    out = args.out or os.path.splitext(args.record)[0] + (
-        ".lmdeploy.txt" if args.format == "lmdeploy-ascend" else "." + args.format)
-    if args.format == "lmdeploy-ascend":
-        from .deploy import export_lmdeploy_ascend
-        export_lmdeploy_ascend(args.record, out)
-        print(f"wrote the lmdeploy Ascend record (per-tensor, k then v per layer) to {out}")
-        return 0
-    from .export import export_json, export_safetensors
-    if args.format == "json":
-        n = len(export_json(args.record, out)["layers"])
-    else:
-        n = len(export_safetensors(args.record, out)) // 2
-    print(f"wrote {n} K/V entr{'ies' if n != 1 else 'y'} ({args.format}) to {out}")
+    from .export.formats import export_format
+    options = {"overwrite": args.overwrite, "max_shard_size": args.max_shard_size,
+               "trust_remote_code": args.trust_remote_code}
+    print(export_format(args.format).export(args.record, args.out, model=args.model, **options))
     return 0
 
 
 def run_report(args) -> int:
-    from .report import OUTLIER_RATIO, plot_report
+    from .evaluation.report import OUTLIER_RATIO, plot_report
     out = args.out or os.path.splitext(args.record)[0] + ".png"
     summary = plot_report(args.record, out, title=args.title)
     n = len(summary["layers"])
@@ -323,6 +287,7 @@ def run_report(args) -> int:
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
+    from .export.formats import FORMATS
     parser = argparse.ArgumentParser(prog="amct-hf", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log each step (layers calibrated, records written) on stderr")
@@ -364,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "lmdeploy-ascend (the per-tensor record lmdeploy's Ascend backend "
                                    "parses).")
     p.add_argument("--record", required=True, metavar="FILE", help="AMCT record file")
-    p.add_argument("--format", choices=_EXPORT_FORMATS, default="json", help="output format (default: json)")
+    p.add_argument("--format", choices=list(FORMATS), default="json", help="output format (default: json)")
     p.add_argument("--out", metavar="PATH",
                    help="output file, or directory for ascend-c8 / vllm-fp8 (default for files: the "
                         "record path with the format's suffix)")

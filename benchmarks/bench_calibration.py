@@ -47,8 +47,8 @@ def setup(samples, seq_len):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from amct_hf.assets import news_corpus_path, smollm2_folder
-    from amct_hf.data import load_texts, make_batches, tokenize_samples
+    from amct_hf.data.bundled import news_corpus_path, smollm2_folder
+    from amct_hf.data.samples import load_texts, make_batches, tokenize_samples
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     folder = smollm2_folder()
     # --device reaches the workers through the environment, like BENCH_THREADS

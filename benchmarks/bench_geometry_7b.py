@@ -50,8 +50,8 @@ def _setup(args, samples):
     import transformers as tf
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from amct_hf.assets import news_corpus_path
-    from amct_hf.data import load_texts, make_batches, tokenize_samples
+    from amct_hf.data.bundled import news_corpus_path
+    from amct_hf.data.samples import load_texts, make_batches, tokenize_samples
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     texts = load_texts(str(news_corpus_path()))
     tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
@@ -97,7 +97,7 @@ def statistics(model, batches, params, device):
     from amct_hf.distributed import Comm
     from amct_hf.modeling.attention import KVCalibrationHooks
     from amct_hf.observers import LayerBank
-    from amct_hf.params import parse_quant_algo_params
+    from amct_hf.settings.quant_params import parse_quant_algo_params
     collector = LayerBank(parse_quant_algo_params(params), "streaming")
     with torch.no_grad(), KVCalibrationHooks(model, collector, tap="cache"):
         for b in batches:

@@ -45,7 +45,7 @@ _CHILD = textwrap.dedent("""
         rec.__package__ = "amct_hf"
         exec(compile(src, "record_before.py", "exec"), rec.__dict__)
     else:
-        from amct_hf import record as rec
+        from amct_hf.record import files as rec
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -68,7 +68,7 @@ def make_record(path: str, mb: float) -> tuple[int, str]:
     """A record of ~mb MB: entries of CHANNELS channels with varied float32 values."""
     import random
     sys.path.insert(0, ROOT)
-    from amct_hf.record import format_record
+    from amct_hf.record.files import format_record
     rng = random.Random(0)
     one = len(format_record({"model.layers.0.self_attn.k_proj":
                              ([rng.uniform(1e-3, 1) for _ in range(CHANNELS)], [0] * CHANNELS)}))
@@ -153,7 +153,7 @@ def bench_operator(names: int, before_names: int, before_src: str):
         return total, spent[0], size
 
     print(f"\noperator: QuantCalibrationOp IFMR per-channel, {CHANNELS} channels, one write per name")
-    from amct_hf.record import write_kv_factors
+    from amct_hf.record.files import write_kv_factors
     total, merge, size = run(names, write_kv_factors)
     print(f"after : {names} names -> {size:.1f} MB record: {total:.2f} s total, {merge:.2f} s merging")
     if before_names:

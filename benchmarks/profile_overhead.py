@@ -39,7 +39,7 @@ def main():
     from amct_hf.naming import record_order
     from amct_hf.observers.base import check_activation
     from amct_hf.observers.kv import KVBank
-    from amct_hf.params import parse_quant_algo_params
+    from amct_hf.settings.quant_params import parse_quant_algo_params
 
     model, _, _, batches = setup(args.samples, args.seq_len)
     head_dim = model.config.hidden_size // model.config.num_attention_heads

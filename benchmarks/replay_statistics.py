@@ -34,7 +34,7 @@ def main():
     from amct_hf.modeling.attention import KVCalibrationHooks
     from amct_hf.naming import record_order
     from amct_hf.observers.kv import KVBank
-    from amct_hf.params import parse_quant_algo_params
+    from amct_hf.settings.quant_params import parse_quant_algo_params
 
     model, _, _, batches = setup(args.samples, 512)
     captured: list[tuple[str, torch.Tensor]] = []

@@ -23,7 +23,7 @@ from .tiny_models import build  # noqa: E402
 def smollm2_dir(tmp_path_factory):
     """SmolLM2-135M-Instruct as a float32 HF folder, converted at most once per session
     (~20 s). Set AMCT_HF_CACHE to reuse a persistent cache across sessions."""
-    from amct_hf.assets import smollm2_folder
+    from amct_hf.data.bundled import smollm2_folder
 
     cache = os.environ.get("AMCT_HF_CACHE") or tmp_path_factory.mktemp("amct_hf_cache")
     return smollm2_folder(cache_dir=cache)

@@ -10,17 +10,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "amct_hf"
 # lower layers first; a module may import its own layer (same package) or a lower one
 LAYERS = [
     {"errors"},
-    {"algorithms", "bootstrap", "fileio", "naming", "params", "offload"},
-    {"record", "record_scan", "observers", "distributed", "data", "targets"},
+    {"algorithms", "fileio", "naming", "settings"},
+    {"record", "observers", "distributed", "data"},
     {"op", "modeling"},
-    {"calibrate", "evaluate", "export", "report", "assets", "deploy"},
+    {"calibrate", "evaluation", "export"},
     {"cli"},
 ]
 # what the pure layers may not import at all, whatever the layer order says
 FORBIDDEN = {
-    "algorithms": {"transformers", "datasets", "accelerate", "torch.distributed", "amct_hf.record",
+    "algorithms": {"transformers", "datasets", "accelerate", "torch.distributed", "amct_hf.record.files",
                    "amct_hf.fileio", "amct_hf.distributed"},
-    "observers": {"transformers", "datasets", "accelerate", "amct_hf.record", "amct_hf.fileio"},
+    "observers": {"transformers", "datasets", "accelerate", "amct_hf.record.files", "amct_hf.fileio"},
 }
 
 
@@ -126,6 +126,6 @@ def test_an_unknown_observer_kind_is_a_clear_error():
 
     from amct_hf.errors import InvalidArgumentError
     from amct_hf.observers import make_observer
-    from amct_hf.params import parse_quant_algo_params
+    from amct_hf.settings.quant_params import parse_quant_algo_params
     with pytest.raises(InvalidArgumentError, match="no observer for act_algo='ifmr' in mode='fast'; known: "):
         make_observer(parse_quant_algo_params(None), "fast", 4)

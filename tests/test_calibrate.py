@@ -40,7 +40,7 @@ def test_two_gloo_processes_write_the_same_record_as_one(tiny_dir, tmp_path, mod
 def test_exact_mode_equals_operator_fed_all_samples_as_one_batch(tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from amct_hf.data import load_texts, make_batches, tokenize_samples
+    from amct_hf.data.samples import load_texts, make_batches, tokenize_samples
     from amct_hf.modeling.attention import kv_calibration
     for params in CONFIGS:
         res = calibrate_kv_cache(str(tiny_dir), str(tiny_dir / "corpus.txt"), record_file=tmp_path / "d.txt",

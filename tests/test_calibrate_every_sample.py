@@ -4,8 +4,8 @@ accumulate all of them. Changing only the FIRST text changes the record."""
 import pytest
 
 from amct_hf import calibrate_kv_cache
-from amct_hf.assets import default_corpus_file
-from amct_hf.record import read_kv_factors
+from amct_hf.data.bundled import default_corpus_file
+from amct_hf.record.files import read_kv_factors
 
 
 @pytest.fixture(scope="module")

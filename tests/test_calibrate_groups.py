@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from amct_hf import QuantCalibrationOp, calibrate_kv_cache
-from amct_hf.data import load_texts, make_batches, tokenize_samples
+from amct_hf.data.samples import load_texts, make_batches, tokenize_samples
 from amct_hf.errors import InvalidArgumentError
 from amct_hf.modeling.attention import kv_calibration
 from amct_hf.naming import layer_kind

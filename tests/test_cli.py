@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from amct_hf.cli import build_parser, main, quant_algo_params_from_args
-from amct_hf.record import read_kv_factors
+from amct_hf.record.files import read_kv_factors
 
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

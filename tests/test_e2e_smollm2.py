@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from amct_hf.assets import news_corpus_path
 from amct_hf.calibrate import calibrate_kv_cache
 from amct_hf.cli import main
-from amct_hf.record import read_kv_factors
+from amct_hf.data.bundled import news_corpus_path
+from amct_hf.record.files import read_kv_factors
 
 pytestmark = pytest.mark.slow
 

@@ -63,8 +63,8 @@ def test_refuses_special_files_and_read_only(tmp_path):
 
 
 def test_export_to_a_fifo_is_refused(tmp_path):
-    from amct_hf.export import export_json
-    from amct_hf.record import write_kv_factors
+    from amct_hf.export.factors import export_json
+    from amct_hf.record.files import write_kv_factors
     rec = tmp_path / "r.txt"
     write_kv_factors(rec, {"model.layers.0.self_attn.k_proj": ([0.5], [0])})
     os.mkfifo(tmp_path / "out.json")

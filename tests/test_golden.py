@@ -1,4 +1,4 @@
-"""Every golden case computed with the original AMCT implementation (tests/data/golden,
+"""Every golden case computed with the original AMCT implementation (tests/fixtures/golden,
 copied from ../shared/golden) goes through a fresh QuantCalibrationOp and record file."""
 import json
 from pathlib import Path
@@ -9,7 +9,7 @@ import torch
 
 from amct_hf import QuantCalibrationOp, read_kv_factors
 
-GOLDEN = Path(__file__).parent / "data" / "golden"
+GOLDEN = Path(__file__).parent / "fixtures" / "golden"
 CASES = json.loads((GOLDEN / "cases.json").read_text())["cases"]
 INPUTS = np.load(GOLDEN / "inputs.npz")
 

@@ -17,7 +17,7 @@ cache, and never again; so the int8 tensors can live in the ordinary
 ``DynamicLayer``/``DynamicSlidingWindowLayer`` storage (concatenation, sliding-window
 trimming, cropping and beam reordering all work on int8 unchanged). The tokens of the
 current step are returned dequantized too, so every attention read sees INT8 K/V --
-the same numbers as the fake-quant evaluation in :mod:`amct_hf.evaluate`.
+the same numbers as the fake-quant evaluation in :mod:`amct_hf.evaluation.perplexity`.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 
 from ..algorithms.convention import dequantize, quantize
 from ..errors import RecordMismatchError
-from ..record import load_kv_factors
+from ..record.files import load_kv_factors
 from .layout import broadcast_factor, check_record, kv_layout
 
 __all__ = ["StaticInt8KVCache", "StaticInt8Layer", "StaticInt8SlidingWindowLayer", "cache_nbytes"]

@@ -88,7 +88,7 @@ def check_record(factors: Mapping[str, tuple[Sequence[float], Sequence[int]]],
     (in the model's execution order): a model layer missing from the record, a factor
     count that is neither 1 (per-tensor) nor the layer's ``kv_heads * head_dim``
     (per-channel); then a record layer the model does not have. The factors themselves
-    are checked where they are read (:func:`amct_hf.record.load_kv_factors`)."""
+    are checked where they are read (:func:`amct_hf.record.files.load_kv_factors`)."""
     unknown = [name for name in factors if name not in layout]
     for name, slot in layout.items():
         if name not in factors:

@@ -48,11 +48,11 @@ def load_model(model, *, device_map=None, dtype=None, trust_remote_code=False, t
     A name that looks like a local path and does not exist fails at once, without
     asking the hub; a folder whose weights cannot be read fails with one line naming it.
     ``max_memory`` and ``offload_folder`` go to ``from_pretrained`` (see
-    :func:`amct_hf.offload.offload_kwargs`: without a ``device_map`` they imply
+    :func:`amct_hf.modeling.placement.offload_kwargs`: without a ``device_map`` they imply
     ``device_map="auto"``)."""
     from transformers import AutoModelForCausalLM
 
-    from ..offload import offload_kwargs
+    from .placement import offload_kwargs
     if isinstance(model, nn.Module):
         if max_memory is not None or offload_folder is not None:
             raise InvalidArgumentError(

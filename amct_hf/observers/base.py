@@ -26,7 +26,7 @@ import torch
 
 from ..algorithms.convention import factor_problem
 from ..errors import CalibrationInputError, InvalidArgumentError
-from ..params import QuantParams
+from ..settings.quant_params import QuantParams
 
 __all__ = ["Observer", "OBSERVERS", "MODES", "register_observer", "make_observer",
            "check_activation", "as_channels", "LayerBank"]

@@ -15,7 +15,7 @@ import torch
 from ..algorithms.grouping import check_channel_groups, expand_groups, group_channels
 from ..errors import CalibrationInputError, InvalidArgumentError
 from ..naming import layer_kind
-from ..params import QuantParams
+from ..settings.quant_params import QuantParams
 from .base import LayerBank
 
 __all__ = ["KVBank", "KINDS"]

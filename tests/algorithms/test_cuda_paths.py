@@ -7,7 +7,7 @@ import torch
 from amct_hf.algorithms import kernels
 from amct_hf.algorithms.hfmg import HistogramState, hfmg_factors, histc_per_channel
 from amct_hf.algorithms.ifmr import ifmr_factors
-from amct_hf.params import parse_quant_algo_params
+from amct_hf.settings.quant_params import parse_quant_algo_params
 
 from .test_ifmr import DISTS, make
 

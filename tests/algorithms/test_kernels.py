@@ -109,7 +109,7 @@ def test_per_tensor_update_split_over_threads_equals_one_thread(monkeypatch, wit
 
 def test_streaming_ifmr_kernel_equals_torch_path(monkeypatch):
     from amct_hf.observers.streaming import StreamingIFMRObserver
-    from amct_hf.params import parse_quant_algo_params
+    from amct_hf.settings.quant_params import parse_quant_algo_params
     params = parse_quant_algo_params({"quant_granularity": 1, "asymmetric": False})
     xs = [make(d, 400, 6, i) for i, d in enumerate(["laplace", "outliers", "normal", "grid"])]
     results = []
@@ -162,7 +162,7 @@ def test_hfmg_pruned_walk_keeps_every_loss_that_can_win(dist):
 @pytest.mark.parametrize("dist", ["normal", "outliers", "positive", "constant"])
 def test_streaming_hfmg_kernels_equal_torch_path(monkeypatch, dist):
     from amct_hf.observers.streaming import StreamingHFMGObserver
-    from amct_hf.params import parse_quant_algo_params
+    from amct_hf.settings.quant_params import parse_quant_algo_params
     params = parse_quant_algo_params({"act_algo": "hfmg", "quant_granularity": 1})
     xs = [make(dist, 700, 4, seed) * (seed + 1) for seed in range(3)]
     results = []

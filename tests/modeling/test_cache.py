@@ -12,7 +12,7 @@ import torch
 
 from amct_hf import write_kv_factors
 from amct_hf.errors import RecordMismatchError
-from amct_hf.evaluate import _StaticFakeQuant
+from amct_hf.evaluation.perplexity import _StaticFakeQuant
 from amct_hf.modeling.attention import kv_calibration, kv_transform
 from amct_hf.modeling.cache import StaticInt8KVCache, StaticInt8Layer, StaticInt8SlidingWindowLayer, cache_nbytes
 from amct_hf.modeling.layout import kv_layout
@@ -142,8 +142,8 @@ def smollm2(smollm2_dir, tmp_path_factory):
     news corpus (16 x 512 tokens, default streaming mode)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from amct_hf.assets import news_corpus_path
     from amct_hf.calibrate import calibrate_kv_cache
+    from amct_hf.data.bundled import news_corpus_path
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
@@ -261,6 +261,6 @@ def test_unusable_factors_are_refused_by_the_cache_and_by_eval(tmp_path, scale, 
     match = rf"'model\.layers\.1\.self_attn\.v_proj' has unusable factors: {problem}\[0\]"
     with pytest.raises(RecordFileError, match=match):
         StaticInt8KVCache.from_record(factors, model)
-    from amct_hf.evaluate import evaluate_kv_quant
+    from amct_hf.evaluation.perplexity import evaluate_kv_quant
     with pytest.raises(RecordFileError, match=match):
         evaluate_kv_quant(model, ["a b c"], factors, tokenizer=object())

@@ -6,7 +6,7 @@ import torch
 from amct_hf.algorithms.aligned import AlignedHistogram
 from amct_hf.algorithms.reference import reference_ifmr_channel
 from amct_hf.observers import OneBatchHFMGObserver, StreamingHFMGObserver, StreamingIFMRObserver
-from amct_hf.params import parse_quant_algo_params
+from amct_hf.settings.quant_params import parse_quant_algo_params
 
 from ..algorithms.test_ifmr import make
 
@@ -99,8 +99,8 @@ def test_bounded_ifmr_on_real_smollm2_activations(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from amct_hf.algorithms.ifmr import ifmr_factors
-    from amct_hf.assets import news_corpus_path
-    from amct_hf.data import load_texts, make_batches, tokenize_samples
+    from amct_hf.data.bundled import news_corpus_path
+    from amct_hf.data.samples import load_texts, make_batches, tokenize_samples
     from amct_hf.modeling.attention import kv_calibration
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
     tok = AutoTokenizer.from_pretrained(smollm2_dir)

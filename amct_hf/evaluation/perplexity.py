@@ -1,0 +1,423 @@
+"""What a record's INT8 KV cache costs in perplexity, and which layers it hurts.
+
+``evaluate_kv_quant(model, dataset, record_file)`` packs the evaluation text into
+``num_samples`` chunks of ``seq_len`` tokens (as calibration does; no padding) and
+computes perplexity -- ``exp(sum NLL / predicted tokens)``, every chunk predicting its
+tokens 2..seq_len -- on the same chunks for:
+
+* ``baseline``: the full-precision KV cache;
+* ``quantized``: K/V quantize-dequantized with the record's factors (SPEC §3,
+  ``q = clip(round(x/s) + o, -128, 127)``, ``x_hat = (q - o) * s``), applied to the
+  post-RoPE states every attention reads (:func:`amct_hf.modeling.attention.kv_transform`),
+  i.e. exactly what :class:`amct_hf.modeling.cache.StaticInt8KVCache` hands the attention;
+* reference ``minmax``: static asymmetric min-max factors at the record's granularity
+  (per layer: one factor, or one per channel), taken over the **evaluation chunks
+  themselves** during the baseline pass. It is an oracle: it has seen the test tokens
+  and never clips them, so it shows what "no clipping, full range" gives; a record
+  calibrated elsewhere that beats it clips outliers profitably;
+* reference ``dynamic_per_token``: asymmetric min-max factors computed on the fly for
+  every token and head (one scale/offset per ``head_dim`` vector): the usual dynamic
+  INT8 KV baseline, which needs no calibration.
+
+Min-max factors use the SPEC's asymmetric rule (the range always includes 0), as
+:func:`amct_hf.algorithms.convention.minmax_factors` computes them.
+
+Per layer, for each quantized run, ``rel_mse = sum ||x_hat - x||^2 / sum ||x||^2`` over
+all evaluation tokens, with ``x`` the K (or V) states that layer computes in that run
+(so errors of earlier layers are included, as in deployment), and for the record the
+fraction of values outside its representable range (``clip_fraction``).
+
+Evaluate at the lengths you deploy: post-RoPE key ranges depend on position, so a
+record calibrated on shorter chunks clips more on longer ones (SmolLM2, record from
+4 x 256 tokens: +0.4% perplexity on 256-token chunks, +1.0% on 512-token chunks, where
+the keys of every layer clip ~1%).
+
+The record is checked against the model (names, channel counts, per-tensor vs
+per-channel sizes) with one 2-token probe forward before any evaluation pass; a
+mismatch is refused naming the first mismatching layer.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..algorithms.convention import fake_quantize, minmax_factors
+from ..errors import InvalidArgumentError
+from ..modeling.attention import kv_calibration, kv_transform
+from ..modeling.layout import broadcast_factor, check_record, kv_layout
+from ..modeling.loading import input_device, load_model
+from ..naming import attention_path, layer_kind
+from ..record.files import load_kv_factors
+from .intervals import paired_relative_increase
+
+__all__ = ["evaluate_kv_quant", "EvalResult"]
+
+logger = logging.getLogger("amct_hf")
+_LABELS = {"baseline": "full precision", "quantized": "record (static INT8)",
+           "minmax": "min-max on eval data (oracle)", "dynamic_per_token": "dynamic per-token INT8"}
+
+
+class _LayerError:
+    """sum ||x_hat - x||^2, sum ||x||^2 and clipped-value counts of one layer in one run."""
+
+    __slots__ = ("err", "ref", "clipped", "values")
+
+    def __init__(self):
+        self.err = self.ref = 0.0
+        self.clipped = self.values = 0
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor, clipped: torch.Tensor | None) -> None:
+        self.err += float((x_hat - x).double().pow(2).sum())
+        self.ref += float(x.double().pow(2).sum())
+        if clipped is not None:
+            self.clipped += int(clipped.sum())
+        self.values += x.numel()
+
+    @property
+    def rel_mse(self) -> float:
+        return self.err / self.ref if self.ref > 0 else (0.0 if self.err == 0 else math.inf)
+
+
+class _StaticFakeQuant:
+    """kv_transform callback: quantize-dequantize with fixed factors per record key."""
+
+    def __init__(self, factors: dict):
+        # (scale, offset) as flat float32 tensors; broadcast shapes need kv_heads, known
+        # only from the states, so they are made on first use
+        self.factors = {name: (torch.as_tensor(s, dtype=torch.float32).reshape(-1),
+                               torch.as_tensor(o, dtype=torch.float32).reshape(-1))
+                        for name, (s, o) in factors.items()}
+        self.errors: dict[str, _LayerError] = {}
+        self._shaped: dict = {}  # (name, device) -> broadcast factors: one copy per device
+
+    def __call__(self, name: str, states: torch.Tensor) -> torch.Tensor:
+        key = (name, states.device)
+        if key not in self._shaped:
+            s, o = self.factors[name]
+            self._shaped[key] = (broadcast_factor(s, states, name), broadcast_factor(o, states, name))
+        s, o = self._shaped[key]
+        x = states.float()
+        x_hat, clipped = fake_quantize(x, s, o, clipped=True)
+        self.errors.setdefault(name, _LayerError()).add(x, x_hat, clipped)
+        return x_hat.to(states.dtype)
+
+
+class _DynamicPerToken:
+    """kv_transform callback: asymmetric min-max INT8 per token and head (head_dim vector)."""
+
+    def __init__(self):
+        self.errors: dict[str, _LayerError] = {}
+
+    def __call__(self, name: str, states: torch.Tensor) -> torch.Tensor:
+        x = states.float()
+        s, o = minmax_factors(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True))
+        x_hat = fake_quantize(x, s, o)
+        self.errors.setdefault(name, _LayerError()).add(x, x_hat, None)
+        return x_hat.to(states.dtype)
+
+
+class _RangeObserver:
+    """Per-channel running min/max of every layer (a kv_calibration observer)."""
+
+    def __init__(self):
+        self.lo: dict[str, torch.Tensor] = {}
+        self.hi: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        lo, hi = x.amin(0), x.amax(0)
+        if name in self.lo:
+            lo, hi = torch.minimum(lo, self.lo[name]), torch.maximum(hi, self.hi[name])
+        self.lo[name], self.hi[name] = lo, hi
+
+    def factors(self, like: dict) -> dict:
+        """Min-max factors with the granularity of ``like`` (the record), per layer."""
+        out = {}
+        for name, (scales, _) in like.items():
+            lo, hi = self.lo[name], self.hi[name]
+            if len(scales) == 1:
+                lo, hi = lo.min().reshape(1), hi.max().reshape(1)
+            s, o = minmax_factors(lo, hi)
+            out[name] = (s.cpu(), o.cpu())
+        return out
+
+
+# --------------------------------------------------------------------------- result
+
+@dataclass
+class EvalResult:
+    """Perplexities of one evaluation and per-layer K/V quantization errors."""
+    baseline_ppl: float
+    quantized_ppl: float
+    references: dict          # "minmax"/"dynamic_per_token" -> {"ppl", "relative_increase", "interval"}
+    layers: dict              # record key -> {"rel_mse", "clip_fraction", "channels", ...}
+    record_file: str
+    granularity: str          # "per_tensor", "per_channel" or "mixed"
+    num_samples: int
+    seq_len: int
+    num_tokens: int           # predicted tokens (the NLL's denominator)
+    seconds: float = 0.0
+    meta: dict = field(default_factory=dict)
+    #: summed NLL of every chunk (same chunks, same order in both runs) and its predicted
+    #: tokens: what the paired bootstrap resamples
+    baseline_chunk_nll: list = field(default_factory=list)
+    quantized_chunk_nll: list = field(default_factory=list)
+    chunk_tokens: list = field(default_factory=list)
+    chunks_digest: str = ""   # sha256 of the evaluated token ids, in batch order
+    #: paired-bootstrap interval of relative_increase (:mod:`amct_hf.evaluation.intervals`), as
+    #: {"point", "low", "high", "confidence", "resamples", "chunks"}; None below 2 chunks
+    interval: dict | None = None
+
+    @property
+    def relative_increase(self) -> float:
+        return self.quantized_ppl / self.baseline_ppl - 1.0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        meta = data.pop("meta")
+        return {**data, "relative_increase": self.relative_increase, **meta}
+
+    def table(self, worst: int = 3) -> str:
+        """The perplexity table, then per-layer relative MSE of K and V (the ``worst``
+        layers by record error marked with ``*``)."""
+        rows = [("run", "ppl", "rel. increase", _interval_head(self.interval)),
+                (_LABELS["baseline"], f"{self.baseline_ppl:.4f}", "-", ""),
+                (f"{_LABELS['quantized']}, {self.granularity}", f"{self.quantized_ppl:.4f}",
+                 f"{100 * self.relative_increase:+.3f}%", _interval_cell(self.interval))]
+        for name, ref in self.references.items():
+            rows.append((_LABELS.get(name, name), f"{ref['ppl']:.4f}", f"{100 * ref['relative_increase']:+.3f}%",
+                         _interval_cell(ref.get("interval"))))
+        lines = [f"{self.num_samples} x {self.seq_len} tokens ({self.num_tokens} predicted), "
+                 f"record {self.record_file}", *_format_rows(rows), ""]
+
+        pairs: dict[str, dict[str, str]] = {}  # attention module -> {"K": key name, "V": ...}
+        for name in self.layers:
+            pairs.setdefault(attention_path(name), {})["K" if layer_kind(name) == "key" else "V"] = name
+        marked = sorted(self.layers, key=lambda n: -self.layers[n]["rel_mse"])[:worst]
+        has_refs = any("rel_mse_minmax" in s for s in self.layers.values())
+        head = ["layer", "K rel MSE", "K clip", "V rel MSE", "V clip"]
+        if has_refs:
+            head += ["K mm/dyn", "V mm/dyn"]
+        rows = [tuple(head)]
+        for base, kv in pairs.items():
+            row = [base]
+            for kind in "KV":
+                st = self.layers.get(kv.get(kind))
+                mark = "*" if kv.get(kind) in marked else " "
+                row += [f"{st['rel_mse']:.3e}{mark}", f"{100 * st['clip_fraction']:.3f}%"] if st else ["-", "-"]
+            if has_refs:
+                for kind in "KV":
+                    st = self.layers.get(kv.get(kind)) or {}
+                    row.append(f"{st.get('rel_mse_minmax', math.nan):.2e}/"
+                               f"{st.get('rel_mse_dynamic_per_token', math.nan):.2e}")
+            rows.append(tuple(row))
+        lines += ["per-layer relative MSE ||x_hat - x||^2 / ||x||^2 over the eval tokens "
+                  f"(record; * = worst {worst}; mm/dyn = references):", *_format_rows(rows)]
+        return "\n".join(lines)
+
+
+def _interval_head(interval) -> str:
+    return f"{100 * interval['confidence']:.0f}% interval" if interval else ""
+
+
+def _interval_cell(interval) -> str:
+    return f"[{100 * interval['low']:+.3f}%, {100 * interval['high']:+.3f}%]" if interval else ""
+
+
+def _interval(baseline_chunks, chunks, tokens) -> dict | None:
+    """Paired bootstrap over the chunks (None when there are too few to resample)."""
+    if len(chunks) < 2:
+        return None
+    return paired_relative_increase(baseline_chunks, chunks, tokens).to_dict()
+
+
+def _digest(batches) -> str:
+    h = hashlib.sha256()
+    for b in batches:
+        h.update(str(tuple(b.shape)).encode())
+        h.update(b.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_reuse(baseline, digest: str, references: bool) -> None:
+    if baseline is None:
+        return
+    if references:
+        raise InvalidArgumentError("baseline= reuses an earlier full-precision pass; the references "
+                                   "need their own, so pass references=False with it")
+    if not isinstance(baseline, EvalResult) or baseline.chunks_digest != digest:
+        raise InvalidArgumentError("baseline= is not a result on the same evaluation chunks (dataset, "
+                                   "seq_len, num_samples, skip_tokens and batch_size must match)")
+
+
+def _format_rows(rows) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return out
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def _nll(model: nn.Module, batches, device, desc: str, progress: bool) -> tuple[float, int, list]:
+    """Summed next-token NLL (float64), the number of predicted tokens and each chunk's
+    summed NLL (in batch order)."""
+    total, count, chunks = 0.0, 0, []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(batches), desc=desc, unit="batch", leave=False)
+    for batch in batches:
+        ids = batch.to(device)
+        logits = model(input_ids=ids, use_cache=False).logits
+        # float32 log-softmax even for a bf16 model: the reduction decides the ppl digits
+        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                              ids[:, 1:].reshape(-1), reduction="none")
+        per_chunk = nll.double().reshape(ids.shape[0], -1).sum(1)
+        chunks += per_chunk.tolist()
+        total += float(per_chunk.sum())
+        count += ids[:, 1:].numel()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return total, count, chunks
+
+
+def _ppl(nll: float, count: int) -> float:
+    return math.exp(nll / count)
+
+
+def _granularity(factors: dict) -> str:
+    kinds = {"per_tensor" if len(s) == 1 else "per_channel" for s, _ in factors.values()}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def _batches(samples, batch_size):
+    # packed samples all have seq_len tokens (a lone shorter one stays alone): no padding
+    by_len: dict[int, list] = {}
+    for s in samples:
+        by_len.setdefault(len(s), []).append(s)
+    out = []
+    for group in by_len.values():
+        for i in range(0, len(group), batch_size):
+            out.append(torch.tensor(group[i:i + batch_size], dtype=torch.long))
+    return out
+
+
+def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_samples: int = 8,
+                      seq_len: int = 512, batch_size: int = 1, skip_tokens: int = 0,
+                      split: str = "train", text_column: str = "text", references: bool = True,
+                      device_map=None, dtype=None, trust_remote_code: bool = False,
+                      progress: bool = False, max_memory=None, offload_folder=None,
+                      baseline: EvalResult | None = None) -> EvalResult:
+    """Perplexity with the full-precision KV cache vs K/V quantized by ``record_file``'s
+    factors (plus min-max and dynamic per-token references), on ``num_samples`` packed
+    chunks of ``seq_len`` tokens of ``dataset``, and per-layer K/V relative MSE.
+
+    ``model``: id, local folder or loaded model (then pass ``tokenizer``). ``dataset``:
+    anything :func:`amct_hf.data.samples.load_texts` reads. ``skip_tokens``: leave out the first
+    tokens of the packed text (rounded up to whole chunks), e.g. the
+    ``num_samples * seq_len`` tokens calibration used when evaluating on the same corpus.
+    ``record_file`` may also be a ``{record key: (scales, offsets)}`` mapping.
+
+    Every increase comes with a paired-bootstrap interval over the chunks
+    (``EvalResult.interval``, each reference's ``"interval"``; :mod:`amct_hf.evaluation.intervals`).
+    ``baseline``: an earlier result on the very same chunks (checked by their digest),
+    whose full-precision pass is reused instead of run again, to compare several records
+    at the cost of one pass each; it needs ``references=False``.
+    """
+    from ..data.samples import load_texts, tokenize_samples
+
+    started = time.time()
+    for arg, value in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise InvalidArgumentError(f"{arg} must be a positive int, got {value!r}")
+    if seq_len < 2:
+        raise InvalidArgumentError(f"seq_len must be at least 2 (one token to predict), got {seq_len}")
+    if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
+        raise InvalidArgumentError(f"skip_tokens must be a non-negative int, got {skip_tokens!r}")
+    factors, where = load_kv_factors(record_file)  # a bad file fails before the model loads
+    texts = load_texts(dataset, split=split, text_column=text_column)
+    model, tok = load_model(model, device_map=device_map, dtype=dtype,
+                            trust_remote_code=trust_remote_code, tokenizer=tokenizer,
+                            max_memory=max_memory, offload_folder=offload_folder)
+    was_training = model.training
+    model.eval()  # dropout would make the runs incomparable
+    try:
+        with torch.no_grad():
+            layout = kv_layout(model)  # the one probe forward, before any evaluation pass
+            check_record(factors, layout, where)
+
+            skip = -(-skip_tokens // seq_len)
+            samples = tokenize_samples(tok, texts, seq_len=seq_len, num_samples=skip + num_samples)
+            if skip and len(samples) <= skip:
+                raise InvalidArgumentError(f"skip_tokens={skip_tokens} leaves no evaluation text: the dataset "
+                                 f"packs into only {len(samples)} chunk(s) of {seq_len} tokens")
+            samples = samples[skip:]
+            if sum(len(sample) - 1 for sample in samples) == 0:
+                raise InvalidArgumentError("the evaluation text has a single token: nothing to predict")
+            batches = _batches(samples, batch_size)
+            digest = _digest(batches)
+            _check_reuse(baseline, digest, references)
+            device = input_device(model)
+            result = _evaluate(model, batches, device, factors, layout, references, progress, baseline)
+    finally:
+        model.train(was_training)
+
+    baseline, quantized, refs, layers, count, chunks = result
+    return EvalResult(
+        baseline_ppl=baseline, quantized_ppl=quantized, references=refs, layers=layers,
+        record_file=os.fspath(record_file) if isinstance(record_file, (str, os.PathLike)) else "<factors>",
+        granularity=_granularity(factors), num_samples=len(samples), seq_len=seq_len, num_tokens=count,
+        seconds=time.time() - started, chunks_digest=digest, **chunks)
+
+
+def _evaluate(model, batches, device, factors, layout, references, progress, reuse=None):
+    ranges = _RangeObserver()
+    if reuse is not None:  # an earlier result's full-precision pass over these very chunks
+        nll, count, base_chunks = sum(reuse.baseline_chunk_nll), reuse.num_tokens, reuse.baseline_chunk_nll
+    elif references:  # the baseline pass also collects the min-max reference's ranges
+        with kv_calibration(model, ranges):
+            nll, count, base_chunks = _nll(model, batches, device, "full precision", progress)
+    else:
+        nll, count, base_chunks = _nll(model, batches, device, "full precision", progress)
+    baseline = _ppl(nll, count)
+    tokens = [int(b.shape[1]) - 1 for b in batches for _ in range(b.shape[0])]
+    if not math.isfinite(baseline):
+        raise InvalidArgumentError(
+            f"the model's own full-precision perplexity is {baseline}: its outputs are not "
+            "finite (NaN/Inf weights, or float16 overflow: load it in float32 or bfloat16)")
+
+    record = _StaticFakeQuant(factors)
+    with kv_transform(model, record):
+        q_nll, q_count, q_chunks = _nll(model, batches, device, "record", progress)
+    quantized = _ppl(q_nll, q_count)
+
+    layers = {name: {"rel_mse": err.rel_mse,
+                     "clip_fraction": err.clipped / err.values if err.values else 0.0,
+                     "channels": layout[name].channels,
+                     "granularity": "per_tensor" if len(factors[name][0]) == 1 else "per_channel"}
+              for name, err in record.errors.items()}
+    refs = {}
+    if references:
+        for ref_name, transform in (("minmax", _StaticFakeQuant(ranges.factors(factors))),
+                                    ("dynamic_per_token", _DynamicPerToken())):
+            with kv_transform(model, transform):
+                r_nll, r_count, r_chunks = _nll(model, batches, device, ref_name, progress)
+            ppl = _ppl(r_nll, r_count)
+            refs[ref_name] = {"ppl": ppl, "relative_increase": ppl / baseline - 1.0,
+                              "interval": _interval(base_chunks, r_chunks, tokens)}
+            for name, err in transform.errors.items():
+                layers.setdefault(name, {})[f"rel_mse_{ref_name}"] = err.rel_mse
+    chunks = {"baseline_chunk_nll": base_chunks, "quantized_chunk_nll": q_chunks, "chunk_tokens": tokens,
+              "interval": _interval(base_chunks, q_chunks, tokens)}
+    return baseline, quantized, refs, layers, count, chunks

@@ -1,0 +1,100 @@
+"""``lmdeploy-ascend``: an AMCT record written the way lmdeploy's Ascend backend reads it.
+
+lmdeploy's PyTorch engine on Ascend (``lmdeploy/pytorch/backends/dlinfer/ascend``,
+``AscendKVQuantMeta.set_value``; the record is named by ``ASCEND_QUANT_RECORD_FILE``,
+with ``quant_policy=8``) does not parse the record: it runs one regular expression over
+the whole text that pairs a ``scale:`` number made only of digits, dots and minus signs
+with the ``offset:`` integer right after it, and then requires the number of pairs to be
+the number of decoder layers (one pair used for both K and V) or twice it (pair 2i is
+layer i's key, 2i+1 its value). Hence, in what is written here:
+
+* one ``scale`` and one ``offset`` per entry (per-tensor): a per-channel entry lists many
+  scales before its offsets, and the regex would pair its last scale with its first
+  offset, silently. Per-channel records are refused.
+* floats in fixed-point notation: protobuf (and AMCT) print small floats as ``4e-05``,
+  which the regex cannot read, so that entry drops out and the pair count breaks.
+* entries ordered layer by layer, key then value, for layers 0..n-1 with none missing
+  (the regex ignores keys; order and count are all it has).
+
+The file is still a valid AMCT record (:func:`amct_hf.read_kv_factors` reads it back to
+the same float32 values): the shortest fixed-point digits that round-trip each float32.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import ExportError
+from ..fileio import atomic_replace, check_output_path
+from ..naming import layer_index, layer_kind
+from ..record.files import load_kv_factors
+
+__all__ = ["format_fixed_point", "format_lmdeploy_record", "export_lmdeploy_ascend"]
+
+
+
+def format_fixed_point(x: float) -> str:
+    """Shortest fixed-point digits that read back as the same float32 (never ``4e-05``)."""
+    return np.format_float_positional(np.float32(x), unique=True, trim="0")
+
+
+def _ordered_layers(factors: dict, where: str) -> list[tuple[str, str]]:
+    by_layer: dict[int, dict[str, str]] = {}
+    for name in factors:
+        kind = layer_kind(name)
+        idx = layer_index(name)
+        if kind is None or idx is None:
+            raise ExportError(f"{where}: layer {name!r} is not a '...layers.<i>...' key or value "
+                              f"entry; lmdeploy pairs entries with layers by position only")
+        slot = by_layer.setdefault(idx, {})
+        if kind in slot:
+            raise ExportError(f"{where}: layer {idx} has two {kind} entries "
+                              f"({slot[kind]!r}, {name!r})")
+        slot[kind] = name
+    out = []
+    for i in range(len(by_layer)):
+        if i not in by_layer:
+            raise ExportError(f"{where}: decoder layer {i} has no entries (layers "
+                              f"{sorted(by_layer)[:3]}...); lmdeploy needs every layer 0..n-1")
+        slot = by_layer[i]
+        for kind in ("key", "value"):
+            if kind not in slot:
+                raise ExportError(f"{where}: decoder layer {i} has no {kind} entry")
+        out.append((slot["key"], slot["value"]))
+    return out
+
+
+def format_lmdeploy_record(factors: dict, where: str = "record") -> str:
+    """The record text for lmdeploy's Ascend backend (see the module doc)."""
+    for name, (scales, _) in factors.items():
+        if len(scales) != 1:
+            raise ExportError(
+                f"{where}: layer {name!r} is per-channel ({len(scales)} scales); lmdeploy's Ascend "
+                f"backend reads one scale/offset pair per entry and would misread it silently: "
+                f"recalibrate per-tensor (--granularity per_tensor)")
+    lines = []
+    for k_name, v_name in _ordered_layers(factors, where):
+        for name in (k_name, v_name):
+            (scale,), (offset,) = factors[name]
+            lines += ["record {", f'  key: "{name}"', "  kv_cache_value {",
+                      f"    scale: {format_fixed_point(scale)}", f"    offset: {int(offset)}",
+                      "  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def export_lmdeploy_ascend(record_file: str | os.PathLike, out_path: str | os.PathLike) -> str:
+    """Write ``out_path`` for ``ASCEND_QUANT_RECORD_FILE``; returns the text written.
+    Refuses per-channel records (the reason is in the message) and records lacking a
+    layer's key or value, before touching ``out_path``."""
+    record_file, out_path = os.fspath(record_file), os.fspath(out_path)
+    factors, where = load_kv_factors(record_file)
+    check_output_path(record_file, out_path)
+    text = format_lmdeploy_record(factors, where=where)
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_replace(out_path, write)
+    return text

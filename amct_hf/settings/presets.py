@@ -1,0 +1,191 @@
+"""Calibration settings per kind (keys, values), and the measured best ones per consumer.
+
+:func:`resolve_kv_settings` turns the arguments of
+:func:`~amct_hf.calibrate.calibrate_kv_cache` (``quant_algo_params``,
+``value_quant_algo_params``, ``channel_groups``, ``range_margin``, ``target``) into one
+:class:`KVSettings`. A ``target`` names the engine that will serve the factors and picks
+the configuration measured best for what that engine can load
+(``benchmarks/accuracy_smollm2.py``, README "Accuracy"):
+
+* ``"ascend-c8"``: vllm-ascend / MindIE C8 dequantize with the scale alone and read
+  ``[kv_heads * head_dim]`` tensors (the Ascend export repeats a per-tensor scale onto the
+  channels). Keys: symmetric. Values: asymmetric, for a model whose attention biases can
+  carry the value centres (Llama: the Ascend export folds the offsets into ``v_proj`` /
+  ``o_proj`` biases, :mod:`amct_hf.modeling.centering`, and the engine's symmetric
+  quantization then computes what the record measures); symmetric otherwise
+  (``value_centering=False``, e.g. Qwen2, whose ``o_proj`` has no bias);
+* ``"transformers"``: :class:`~amct_hf.modeling.cache.StaticInt8KVCache` takes any
+  record, asymmetric included;
+* ``"vllm-fp8"``: vLLM's static FP8 KV scales are one per tensor: symmetric, per-tensor.
+
+An argument given explicitly next to a target must agree with what the target sets;
+otherwise it is refused naming both, rather than one silently winning.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..algorithms.grouping import CHANNEL_GROUPS
+from ..errors import InvalidArgumentError
+from .quant_params import QuantParams, parse_quant_algo_params
+
+__all__ = ["TARGETS", "WITHOUT_VALUE_CENTERING", "KVSettings", "resolve_kv_settings"]
+
+KINDS = ("key", "value")
+
+#: target -> what it sets: "key"/"value" quant_algo_params, "channel_groups" and
+#: "range_margin" per kind. Measured on SmolLM2-135M (README "Accuracy").
+TARGETS: dict[str, dict] = {
+    # Keys: one symmetric HFMG range per tensor (the export repeats it onto the channels).
+    # Values: one asymmetric HFMG range per tensor, served through the bias fold; the
+    # symmetric value ranges cost 0.3% perplexity on newsgroups (README "Accuracy")
+    "ascend-c8": {
+        "key": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": "per_tensor"},
+        "value": {"act_algo": "hfmg", "asymmetric": True, "quant_granularity": "per_tensor"},
+        "channel_groups": {"key": "channel", "value": "channel"},
+        "range_margin": {"key": 0.0, "value": 0.0},
+    },
+    # any record: HFMG asymmetric per tensor measured best (values need their offset)
+    "transformers": {
+        "key": {"act_algo": "hfmg", "asymmetric": True, "quant_granularity": "per_tensor"},
+        "value": {"act_algo": "hfmg", "asymmetric": True, "quant_granularity": "per_tensor"},
+        "channel_groups": {"key": "channel", "value": "channel"},
+        "range_margin": {"key": 0.0, "value": 0.0},
+    },
+    # one symmetric scale per tensor
+    "vllm-fp8": {
+        "key": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": "per_tensor"},
+        "value": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": "per_tensor"},
+        "channel_groups": {"key": "channel", "value": "channel"},
+        "range_margin": {"key": 0.0, "value": 0.0},
+    },
+}
+
+#: a target's settings for a model whose attention cannot carry value centres
+WITHOUT_VALUE_CENTERING: dict[str, dict] = {
+    # symmetric only. Values: HFMG per channel, widened by 25% -- fitted per channel on a
+    # few thousand tokens they clip on other text; per-tensor or per-head symmetric values
+    # cost more (README "Accuracy")
+    "ascend-c8": {
+        **TARGETS["ascend-c8"],
+        "value": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": "per_channel"},
+        "range_margin": {"key": 0.0, "value": 0.25},
+    },
+}
+
+
+@dataclass(frozen=True)
+class KVSettings:
+    """What calibration runs, per kind: ``params[kind]``, ``groups[kind]``."""
+    params: dict       # "key"/"value" -> QuantParams
+    groups: dict       # "key"/"value" -> one of CHANNEL_GROUPS
+    range_margin: dict  # "key"/"value" -> fraction the ranges are widened by
+    target: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"key": {**self.params["key"].to_dict(), "channel_groups": self.groups["key"]},
+                "value": {**self.params["value"].to_dict(), "channel_groups": self.groups["value"]},
+                "range_margin": self.range_margin, "target": self.target}
+
+
+def _per_kind(name: str, value, default, check) -> dict:
+    """One setting for both kinds, or a {"key": ..., "value": ...} dict (missing: default)."""
+    if isinstance(value, Mapping):
+        if not value or set(value) - set(KINDS):
+            raise InvalidArgumentError(f"{name} as a dict takes the keys 'key' and 'value', got {dict(value)!r}")
+        out = {kind: value.get(kind, default) for kind in KINDS}
+    else:
+        out = {kind: default if value is None else value for kind in KINDS}
+    for kind, v in out.items():
+        check(kind, v)
+    return out
+
+
+def _check_margin(kind, margin):
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 10:
+        raise InvalidArgumentError(f"range_margin must be a number in [0, 10), got {margin!r} for the {kind}s")
+
+
+def _margins(range_margin) -> dict:
+    return {k: float(v) for k, v in _per_kind("range_margin", range_margin, 0.0, _check_margin).items()}
+
+
+def _groups(channel_groups) -> dict:
+    if channel_groups is None:
+        channel_groups = "channel"
+    if isinstance(channel_groups, str):
+        channel_groups = {kind: channel_groups for kind in KINDS}
+    if not isinstance(channel_groups, Mapping) or set(channel_groups) - set(KINDS):
+        raise InvalidArgumentError(f"channel_groups must be one of {CHANNEL_GROUPS} or a dict "
+                                   f"{{'key': ..., 'value': ...}}, got {channel_groups!r}")
+    out = {kind: channel_groups.get(kind, "channel") for kind in KINDS}
+    for kind, groups in out.items():
+        if groups not in CHANNEL_GROUPS:
+            raise InvalidArgumentError(f"channel_groups for the {kind}s is {groups!r}; use one of "
+                                       f"{CHANNEL_GROUPS}")
+    return out
+
+
+def _merge(target: str, kind: str, fixed: dict, given) -> QuantParams:
+    """The target's params for ``kind`` with the user's fields added; a user field that
+    changes what the target sets is refused."""
+    if given is None:
+        return parse_quant_algo_params(fixed)
+    if isinstance(given, QuantParams):
+        given = given.to_dict()
+    parse_quant_algo_params(given)  # the user's own fields are valid on their own
+    want = parse_quant_algo_params(fixed).to_dict()
+    got = parse_quant_algo_params({**fixed, **given}).to_dict()
+    for field in ("act_algo", "asymmetric", "quant_granularity", "num_bits"):
+        if got[field] != want[field]:
+            hint = ("; value_centering=False (--no-value-centering) gives symmetric values"
+                    if target in WITHOUT_VALUE_CENTERING and kind == "value" and field == "asymmetric" else "")
+            raise InvalidArgumentError(
+                f"target={target!r} calibrates the {kind}s with {field}={want[field]!r}, but the "
+                f"arguments ask for {field}={got[field]!r}; drop the argument or the target{hint}")
+    return parse_quant_algo_params({**fixed, **given})
+
+
+def resolve_kv_settings(target=None, quant_algo_params=None, value_quant_algo_params=None,
+                        channel_groups=None, range_margin=0.0, value_centering=True) -> KVSettings:
+    """The settings of a calibration run (see the module docstring).
+
+    ``value_centering``: whether the model's attention biases can carry value centres
+    (:func:`amct_hf.modeling.centering.supports_value_centering`); a target that relies on
+    them takes its symmetric settings otherwise.
+
+    Without a target: keys use ``quant_algo_params``, values ``value_quant_algo_params``
+    (default: the same); ``channel_groups`` is one grouping for both or a
+    ``{"key": ..., "value": ...}`` dict (missing kinds: ``"channel"``); ``range_margin``
+    likewise (missing kinds: 0).
+    """
+    if target is None:
+        key = parse_quant_algo_params(quant_algo_params)
+        value = key if value_quant_algo_params is None else parse_quant_algo_params(value_quant_algo_params)
+        return _checked(KVSettings({"key": key, "value": value}, _groups(channel_groups), _margins(range_margin)))
+    if target not in TARGETS:
+        raise InvalidArgumentError(f"target={target!r} is not known; use one of {tuple(TARGETS)}")
+    spec = TARGETS[target] if value_centering else WITHOUT_VALUE_CENTERING.get(target, TARGETS[target])
+    value_given = quant_algo_params if value_quant_algo_params is None else value_quant_algo_params
+    params = {"key": _merge(target, "key", spec["key"], quant_algo_params),
+              "value": _merge(target, "value", spec["value"], value_given)}
+    groups = dict(spec["channel_groups"])
+    if channel_groups is not None and _groups(channel_groups) != groups:
+        raise InvalidArgumentError(f"target={target!r} sets channel_groups={groups!r}, but the arguments "
+                                   f"ask for {channel_groups!r}; drop the argument or the target")
+    margins = _margins(spec["range_margin"])
+    given = _margins(range_margin)
+    if any(given.values()) and given != margins:
+        raise InvalidArgumentError(f"target={target!r} sets range_margin={margins!r}, but "
+                                   f"the arguments ask for {range_margin!r}; drop the argument or the target")
+    return _checked(KVSettings(params, groups, margins, target))
+
+
+def _checked(settings: KVSettings) -> KVSettings:
+    for kind in KINDS:
+        if settings.groups[kind] != "channel" and not settings.params[kind].per_channel:
+            raise InvalidArgumentError(
+                f"channel_groups={settings.groups[kind]!r} for the {kind}s needs per-channel factors "
+                "(quant_granularity='per_channel'); a per-tensor record has one range already")
+    return settings

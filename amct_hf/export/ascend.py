@@ -38,7 +38,8 @@ import os
 from ..errors import ExportError
 from .folding import fold_value_offsets
 from .kv_pairs import kv_pairs, load_model_record, record_channel_factors
-from .model_dir import DEFAULT_MAX_SHARD_SIZE, check_out_dir, read_source_model, write_model_dir
+from .model_dir import DEFAULT_MAX_SHARD_SIZE, check_out_dir, write_model_dir
+from .source_model import read_source_model
 
 __all__ = ["ASCEND_WEIGHTS_PREFIX", "ASCEND_DESCRIPTION_FILE", "export_ascend_c8"]
 

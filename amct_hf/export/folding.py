@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ExportError
 from ..modeling.centering import VALUE_CENTERING_MODEL_TYPES, centering_biases, supports_value_centering
-from .model_dir import read_tensor
+from .source_model import read_tensor
 
 __all__ = ["FoldedBiases", "fold_value_offsets"]
 

@@ -29,7 +29,8 @@ import os
 
 from ..errors import ExportError
 from .kv_pairs import kv_pairs, load_model_record, record_channel_factors
-from .model_dir import DEFAULT_MAX_SHARD_SIZE, check_out_dir, read_source_model, write_model_dir
+from .model_dir import DEFAULT_MAX_SHARD_SIZE, check_out_dir, write_model_dir
+from .source_model import read_source_model
 
 __all__ = ["FP8_E4M3_MAX", "VLLM_WEIGHTS_PREFIX", "KV_CACHE_SCHEME", "fp8_kv_scale",
            "vllm_quantization_config", "export_vllm_fp8"]

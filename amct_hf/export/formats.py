@@ -9,9 +9,18 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import InvalidArgumentError
+from ..errors import AmctHfError, ExportError, InvalidArgumentError
 
-__all__ = ["ExportFormat", "FORMATS", "export_format"]
+__all__ = ["ExportFormat", "FORMATS", "export_format", "export_io_error"]
+
+
+def export_io_error(err: OSError, out) -> ExportError:
+    """One line for an I/O failure of an export (disk full, read-only filesystem, a
+    regular file where a directory is needed): the path and the cause, not a traceback.
+    The writers leave nothing behind on failure (temp files and directories removed)."""
+    path = err.filename or out
+    cause = err.strerror or str(err) or type(err).__name__
+    return ExportError(f"cannot write the export {os.fspath(out)}: {path}: {cause}")
 
 
 def _entries(n: int) -> str:
@@ -74,7 +83,16 @@ class ExportFormat:
                 f"--format {self.name} writes a model directory: pass --model MODEL_DIR (the model the "
                 "record was calibrated on) and --out OUT_DIR")
         out = out if out is not None else self.default_out(record_file)
-        return self.run(os.fspath(record_file), os.fspath(out), model, options if self.needs_model else {})
+        try:
+            return self.run(os.fspath(record_file), os.fspath(out), model, options if self.needs_model else {})
+        except OSError as err:
+            if isinstance(err, AmctHfError):
+                raise
+            raise export_io_error(err, out) from err
+        except Exception as err:
+            if type(err).__name__ != "SafetensorError":  # safetensors' own wrapper of an I/O error
+                raise
+            raise ExportError(f"cannot write the export {os.fspath(out)}: {' '.join(str(err).split())}") from err
 
 
 FORMATS: dict[str, ExportFormat] = {f.name: f for f in (

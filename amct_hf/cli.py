@@ -334,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output file, or directory for ascend-c8 / vllm-fp8 (default for files: the "
                         "record path with the format's suffix)")
     p.add_argument("--model", metavar="MODEL_DIR",
-                   help="ascend-c8 / vllm-fp8: the local model folder the record was calibrated on")
+                   help="ascend-c8 / vllm-fp8 / lmdeploy-ascend (checks the layer count): the local model "
+                        "folder the record was calibrated on")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="ascend-c8 / vllm-fp8: weight shard size cap, e.g. 5GB, 500MB (default 5GB)")

@@ -39,8 +39,30 @@ def _safetensors(record, out, model, options):
 
 def _lmdeploy(record, out, model, options):
     from .lmdeploy import export_lmdeploy_ascend
-    export_lmdeploy_ascend(record, out)
-    return f"wrote the lmdeploy Ascend record (per-tensor, k then v per layer) to {out}"
+    num_layers = model_layer_count(model) if model is not None else None
+    export_lmdeploy_ascend(record, out, num_layers=num_layers)
+    checked = (f"{num_layers} layers, as the model" if num_layers is not None
+               else "layer count not checked: pass --model")
+    return f"wrote the lmdeploy Ascend record (per-tensor, k then v per layer; {checked}) to {out}"
+
+
+def model_layer_count(model) -> int:
+    """``num_hidden_layers`` of a local model folder's config.json (its text config)."""
+    from transformers import AutoConfig
+
+    from ..errors import MissingFileError
+    model = os.fspath(model)
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise MissingFileError(f"--model {model} is not a model folder with a config.json")
+    try:
+        config = AutoConfig.from_pretrained(model, local_files_only=True)
+    except Exception as e:  # transformers raises many types for a bad config
+        raise ExportError(f"cannot read {model}/config.json: {' '.join(str(e).split())}") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    if not isinstance(layers, int) or layers <= 0:
+        raise ExportError(f"{model}/config.json has no num_hidden_layers; cannot check the layer count")
+    return layers
 
 
 def _model_dir(function_name: str, name: str):

@@ -31,6 +31,7 @@ from .modeling.placement import check_max_memory
 from .naming import layer_kind, record_order
 from .observers.kv import KVBank
 from .observers.streaming import check_grid_bins
+from .precheck import check_record_editable
 from .record.files import check_record_file, write_kv_factors
 from .settings.presets import KVSettings, resolve_kv_settings
 from .settings.quant_params import QuantParams
@@ -188,6 +189,8 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     model, tok = load_model(model, device_map=device_map, dtype=dtype,
                             trust_remote_code=trust_remote_code, tokenizer=tokenizer,
                             max_memory=max_memory, offload_folder=offload_folder)
+    if write:
+        check_record_editable(record_file, model)  # the model's keys are known now, not the factors
     _warn_long_context(model, seq_len)
     logger.info("model %s loaded (%s, %s)", type(model).__name__, input_device(model),
                 next(model.parameters()).dtype)

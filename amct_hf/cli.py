@@ -196,6 +196,9 @@ def run_calibrate(args) -> int:
         dataset = str(default_corpus_file())
         log(f"dataset: bundled news corpus at {dataset}")
     model = _default_model(args, log)
+    if args.export_ascend_c8:
+        from .precheck import check_calibrate_export
+        check_calibrate_export(args.record, args.export_ascend_c8, model, trust_remote_code=args.trust_remote_code)
     _quiet_loading(args)
     from .calibrate import calibrate_kv_cache
     result = calibrate_kv_cache(model, dataset, **kwargs)

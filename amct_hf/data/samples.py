@@ -116,6 +116,8 @@ def _load_named(dataset: str | os.PathLike, split: str, cache_dir):
         except datasets.exceptions.DatasetGenerationError as err:
             raise DatasetError(f"could not read {text} as {builder}: {err.__cause__ or err}") \
                 from err
+        except _arrow_errors() as err:  # parquet is read by pyarrow before any generation
+            raise DatasetError(f"could not read {text} as {builder}: {err}") from err
         return ds, text
 
     if path.is_dir():
@@ -143,6 +145,15 @@ def _load_named(dataset: str | os.PathLike, split: str, cache_dir):
             f"dataset {text!r} could not be found locally or offline (it is not a local "
             f"file or directory, and not in the datasets cache): {err}") from err
     return _pick_split(loaded, split, text), f"{text} split {split!r}"
+
+
+def _arrow_errors() -> tuple:
+    """pyarrow's error types (an empty or corrupt parquet file raises ArrowInvalid)."""
+    try:
+        import pyarrow
+    except ImportError:
+        return ()
+    return (pyarrow.ArrowException,)
 
 
 def _pick_split(dataset_dict, split: str, name: str):

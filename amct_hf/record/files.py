@@ -285,6 +285,19 @@ def _refuse(text: str, where: str, start: int, end: int, reason: str):
 def _index(text: str, where: str, start: int = 0) -> _Index:
     """Entries of ``text`` (from ``start``), validated; see record_scan for the fast path."""
     try:
+        return _index_fields(text, where, start)
+    except RecursionError:
+        raise _too_deep(where) from None
+
+
+def _too_deep(where: str) -> RecordFileError:
+    # protobuf's text parser recurses once per level of nested (unknown) fields
+    return RecordFileError(f"record {where} does not parse: fields are nested more deeply than "
+                           f"the protobuf text parser can follow; left untouched")
+
+
+def _index_fields(text: str, where: str, start: int = 0) -> _Index:
+    try:
         fields = record_scan.scan(text, start)
     except ValueError as e:
         _refuse(text, where, start, len(text), str(e))
@@ -517,10 +530,20 @@ def _read_text(path: str, where: str) -> str:
             data = f.read()
         except OSError as e:
             raise RecordFileError(f"record {where}: cannot read: {e}") from e
+    _refuse_bom(data, where)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RecordFileError(f"record {where} does not parse: not UTF-8 text ({e})") from e
+
+
+def _refuse_bom(data: bytes, where: str) -> None:
+    # protobuf's text format has no byte-order mark; its own message would point at an
+    # invisible character, so name it (the file is left as it is: editors add it silently)
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise RecordFileError(f"record {where} starts with a UTF-8 byte-order mark (bytes EF BB BF), "
+                              f"which the protobuf text format does not allow; save it as UTF-8 "
+                              f"without BOM; left untouched")
 
 
 def read_kv_factors(path: str | os.PathLike) -> dict[str, tuple[list[float], list[int]]]:
@@ -538,12 +561,24 @@ def read_kv_factors(path: str | os.PathLike) -> dict[str, tuple[list[float], lis
 
 def check_record_file(path: str | os.PathLike) -> None:
     """Refuse, before any calibration work, a record that ``write_kv_factors`` would refuse:
-    not a regular file, read-only, unreadable or unparsable. Entries with invalid values
+    not a regular file, read-only, in a directory that takes no new file, unreadable or
+    unparsable. Entries with invalid values
     are not checked: a write keeps them untouched (only reading them fails)."""
     where = os.fspath(path)
     target = os.path.realpath(where)
     _refuse_target(target, where)
+    _refuse_unwritable_dir(target, where)
     _index(_read_text(target, where), where)
+
+
+def _refuse_unwritable_dir(target: str, where: str) -> None:
+    # the write puts a temp file beside the record and renames it: its directory must
+    # take new files, which is only known for sure by trying
+    from ..precheck import writable_dir_problem
+
+    problem = writable_dir_problem(target)
+    if problem:
+        raise RecordFileError(f"record {where}: {problem}; the record could not be written")
 
 
 # target -> (text, index) of this process's last write: the operator writes one layer at a
@@ -611,6 +646,8 @@ def write_kv_factors(path: str | os.PathLike, factors: Factors, *,
         raise
     except TimeoutError as e:
         raise RecordFileError(f"record {where}: {e}") from e
+    except RecursionError:
+        raise _too_deep(where) from None
     except (OSError, OutputPathError) as e:
         raise RecordFileError(f"record {where}: cannot write: {e}") from e
     # an entry rewritten with the same values (a rerun) is not news; changed ones are

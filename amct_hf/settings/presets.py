@@ -134,7 +134,9 @@ def _merge(target: str, kind: str, fixed: dict, given) -> QuantParams:
         return parse_quant_algo_params(fixed)
     if isinstance(given, QuantParams):
         given = given.to_dict()
-    parse_quant_algo_params(given)  # the user's own fields are valid on their own
+    # the user's fields are validated against the algorithm that will run: the target's,
+    # unless they name their own (then a conflict is reported below, naming both)
+    parse_quant_algo_params(given if "act_algo" in given else {**fixed, **given})
     want = parse_quant_algo_params(fixed).to_dict()
     got = parse_quant_algo_params({**fixed, **given}).to_dict()
     for field in ("act_algo", "asymmetric", "quant_granularity", "num_bits"):

@@ -408,7 +408,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    from .errors import AmctHfError
+    try:
+        parser = build_parser()
+    except AmctHfError as err:  # an unsupported transformers, met while importing the formats
+        print(f"amct-hf: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

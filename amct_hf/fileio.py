@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 from .errors import InvalidArgumentError, OutputPathError
 
 __all__ = ["atomic_replace", "exclusive_lock", "lock_timeout_seconds", "remove_stale_temps",
-           "replace_refusal", "looks_like_path", "check_output_path", "fsync_dir"]
+           "replace_refusal", "looks_like_path", "check_output_path", "fsync_dir", "writable_dir_problem"]
 
 logger = logging.getLogger("amct_hf")
 
@@ -89,6 +89,11 @@ def _pid_alive(pid: int) -> bool:
     except OSError:  # EPERM: alive, owned by someone else
         return True
     return True
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` may be a live process of this machine (True when unsure)."""
+    return _pid_alive(pid)
 
 
 def remove_stale_temps(path: str) -> list[str]:
@@ -262,3 +267,24 @@ def exclusive_lock(lock_path: str, timeout: float | None = None, *,
             return
         finally:
             os.close(fd)
+
+
+def writable_dir_problem(path: str) -> str | None:
+    """Why nothing can be created at ``path`` (its nearest existing ancestor directory is
+    not writable: permissions, a read-only filesystem, a regular file in the way), or
+    None. Tried for real with a probe directory, removed at once: ``os.access`` says yes
+    to root on a read-only filesystem."""
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is not a directory"
+    # named like the export writer's temp directories, so a probe a kill left behind is
+    # removed by the next export (it is empty anyway)
+    probe = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.mkdir(probe)
+    except OSError as e:
+        return f"cannot create anything in {parent} ({e.strerror})"
+    os.rmdir(probe)
+    return None

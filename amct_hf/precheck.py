@@ -15,55 +15,12 @@ checked by :func:`amct_hf.record.files.check_record_file`.
 from __future__ import annotations
 
 import os
-import secrets
 
 from .errors import ExportError, RecordFileError, RecordMismatchError
+from .fileio import writable_dir_problem
+from .record.files import uneditable_keys
 
-__all__ = ["writable_dir_problem", "check_record_editable", "check_calibrate_export"]
-
-
-def writable_dir_problem(path: str) -> str | None:
-    """Why nothing can be created at ``path`` (its nearest existing ancestor directory is
-    not writable: permissions, a read-only filesystem, a regular file in the way), or
-    None. Tried for real with a probe directory, removed at once: ``os.access`` says yes
-    to root on a read-only filesystem."""
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    while not os.path.lexists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        return f"{parent} is not a directory"
-    # named like the export writer's temp directories, so a probe a kill left behind is
-    # removed by the next export (it is empty anyway)
-    probe = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        os.mkdir(probe)
-    except OSError as e:
-        return f"cannot create anything in {parent} ({e.strerror})"
-    os.rmdir(probe)
-    return None
-
-
-def _uneditable_keys(record_file: str) -> dict[str, str]:
-    """Keys of the record's entries that a write cannot edit without loss -> why."""
-    from .record import files
-    from .record.scanner import Tokens
-
-    where = os.fspath(record_file)
-    text = files._read_text(os.path.realpath(where), where)
-    if not text:
-        return {}
-    idx = files._index(text, where)
-    out = {}
-    for i, field in enumerate(idx.fields):
-        if field.entry is not None:
-            continue
-        sub = idx.subs[i]
-        toks = Tokens(text, field.start, field.end)
-        top = list(toks.fields(0, len(toks.toks)))
-        if len(top) != 1 or top[0][3] is None or len(sub.record) != 1:
-            for entry in sub.record:
-                out.setdefault(entry.key, "uses the list form 'record: [...]'")
-    return out
+__all__ = ["check_record_editable", "check_calibrate_export"]
 
 
 def _model_keys(model) -> set[str]:
@@ -82,7 +39,7 @@ def check_record_editable(record_file, model) -> None:
     entry the write cannot edit, before anything is calibrated."""
     if not os.path.isfile(record_file):
         return
-    blocked = _uneditable_keys(record_file)
+    blocked = uneditable_keys(record_file)
     if not blocked:
         return
     keys = _model_keys(model)

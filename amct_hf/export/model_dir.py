@@ -248,7 +248,7 @@ def remove_dead_writers_leftovers(out_dir: str) -> list[str]:
     alive on this machine; a live writer's are never touched. A ``.old-`` directory is
     never removed here: a writer killed between its two renames leaves the previous
     output only there."""
-    from ..fileio import _pid_alive
+    from ..fileio import pid_alive
 
     parent = os.path.dirname(out_dir) or "."
     pattern = _leftover_pattern(out_dir)
@@ -259,7 +259,7 @@ def remove_dead_writers_leftovers(out_dir: str) -> list[str]:
         return removed
     for name in names:
         m = pattern.fullmatch(name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
             removed.append(name)
     return removed

@@ -56,6 +56,7 @@ __all__ = [
     "RecordOverwriteWarning",
     "ScaleOffsetRecord",
     "check_record_file",
+    "uneditable_keys",
     "format_record",
     "parse_record_text",
     "read_kv_factors",
@@ -574,7 +575,7 @@ def check_record_file(path: str | os.PathLike) -> None:
 def _refuse_unwritable_dir(target: str, where: str) -> None:
     # the write puts a temp file beside the record and renames it: its directory must
     # take new files, which is only known for sure by trying
-    from ..precheck import writable_dir_problem
+    from ..fileio import writable_dir_problem
 
     problem = writable_dir_problem(target)
     if problem:
@@ -694,3 +695,23 @@ def load_kv_factors(record) -> tuple[dict[str, tuple[list[float], list[int]]], s
         if problem:
             raise RecordFileError(f"{where}: layer {name!r} has unusable factors: {problem}")
     return factors, where
+
+
+def uneditable_keys(record_file: str | os.PathLike) -> dict[str, str]:
+    """Keys of the record's entries that a write cannot edit without loss -> why."""
+    where = os.fspath(record_file)
+    text = _read_text(os.path.realpath(where), where)
+    if not text:
+        return {}
+    idx = _index(text, where)
+    out = {}
+    for i, field in enumerate(idx.fields):
+        if field.entry is not None:
+            continue
+        sub = idx.subs[i]
+        toks = Tokens(text, field.start, field.end)
+        top = list(toks.fields(0, len(toks.toks)))
+        if len(top) != 1 or top[0][3] is None or len(sub.record) != 1:
+            for entry in sub.record:
+                out.setdefault(entry.key, "uses the list form 'record: [...]'")
+    return out

@@ -108,6 +108,9 @@ def read_source_model(model_dir: str | os.PathLike, *, trust_remote_code: bool =
     from ..modeling.layout import kv_layout
 
     model_dir = os.fspath(model_dir)
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise ExportError(f"model directory {model_dir!r} is a file; pass the folder that holds "
+                          f"config.json and the safetensors weights")
     if not os.path.isdir(model_dir):
         raise ExportError(f"model directory {model_dir!r} does not exist")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):

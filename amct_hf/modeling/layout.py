@@ -105,4 +105,13 @@ def check_record(factors: Mapping[str, tuple[Sequence[float], Sequence[int]]],
     if unknown:
         raise RecordMismatchError(
             f"{where} does not match the model: layer {unknown[0]!r} is in the record but the "
-            f"model has no such layer (the model's layers are {next(iter(layout))!r} ...)")
+            f"model has no such layer (the model's layers are {next(iter(layout))!r} ...)"
+            f"{_other_model_hint(unknown, layout)}")
+
+
+def _other_model_hint(unknown, layout) -> str:
+    # calibrate merges into an existing record on purpose (one record, several models);
+    # every consumer needs one model's entries, so say how to get there
+    return (f"; {len(unknown)} record entr{'ies' if len(unknown) != 1 else 'y'} belong to no layer of this "
+            f"model (a record calibrate merged several models into?): calibrate this model into its own "
+            f"--record file, or copy its entries into a new record")

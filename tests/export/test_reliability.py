@@ -278,3 +278,31 @@ def test_lmdeploy_refuses_a_record_of_another_layer_count(tmp_path, capsys):
     assert main(["export", "--record", str(tmp_path / "rec.txt"), "--format", "lmdeploy-ascend",
                  "--model", str(tmp_path / "m2"), "--out", str(out)]) == 0
     assert "2 layers, as the model" in capsys.readouterr().out
+
+
+def test_report_does_not_flag_placeholder_channels_as_outliers():
+    from amct_hf.evaluation.report import layer_clip_stats
+
+    live = [0.01 + 0.001 * c for c in range(8)]
+    stats = layer_clip_stats([1.0, 1.0, *live], [-128, -128, *([-3] * 8)])
+    assert not stats["outlier"] and stats["worst_channel"] == 9
+    assert stats["x_min"][:2] == stats["x_max"][:2] == [0.0, 0.0]
+
+
+def test_record_holding_another_models_entries_says_how(llama_dir, tmp_path):
+    from amct_hf.errors import RecordMismatchError
+
+    layout = _layout(llama_dir)
+    factors = {n: ([0.02], [0]) for n in layout}
+    factors.update({f"other.layers.{i}.self_attn.k_proj": ([0.02], [0]) for i in range(3)})
+    write_kv_factors(tmp_path / "rec.txt", factors)
+    with pytest.raises(RecordMismatchError, match=r"3 record entries belong to no layer.*own --record"):
+        export_vllm_fp8(tmp_path / "rec.txt", llama_dir, tmp_path / "out")
+
+
+def test_export_model_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    write_kv_factors(tmp_path / "rec.txt", {"model.layers.0.self_attn.k_proj": ([0.02], [0])})
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    assert main(["export", "--record", str(tmp_path / "rec.txt"), "--format", "ascend-c8", "--model",
+                 str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "out")]) == 2
+    assert "is a file; pass the folder" in capsys.readouterr().err

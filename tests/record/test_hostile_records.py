@@ -30,3 +30,13 @@ def test_utf8_byte_order_mark_is_named(tmp_path):
         with pytest.raises(RecordFileError, match="UTF-8 byte-order mark"):
             call()
     assert rec.read_bytes() == data
+
+
+def test_merge_into_a_crlf_record_keeps_its_bytes_and_reads_back(tmp_path):
+    """Documented behaviour: untouched CRLF bytes are kept, new and rewritten entries use LF."""
+    rec = tmp_path / "crlf.txt"
+    head = b'record {\r\n  key: "other.k_proj"\r\n  kv_cache_value {\r\n    scale: 0.5\r\n    offset: 0\r\n  }\r\n}\r\n'
+    rec.write_bytes(head)
+    write_kv_factors(rec, {"model.layers.0.self_attn.k_proj": ([0.25], [1])})
+    assert rec.read_bytes().startswith(head)
+    assert read_kv_factors(rec) == {"other.k_proj": ([0.5], [0]), "model.layers.0.self_attn.k_proj": ([0.25], [1])}

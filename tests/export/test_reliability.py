@@ -89,16 +89,42 @@ def test_placeholder_channels_rules():
 
 
 def test_int8_cache_serves_a_placeholder_channel_exactly():
-    """The cache and the evaluation use the record as written: a channel that only ever
-    held 0 gets 0 back, whatever its placeholder offset."""
-    from amct_hf.algorithms.convention import fake_quantize
+    """The INT8 cache (and the evaluation, which fake-quantizes with the same arithmetic) uses
+    the record as written: a channel that only ever held 0 gets exactly 0 back."""
+    from amct_hf.modeling.cache import StaticInt8Layer
 
-    scale = torch.tensor([1.0, 1.0, 0.01])
-    offset = torch.tensor([-128.0, 0.0, 3.0])
-    x = torch.tensor([[0.0, 0.0, 0.4], [0.0, 0.0, -0.2]])
-    out = fake_quantize(x, scale, offset)
-    assert torch.equal(out[:, :2], torch.zeros(2, 2))
-    assert torch.allclose(out[:, 2], x[:, 2], atol=0.005)
+    keys = ([0.01] * 4, [0] * 4)
+    values = ([1.0, 1.0, 0.01, 0.02], [-128, 0, 3, -5])  # channels 0, 1: placeholders
+    layer = StaticInt8Layer(keys, values, ("k", "v"))
+    k = torch.randn(1, 1, 3, 4) * 0.3
+    v = torch.randn(1, 1, 3, 4) * 0.3
+    v[..., :2] = 0.0
+    _, v_hat = layer.update(k, v)
+    assert torch.equal(v_hat[..., :2], torch.zeros(1, 1, 3, 2))
+    assert torch.allclose(v_hat[..., 2:], v[..., 2:], atol=0.011)
+
+
+def test_exported_bf16_model_with_dead_channels_keeps_its_logits(tmp_path):
+    """The issue's case: all-zero v_proj rows, asymmetric per-channel values, a bf16 model.
+    Without quantization the exported model (value centres folded into its biases) must
+    compute what the original computes, up to bf16 rounding."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = build("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight[:DEAD] = 0.0
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    _dead_channel_record(tmp_path / "rec.txt", _layout(tmp_path / "m"))
+    export_ascend_c8(tmp_path / "rec.txt", tmp_path / "m", tmp_path / "out")
+    ids = torch.arange(24).reshape(2, 12) % 96
+    exported = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path / "out"),
+                                                dtype=torch.bfloat16).eval()
+    tensors, _ = load_dir_tensors(tmp_path / "out")
+    exported.load_state_dict({n: t for n, t in tensors.items() if ".kv_cache_" not in n}, strict=True)
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        diff = (exported(input_ids=ids).logits.float() - original(input_ids=ids).logits.float()).abs()
+    assert diff.max().item() < 0.02, diff.max().item()
 
 
 def _per_tensor_record(path, layout, key=(0.02, 0), value=(0.03, 0)):

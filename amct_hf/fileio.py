@@ -40,9 +40,9 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 
-from .errors import InvalidArgumentError, OutputPathError
+from .errors import OutputPathError
 
-__all__ = ["atomic_replace", "exclusive_lock", "lock_timeout_seconds", "remove_stale_temps",
+__all__ = ["atomic_replace", "exclusive_lock", "remove_stale_temps",
            "replace_refusal", "looks_like_path", "check_output_path", "fsync_dir"]
 
 logger = logging.getLogger("amct_hf")
@@ -181,16 +181,6 @@ def fsync_dir(path: str) -> None:
 
 
 # --------------------------------------------------------------------------- lock
-def lock_timeout_seconds(lock_timeout) -> float | None:
-    """Validated ``lock_timeout``: None (or a negative number, the old -1) waits forever."""
-    if lock_timeout is None:
-        return None
-    if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) \
-            or math.isnan(lock_timeout):
-        raise InvalidArgumentError(f"lock_timeout must be a number of seconds or None, got {lock_timeout!r}")
-    return None if lock_timeout < 0 else float(lock_timeout)
-
-
 def _holder(lock_path: str) -> str:
     try:
         with open(lock_path, "rb") as f:

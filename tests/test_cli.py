@@ -232,7 +232,7 @@ def test_rerun_into_the_same_record_is_quiet(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert _calibrate(model_dir, corpus, rec) == 0  # same data, same factors: nothing to say
     assert "warning" not in capsys.readouterr().err.lower()
-    assert _calibrate(model_dir, corpus, rec, "--algo", "hfmg") == 0
+    assert _calibrate(model_dir, corpus, rec, "--algo", "ifmr") == 0
     err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(err) == 1 and err[0].startswith("amct-hf: warning: record ") and "overwritten" in err[0]
 
@@ -270,3 +270,29 @@ def test_target_flag_picks_the_engine_configuration(tiny, tmp_path, capsys):
                       "--granularity", "per_channel") == 2
     err = capsys.readouterr().err
     assert "vllm-fp8" in err and not (tmp_path / "x.txt").exists()
+
+
+def _count_resolutions(monkeypatch):
+    import amct_hf.calibrate as driver
+    calls = []
+    real = driver.resolve_kv_settings
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(driver, "resolve_kv_settings", counting)
+    return calls
+
+
+def test_calibrate_resolves_its_settings_once_and_defaults_to_the_transformers_target(
+        tiny, tmp_path, capsys, monkeypatch):
+    model_dir, corpus = tiny
+    calls = _count_resolutions(monkeypatch)
+    assert _calibrate(model_dir, corpus, tmp_path / "kv.txt") == 0
+    assert len(calls) == 1
+    out = capsys.readouterr().out
+    assert "settings: target transformers (keys HFMG per-tensor asymmetric; values HFMG per-tensor asymmetric)" in out
+    # AMCT's own defaults are one flag away, and then no target is named
+    assert _calibrate(model_dir, corpus, tmp_path / "kv_amct.txt", "--algo", "ifmr") == 0
+    assert len(calls) == 2
+    assert "settings: explicit parameters (keys IFMR per-tensor asymmetric; " in capsys.readouterr().out

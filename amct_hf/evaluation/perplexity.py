@@ -56,6 +56,7 @@ from ..modeling.layout import broadcast_factor, check_record, kv_layout
 from ..modeling.loading import input_device, load_model
 from ..naming import attention_path, layer_kind
 from ..record.files import load_kv_factors
+from ..settings.validate import positive_int
 from .intervals import paired_relative_increase
 
 __all__ = ["evaluate_kv_quant", "EvalResult"]
@@ -339,8 +340,7 @@ def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_sample
 
     started = time.time()
     for arg, value in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise InvalidArgumentError(f"{arg} must be a positive int, got {value!r}")
+        positive_int(arg, value)
     if seq_len < 2:
         raise InvalidArgumentError(f"seq_len must be at least 2 (one token to predict), got {seq_len}")
     if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:

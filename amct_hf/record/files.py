@@ -45,7 +45,8 @@ from typing import NamedTuple
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
 from ..errors import OutputPathError, RecordFileError, RecordOverwriteWarning
-from ..fileio import atomic_replace, exclusive_lock, file_kind, lock_timeout_seconds, replace_refusal
+from ..fileio import atomic_replace, exclusive_lock, file_kind, replace_refusal
+from ..settings.validate import lock_timeout_seconds
 from . import scanner as record_scan
 from .scanner import Tokens
 

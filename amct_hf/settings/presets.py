@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from ..algorithms.grouping import CHANNEL_GROUPS
 from ..errors import InvalidArgumentError
 from .quant_params import QuantParams, parse_quant_algo_params
+from .validate import range_margin as check_margin
 
 __all__ = ["TARGETS", "WITHOUT_VALUE_CENTERING", "KVSettings", "resolve_kv_settings"]
 
@@ -102,13 +103,9 @@ def _per_kind(name: str, value, default, check) -> dict:
     return out
 
 
-def _check_margin(kind, margin):
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 10:
-        raise InvalidArgumentError(f"range_margin must be a number in [0, 10), got {margin!r} for the {kind}s")
-
-
 def _margins(range_margin) -> dict:
-    return {k: float(v) for k, v in _per_kind("range_margin", range_margin, 0.0, _check_margin).items()}
+    given = _per_kind("range_margin", range_margin, 0.0, lambda kind, margin: check_margin(margin, kind))
+    return {k: float(v) for k, v in given.items()}
 
 
 def _groups(channel_groups) -> dict:

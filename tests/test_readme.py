@@ -57,7 +57,8 @@ DOCS = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").g
         "benchmarks/README.md", "recipes/README.md"]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 # a repository path: starts at a top-level folder, ends in a file extension
-REPO_PATH = re.compile(r"(?<![\w./-])((?:amct_hf|tests|benchmarks|recipes|docs|scripts)/[\w./-]*?\.(?:py|sh|md|txt|toml))\b")
+REPO_PATH = re.compile(r"(?<![\w./-])((?:amct_hf|tests|benchmarks|recipes|docs|scripts)/"
+                       r"[\w./-]*?\.(?:py|sh|md|txt|toml))\b")
 BARE_SCRIPT = re.compile(r"`([\w-]+\.(?:py|sh))`")
 ISSUE = re.compile(r"\bissues?\s*#?\d|#\d+")
 COMMIT = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}\b")

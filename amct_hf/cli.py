@@ -74,7 +74,7 @@ def _add_calibrate_arguments(p) -> None:
                    help="HFMG histogram bins: 1024, 2048, 4096 or 8192")
     q.add_argument("--target", choices=("ascend-c8", "transformers", "vllm-fp8"),
                    help="the engine that will serve the factors: picks the configuration measured "
-                        "best for it (README, Accuracy); other quantization flags must agree with it")
+                        "best for it (docs/accuracy.md); other quantization flags must agree with it")
     q.add_argument("--no-value-centering", dest="value_centering", action="store_false",
                    help="with --target ascend-c8: symmetric values even for a Llama whose attention "
                         "biases could carry the value centres (for an engine that does not read "
@@ -266,15 +266,11 @@ def run_eval(args) -> int:
         progress=not args.no_progress, **_placement(args))
     print(result.table(worst=args.worst))
     if args.json:
-        from .fileio import atomic_replace
+        from .fileio import write_text_atomic
         data = {**result.to_dict(), "model": model, "dataset": [str(d) for d in dataset]
                 if isinstance(dataset, list) else str(dataset)}
 
-        def write(tmp):
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=2, allow_nan=False)
-                f.write("\n")
-        atomic_replace(args.json, write)
+        write_text_atomic(args.json, json.dumps(data, indent=2, allow_nan=False) + "\n")
         print(f"wrote {args.json}")
     return 0
 
@@ -377,17 +373,24 @@ def recipe_args(defaults: dict, argv=None, description: str | None = None,
                 model_required: str | None = None) -> argparse.Namespace:
     """The calibrate arguments for a recipe script: the CLI's own flags, with the recipe's
     ``defaults`` (flag destinations such as ``model``, ``params``, ``algo``) in place of
-    the CLI's. With ``--target``, the recipe's ``params`` give way to the target's settings
-    (``--params`` on the command line still counts, and must agree with the target).
+    the CLI's. With a target, the recipe's ``params`` give way to the target's settings
+    (``--params`` on the command line still counts, and must agree with a ``--target`` given
+    there); quantization flags on the command line (``--algo ifmr``, ``--params``, ...)
+    replace the recipe's own target.
     ``model_required``: the usage error to give when no model is set."""
     p = argparse.ArgumentParser(description=description)
     _add_calibrate_arguments(p)
     unknown = set(defaults) - {a.dest for a in p._actions}
     if unknown:
         raise ValueError(f"recipe defaults name no calibrate flag: {sorted(unknown)}")
-    unset = object()  # tells a --params on the command line (abbreviated or not) from the recipe's
-    p.set_defaults(**{**defaults, "params": unset})
+    unset = object()  # tells a flag on the command line (abbreviated or not) from the recipe's
+    p.set_defaults(**{**defaults, "params": unset, "target": unset})
     args = p.parse_args(argv)
+    explicit = args.params is not unset or any(getattr(args, attr) is not None for attr, _ in _FLAG_FIELDS) \
+        or args.channel_groups is not None
+    if args.target is unset:
+        # quantization flags on the command line replace the recipe's target
+        args.target = None if explicit else defaults.get("target")
     if args.params is unset:
         # with a target, the target sets the quantization; the recipe's own is only a default
         args.params = None if args.target else defaults.get("params")

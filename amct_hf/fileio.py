@@ -42,8 +42,8 @@ from collections.abc import Callable, Iterator
 
 from .errors import OutputPathError
 
-__all__ = ["atomic_replace", "exclusive_lock", "remove_stale_temps",
-           "replace_refusal", "looks_like_path", "check_output_path", "fsync_dir"]
+__all__ = ["atomic_replace", "write_text_atomic", "exclusive_lock", "remove_stale_temps",
+           "replace_refusal", "check_output_path", "fsync_dir"]
 
 logger = logging.getLogger("amct_hf")
 
@@ -111,15 +111,6 @@ def remove_stale_temps(path: str) -> list[str]:
     return removed
 
 
-def looks_like_path(name: str) -> bool:
-    """Whether a name was meant as a local path rather than a hub id (``name`` or
-    ``owner/name``): absolute, starting with ``.`` or ``~``, ending in ``/``, holding a
-    backslash, or with more than one ``/``. A typo in such a name then fails at once as
-    a missing path instead of after minutes of hub retries."""
-    return (os.path.isabs(name) or name.startswith((".", "~")) or name.endswith("/")
-            or "\\" in name or name.count("/") > 1)
-
-
 def check_output_path(source: str, out_path: str) -> None:
     """An output written from ``source`` must not be ``source`` itself nor a directory."""
     from .errors import ExportError
@@ -166,6 +157,14 @@ def atomic_replace(path: str, write: Callable[[str], None]) -> None:
             pass
         raise
     fsync_dir(d)  # make the rename itself durable
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """:func:`atomic_replace` of ``path`` by ``text`` in UTF-8, line endings as given."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+    atomic_replace(path, write)
 
 
 def fsync_dir(path: str) -> None:

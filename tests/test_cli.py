@@ -157,17 +157,29 @@ def _run_recipe(name, monkeypatch, *argv):
     return runpy.run_path(str(RECIPES / name), run_name="__main__")
 
 
-@pytest.mark.parametrize("name, channels, algo", [("llama.py", KV_HEADS * HEAD_DIM, "ifmr"),
-                                                   ("qwen.py", 1, "hfmg")])
-def test_recipe_defaults_on_tiny_model(tiny, tmp_path, monkeypatch, name, channels, algo):
+@pytest.mark.parametrize("name", ["llama.py", "qwen.py"])
+def test_recipe_defaults_on_tiny_model(tiny, tmp_path, monkeypatch, name):
     model_dir, corpus = tiny
     rec = tmp_path / "rec.txt"
     ns = _run_recipe(name, monkeypatch, "--model", str(model_dir), "--dataset", str(corpus),
                      "--num-samples", "4", "--seq-len", "16", "--record", str(rec))
-    assert ns["QUANT_ALGO_PARAMS"]["act_algo"] == algo
-    factors = read_kv_factors(rec)
+    assert ns["TARGET"] == "transformers"
+    factors = read_kv_factors(rec)  # the target's: one asymmetric range per tensor
     assert set(factors) == _expected_keys()
-    assert all(len(scales) == channels for scales, _ in factors.values())
+    assert all(len(scales) == 1 for scales, _ in factors.values())
+    assert any(o != [0] for _, o in factors.values())
+
+
+def test_recipe_quantization_flags_replace_its_target(tiny, tmp_path, monkeypatch):
+    model_dir, corpus = tiny
+    rec = tmp_path / "rec.txt"
+    with pytest.raises(SystemExit) as exc:
+        _run_recipe("llama.py", monkeypatch, "--model", str(model_dir), "--dataset", str(corpus),
+                    "--num-samples", "4", "--seq-len", "16", "--record", str(rec),
+                    "--algo", "ifmr", "--granularity", "per_channel")
+        raise SystemExit(0)
+    assert exc.value.code == 0
+    assert all(len(scales) == KV_HEADS * HEAD_DIM for scales, _ in read_kv_factors(rec).values())
 
 
 @pytest.mark.parametrize("name", ["llama.py", "qwen.py"])

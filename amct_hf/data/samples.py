@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DatasetError, MissingFileError
-from ..fileio import looks_like_path
+from ..modeling.loading import looks_like_path
 from ..settings.validate import positive_int
 
 __all__ = ["load_texts", "tokenize_samples", "make_batches", "shard", "FILE_BUILDERS"]

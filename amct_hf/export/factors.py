@@ -19,7 +19,7 @@ import os
 
 from ..algorithms.convention import factor_problem
 from ..errors import ExportError, MissingFileError
-from ..fileio import atomic_replace, check_output_path
+from ..fileio import atomic_replace, check_output_path, write_text_atomic
 from ..naming import layer_kind
 from ..record.files import load_kv_factors, to_float32
 
@@ -54,12 +54,7 @@ def export_json(record_file: str | os.PathLike, out_path: str | os.PathLike) -> 
         },
     }
 
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1, allow_nan=False)
-            f.write("\n")
-
-    atomic_replace(out_path, write)
+    write_text_atomic(out_path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
     return doc
 
 

@@ -5,7 +5,7 @@
 ``value_quant_algo_params``, ``channel_groups``, ``range_margin``, ``target``) into one
 :class:`KVSettings`. A ``target`` names the engine that will serve the factors and picks
 the configuration measured best for what that engine can load
-(``benchmarks/accuracy_smollm2.py``, README "Accuracy"):
+(``benchmarks/accuracy_smollm2.py``, docs/accuracy.md):
 
 * ``"ascend-c8"``: vllm-ascend / MindIE C8 dequantize with the scale alone and read
   ``[kv_heads * head_dim]`` tensors (the Ascend export repeats a per-tensor scale onto the
@@ -36,11 +36,11 @@ __all__ = ["TARGETS", "WITHOUT_VALUE_CENTERING", "KVSettings", "resolve_kv_setti
 KINDS = ("key", "value")
 
 #: target -> what it sets: "key"/"value" quant_algo_params, "channel_groups" and
-#: "range_margin" per kind. Measured on SmolLM2-135M (README "Accuracy").
+#: "range_margin" per kind. Measured on SmolLM2-135M (docs/accuracy.md).
 TARGETS: dict[str, dict] = {
     # Keys: one symmetric HFMG range per tensor (the export repeats it onto the channels).
     # Values: one asymmetric HFMG range per tensor, served through the bias fold; the
-    # symmetric value ranges cost 0.3% perplexity on newsgroups (README "Accuracy")
+    # symmetric value ranges cost 0.3% perplexity on newsgroups (docs/accuracy.md)
     "ascend-c8": {
         "key": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": "per_tensor"},
         "value": {"act_algo": "hfmg", "asymmetric": True, "quant_granularity": "per_tensor"},
@@ -67,7 +67,7 @@ TARGETS: dict[str, dict] = {
 WITHOUT_VALUE_CENTERING: dict[str, dict] = {
     # symmetric only. Values: HFMG per channel, widened by 25% -- fitted per channel on a
     # few thousand tokens they clip on other text; per-tensor or per-head symmetric values
-    # cost more (README "Accuracy")
+    # cost more (docs/accuracy.md)
     "ascend-c8": {
         **TARGETS["ascend-c8"],
         "value": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": "per_channel"},

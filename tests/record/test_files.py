@@ -701,7 +701,7 @@ def test_stopped_writer_does_not_block_others_forever(tmp_path):
         def stop_then_write(*a):
             os.kill(os.getpid(), signal.SIGSTOP)
             real(*a)
-        rec.atomic_replace = stop_then_write
+        rec.write_text_atomic = stop_then_write
         rec.write_kv_factors(sys.argv[1], {"child": ([0.5], [1])})
     """)
     pr = subprocess.Popen([sys.executable, "-c", child, str(p)])

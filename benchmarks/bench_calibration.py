@@ -6,7 +6,7 @@ and 8*N calibration tokens (each measurement in a fresh process).
         [--mem-samples 4] [--mem-seq-len 512] [--device cpu|cuda] [--repeats 3] \
         [--configs ifmr/per_channel,...] [--no-memory] [--interleave batch|run]
 
-"forward" is the issue's baseline: ``model(input_ids)`` over the same batches, logits
+"forward" is the first baseline: ``model(input_ids)`` over the same batches, logits
 included. Calibration computes logits for the last position only (it reads K/V, not
 logits), so a second baseline, the same forward with ``logits_to_keep=1``, is printed too:
 the ratio to it is what the statistics and the solve cost.

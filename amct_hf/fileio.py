@@ -40,10 +40,10 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 
-from .errors import InvalidArgumentError, OutputPathError
+from .errors import OutputPathError
 
-__all__ = ["atomic_replace", "exclusive_lock", "lock_timeout_seconds", "remove_stale_temps",
-           "replace_refusal", "looks_like_path", "check_output_path", "fsync_dir", "writable_dir_problem"]
+__all__ = ["atomic_replace", "write_text_atomic", "exclusive_lock", "remove_stale_temps",
+           "replace_refusal", "check_output_path", "fsync_dir", "writable_dir_problem", "pid_alive"]
 
 logger = logging.getLogger("amct_hf")
 
@@ -116,15 +116,6 @@ def remove_stale_temps(path: str) -> list[str]:
     return removed
 
 
-def looks_like_path(name: str) -> bool:
-    """Whether a name was meant as a local path rather than a hub id (``name`` or
-    ``owner/name``): absolute, starting with ``.`` or ``~``, ending in ``/``, holding a
-    backslash, or with more than one ``/``. A typo in such a name then fails at once as
-    a missing path instead of after minutes of hub retries."""
-    return (os.path.isabs(name) or name.startswith((".", "~")) or name.endswith("/")
-            or "\\" in name or name.count("/") > 1)
-
-
 def check_output_path(source: str, out_path: str) -> None:
     """An output written from ``source`` must not be ``source`` itself nor a directory."""
     from .errors import ExportError
@@ -173,6 +164,14 @@ def atomic_replace(path: str, write: Callable[[str], None]) -> None:
     fsync_dir(d)  # make the rename itself durable
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """:func:`atomic_replace` of ``path`` by ``text`` in UTF-8, line endings as given."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+    atomic_replace(path, write)
+
+
 def fsync_dir(path: str) -> None:
     """Make renames inside ``path`` durable (best effort: some filesystems refuse)."""
     try:
@@ -186,16 +185,6 @@ def fsync_dir(path: str) -> None:
 
 
 # --------------------------------------------------------------------------- lock
-def lock_timeout_seconds(lock_timeout) -> float | None:
-    """Validated ``lock_timeout``: None (or a negative number, the old -1) waits forever."""
-    if lock_timeout is None:
-        return None
-    if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) \
-            or math.isnan(lock_timeout):
-        raise InvalidArgumentError(f"lock_timeout must be a number of seconds or None, got {lock_timeout!r}")
-    return None if lock_timeout < 0 else float(lock_timeout)
-
-
 def _holder(lock_path: str) -> str:
     try:
         with open(lock_path, "rb") as f:

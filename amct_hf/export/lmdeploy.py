@@ -26,7 +26,7 @@ import os
 import numpy as np
 
 from ..errors import ExportError
-from ..fileio import atomic_replace, check_output_path
+from ..fileio import check_output_path, write_text_atomic
 from ..naming import layer_index, layer_kind
 from ..record.files import load_kv_factors
 
@@ -95,11 +95,7 @@ def export_lmdeploy_ascend(record_file: str | os.PathLike, out_path: str | os.Pa
     check_output_path(record_file, out_path)
     text = format_lmdeploy_record(factors, where=where)
 
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_replace(out_path, write)
+    write_text_atomic(out_path, text)
     return text
 
 

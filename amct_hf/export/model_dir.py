@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 
 from ..errors import ExportError
 from ..fileio import exclusive_lock, fsync_dir
+from ..settings.validate import size_in_bytes
 from .checks import check_written_tensors
 from .source_model import SourceModel, TensorInfo
 
@@ -35,10 +36,6 @@ __all__ = ["DEFAULT_MAX_SHARD_SIZE", "parse_size", "check_out_dir", "write_model
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10 ** 9  # "5GB", transformers' unit convention (10**9)
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
-          "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40,
-          "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12}
 # Weight files of any format are never copied as "other files"; hidden files (caches,
 # our own conversion marker) neither.
 _WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.gguf|\.h5|\.msgpack"
@@ -47,19 +44,7 @@ _WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.gguf|\.h5|\
 
 def parse_size(size: int | str) -> int:
     """Bytes from ``5000000000``, ``"5GB"`` (10**9) or ``"4GiB"`` (2**30); must be > 0."""
-    if isinstance(size, bool):
-        raise ExportError(f"bad shard size {size!r}")
-    if isinstance(size, int):
-        n = size
-    else:
-        m = _SIZE.match(str(size))
-        unit = m.group(2).upper() if m else None
-        if not m or unit not in _UNITS:
-            raise ExportError(f"bad shard size {size!r}: expected e.g. 5GB, 200MB or 4GiB")
-        n = int(float(m.group(1)) * _UNITS[unit])
-    if n <= 0:
-        raise ExportError(f"bad shard size {size!r}: must be positive")
-    return n
+    return size_in_bytes(size, "shard size", ExportError)
 
 
 def check_out_dir(out_dir: str | os.PathLike, model_dir: str | os.PathLike, overwrite: bool) -> str:

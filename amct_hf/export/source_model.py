@@ -99,7 +99,7 @@ def read_source_model(model_dir: str | os.PathLike, *, trust_remote_code: bool =
     """Config, tensor headers, tied weights and KV layout of a HF model directory.
 
     The model is built on the ``meta`` device (no memory for weights) and run on two
-    tokens through amct_hf's calibration hooks (:func:`amct_hf.cache.kv_layout`), so the
+    tokens through amct_hf's calibration hooks (:func:`amct_hf.modeling.layout.kv_layout`), so the
     record keys and channel counts are exactly the ones calibration produces.
     """
     import torch

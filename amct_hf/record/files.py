@@ -45,7 +45,8 @@ from typing import NamedTuple
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
 from ..errors import OutputPathError, RecordFileError, RecordOverwriteWarning
-from ..fileio import atomic_replace, exclusive_lock, file_kind, lock_timeout_seconds, replace_refusal
+from ..fileio import exclusive_lock, file_kind, replace_refusal, write_text_atomic
+from ..settings.validate import lock_timeout_seconds
 from . import scanner as record_scan
 from .scanner import Tokens
 
@@ -638,10 +639,7 @@ def write_kv_factors(path: str | os.PathLike, factors: Factors, *,
             _last_write.clear()
             text, old, out_idx = _merge(text, where, new, idx)
 
-            def write(tmp):
-                with open(tmp, "w", encoding="utf-8", newline="") as f:
-                    f.write(text)
-            atomic_replace(target, write)
+            write_text_atomic(target, text)
             _last_write[target] = (text, out_idx)
     except RecordFileError:
         raise

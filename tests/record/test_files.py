@@ -413,7 +413,7 @@ def test_sigkill_mid_write_leaves_complete_file(tmp_path):
 
 
 # --------------------------------------------------------------------------- fast scanner vs protobuf
-# The merge no longer parses the whole file with protobuf (issue 12): canonical entries are
+# The merge no longer parses the whole file with protobuf: canonical entries are
 # matched by a pattern, other fields parsed alone. These tests hold the scanner to protobuf.
 _SCALE_TOKENS = ["0.5", "1", "1.", ".5", "-.5", "01.5", "0.027280478", "1e-30", "3.4e+38", "1e39",
                  "1e-50", "1E5", "1.0f", "+1", "0x1", "inf", "-inf", "nan", "-nan", "Infinity",
@@ -532,7 +532,7 @@ def test_merge_of_random_records_matches_protobuf(tmp_path):
     assert merged >= 100
 
 
-# ------------------------------------------------ issue 9: invalid entries, paths, litter, waits
+# ------------------------------------------------ invalid entries, paths, litter, waits
 def test_invalid_foreign_entry_is_kept_and_named_on_read(tmp_path):
     from amct_hf import QuantCalibrationOp
     p = tmp_path / "r.txt"
@@ -697,11 +697,11 @@ def test_stopped_writer_does_not_block_others_forever(tmp_path):
     # the child stops itself (SIGSTOP) while it holds the lock, just before its file write
     child = _LOAD + textwrap.dedent("""
         import os, signal
-        real = rec.atomic_replace
+        real = rec.write_text_atomic
         def stop_then_write(*a):
             os.kill(os.getpid(), signal.SIGSTOP)
             real(*a)
-        rec.atomic_replace = stop_then_write
+        rec.write_text_atomic = stop_then_write
         rec.write_kv_factors(sys.argv[1], {"child": ([0.5], [1])})
     """)
     pr = subprocess.Popen([sys.executable, "-c", child, str(p)])

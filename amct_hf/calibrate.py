@@ -27,12 +27,12 @@ from .distributed import Comm
 from .errors import CalibrationInputError, InvalidArgumentError
 from .modeling.attention import KVCalibrationHooks, KVStatesComplete
 from .modeling.centering import model_supports_value_centering
+from .modeling.layout import check_record_editable
 from .modeling.loading import input_device, load_model, no_logits_kwargs, text_config
 from .modeling.placement import check_max_memory
 from .naming import layer_kind, record_order
 from .observers.kv import KVBank
 from .observers.streaming import check_grid_bins
-from .precheck import check_record_editable
 from .record.files import check_record_file, write_kv_factors
 from .settings.options import DRIVER_MODES, CalibrationSettings, DataOptions, LoadOptions, QuantOptions
 from .settings.presets import KVSettings, resolve_kv_settings

@@ -204,7 +204,7 @@ def run_calibrate(args) -> int:
         log(f"dataset: bundled news corpus at {dataset}")
     model = _default_model(args, log)
     if args.export_ascend_c8:
-        from .precheck import check_calibrate_export
+        from .export.precheck import check_calibrate_export
         check_calibrate_export(args.record, args.export_ascend_c8, model, trust_remote_code=args.trust_remote_code)
     _quiet_loading(args)
     result = calibrate_kv_cache(model, dataset, record_file=args.record, progress=not args.no_progress,

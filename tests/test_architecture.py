@@ -10,10 +10,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "amct_hf"
 # lower layers first; a module may import its own layer (same package) or a lower one
 LAYERS = [
     {"errors"},
-    {"algorithms", "fileio", "naming", "settings", "compat"},
+    {"algorithms", "fileio", "naming", "settings"},
     {"record", "observers", "distributed"},
     {"op", "modeling", "data"},
-    {"calibrate", "evaluation", "export", "precheck"},
+    {"calibrate", "evaluation", "export"},
     {"cli"},
 ]
 # what the pure layers may not import at all, whatever the layer order says

@@ -11,7 +11,7 @@ import amct_hf.calibrate as calibrate_module
 from amct_hf.errors import RecordFileError
 from amct_hf.record.files import read_kv_factors, write_kv_factors
 
-from .test_cli import _calibrate, tiny  # noqa: F401  (the tiny model fixture)
+from ..test_cli import _calibrate, tiny  # noqa: F401  (the tiny model fixture)
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def test_list_form_record_holding_a_model_key_is_refused_before_calibrating(tiny
 
 
 def test_list_form_record_of_other_keys_is_fine(tmp_path):
-    from amct_hf.precheck import check_record_editable
+    from amct_hf.modeling.layout import check_record_editable
     from tests.tiny_models import build
 
     rec = tmp_path / "kv.txt"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import DependencyVersionError
+from ..errors import DependencyVersionError
 
 __all__ = ["TRANSFORMERS_MIN", "TRANSFORMERS_BELOW", "TRANSFORMERS_REQUIREMENT",
            "transformers_version_problem", "check_transformers_version"]

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from amct_hf.compat import TRANSFORMERS_REQUIREMENT, check_transformers_version, transformers_version_problem
 from amct_hf.errors import AmctHfError, DependencyVersionError
+from amct_hf.modeling.compat import TRANSFORMERS_REQUIREMENT, check_transformers_version, transformers_version_problem
 
 
 @pytest.mark.parametrize("version", ["5.24.0", "5.24.1", "5.25.0.dev0", "5.99"])
@@ -31,7 +31,7 @@ def test_the_installed_version_is_the_declared_one():
     from pathlib import Path
 
     check_transformers_version()  # the test environment itself
-    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert f'"{TRANSFORMERS_REQUIREMENT}",' in pyproject
 
 

@@ -21,7 +21,8 @@ from ..algorithms.convention import factor_problem
 from ..errors import ExportError, MissingFileError
 from ..fileio import atomic_replace, check_output_path, write_text_atomic
 from ..naming import layer_kind
-from ..record.files import load_kv_factors, to_float32
+from ..record.files import load_kv_factors
+from ..record.schema import to_float32
 
 __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "SCALE_SUFFIX", "OFFSET_SUFFIX", "export_json",
            "export_safetensors", "load_export"]

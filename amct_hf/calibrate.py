@@ -202,7 +202,10 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     if device_map is None and state.device.type != "cpu" and input_device(model).type == "cpu":
         model.to(state.device)  # this process's accelerator (one per rank when distributed)
     device = input_device(model)
+    # the token count over all processes sizes the exact IFMR extremes; on an accelerator the
+    # NaN/Inf checks stay on the device until check_pending() (no host sync per batch)
     bank = KVBank(settings.params, mode, settings.groups, head_dim=_head_dim(model),
+                  tokens=int(sum(len(s) for s in samples)), defer_checks=True,
                   **({"bins": stream_bins} if stream_bins and mode == "streaming" else {}))
     skip_logits = no_logits_kwargs(model)
     bar = None
@@ -230,6 +233,7 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
                     pass
                 if bar is not None:
                     bar.update(1)
+            bank.check_pending()
     except CalibrationInputError as err:
         failure = err  # the other processes are told before anyone raises: nobody hangs
     finally:

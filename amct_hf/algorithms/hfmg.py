@@ -20,9 +20,15 @@ from . import kernels
 from .convention import FLT_EPSILON, factors_from_clip
 
 __all__ = ["HistogramState", "histc_per_channel", "merge_histograms", "search_ranges",
-           "hfmg_losses", "hfmg_factors", "DST_BINS"]
+           "hfmg_losses", "hfmg_factors", "DST_BINS", "TIE_RTOL", "CROSS_DEVICE_RTOL"]
 
 DST_BINS = 256
+#: losses within this relative distance of the best are ties (the first candidate wins)
+TIE_RTOL = 1e-12
+#: CPU == device semantics: histograms (integer counts) and candidate walks are identical;
+#: the float64 losses may differ in the last bits, so a device may pick another candidate
+#: only where it ties: its loss, evaluated on CPU, within this of the best (relative).
+CROSS_DEVICE_RTOL = 1e-9
 #: steps of the HFMG candidate walk between two host reads of "is any channel still walking"
 WALK_CHECK_EVERY = 64
 #: float64 elements per temporary of the batched loss evaluation (torch path): 2**25 = 256 MiB
@@ -235,7 +241,7 @@ def hfmg_factors(state: HistogramState, asymmetric: bool = True, candidate_chunk
     losses = torch.where(dst_w < FLT_EPSILON, torch.zeros_like(losses), losses)
     losses = torch.where(valid, losses, torch.full_like(losses, float("inf")))
     best_loss = losses.min(1, keepdim=True).values
-    best = (losses <= best_loss * (1 + 1e-12)).to(torch.int8).argmax(1, keepdim=True)
+    best = (losses <= best_loss * (1 + TIE_RTOL)).to(torch.int8).argmax(1, keepdim=True)
     bl, br = left.gather(1, best)[:, 0], right.gather(1, best)[:, 0]
     clip_min = lo + bl.to(torch.float32) * w
     clip_max = lo + (br + 1).to(torch.float32) * w

@@ -197,7 +197,8 @@ def decode_row(model, factors, prompt, batch, steps, cache_kind, dev, weights, v
     peak = dev.peak()
     del cache, out
     return {"kind": "decode", "cache": cache_kind, "device": dev.name, "prompt": prompt, "batch": batch,
-            "cache_gib": gib(size), "cache_bytes": size, "peak_over_weights_gib": None if peak is None else gib(peak - weights),
+            "cache_gib": gib(size), "cache_bytes": size,
+            "peak_over_weights_gib": None if peak is None else gib(peak - weights),
             "decode_ms_per_step": round(step_ms, 2), "steps": steps}
 
 

@@ -157,9 +157,11 @@ class LayerBank:
     ``tokens``: the number of calibration tokens every key will see over all processes,
     where known in advance (the driver): observers that size buffers by it get the count
     of values per channel (IFMR streaming: its exact extremes). ``defer_checks``: on the
-    torch (accelerator) path the NaN/Inf check of each batch stays on the device and is
-    read by :meth:`check_pending` (the driver calls it after the last batch, and the bank
-    every :attr:`check_every` batches); it still names the first bad layer and batch.
+    torch (accelerator) path the NaN/Inf check of each batch stays on the device: every
+    :attr:`check_every` layer batches the flags are copied to the host without blocking
+    (CUDA) and looked at by a later call once there; :meth:`check_pending` (the driver
+    calls it after the last batch) reads the rest. The error still names the first bad
+    layer and batch.
     The compiled CPU path checks each batch at once either way. ``once``: a set shared
     between banks of one run, so that a note is logged once per run."""
 
@@ -175,19 +177,47 @@ class LayerBank:
         self.once = set() if once is None else once
         self.observers: dict[str, Observer] = {}
         self._pending: list[tuple[str, int, torch.dtype, torch.Tensor]] = []
+        self._inflight: list = []  # (pending, host flags, event): copies not yet looked at
 
     def batches(self, name: str) -> int:
         obs = self.observers.get(name)
         return obs.batches if obs is not None else 0
 
     def check_pending(self) -> None:
-        """Read the deferred NaN/Inf flags (one host read) and raise for the first bad
-        layer batch, in the order they were fed."""
-        if not self._pending:
-            return
+        """Read every deferred NaN/Inf flag and raise for the first bad layer batch, in
+        the order they were fed (waits for flags still on their way to the host)."""
+        self._poll(wait=True)
+        if self._pending:
+            pending = list(self._pending)
+            self._pending.clear()  # in place: banks of one run share the list (see KVBank)
+            self._raise_first(pending, torch.stack([f for *_, f in pending]).cpu())
+
+    def _ship_pending(self) -> None:
+        """Start copying the pending flags to the host without waiting (CUDA: pinned
+        memory and an event), to be looked at by a later call; elsewhere read them now."""
         pending = list(self._pending)
-        self._pending.clear()  # in place: banks of one run may share the list (see KVBank)
-        flags = torch.stack([f for *_, f in pending]).cpu()
+        self._pending.clear()
+        flags = torch.stack([f for *_, f in pending])
+        if flags.device.type != "cuda":
+            self._raise_first(pending, flags.cpu())
+            return
+        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+        host.copy_(flags, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._inflight.append((pending, host, event))
+
+    def _poll(self, wait: bool) -> None:
+        while self._inflight:
+            pending, host, event = self._inflight[0]
+            if not wait and not event.query():
+                return
+            event.synchronize()
+            self._inflight.pop(0)
+            self._raise_first(pending, host)
+
+    @staticmethod
+    def _raise_first(pending: list, flags: torch.Tensor) -> None:
         bad = flags.any(1)
         if not bool(bad.any()):
             return
@@ -214,8 +244,9 @@ class LayerBank:
         with torch.no_grad():
             if defer:
                 self._pending.append((name, batch_no, x.dtype, activation_flags(x)))
+                self._poll(wait=False)
                 if len(self._pending) >= self.check_every:
-                    self.check_pending()
+                    self._ship_pending()
             batch = as_channels(x, self.params.per_channel)
             if tokens is None:
                 tokens = x.numel() // x.shape[-1]

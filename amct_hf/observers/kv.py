@@ -43,6 +43,7 @@ class KVBank:
                                       once=once, **options) for kind in KINDS}
         # one list of deferred NaN/Inf flags, in feeding order, so the first bad batch is named
         self.banks["value"]._pending = self.banks["key"]._pending
+        self.banks["value"]._inflight = self.banks["key"]._inflight
 
     def check_pending(self) -> None:
         """Raise for the first layer batch whose deferred NaN/Inf check failed."""

@@ -165,3 +165,24 @@ def test_cuda_update_has_no_host_sync(algo, mode, gran):
     logs, _, _ = _run(algo, mode, gran, 256, device="cuda")
     for log in logs:
         assert log.syncs == [], log.syncs
+
+
+def test_deferred_flags_are_read_back_every_check_every_batches():
+    """Without waiting for the end: after check_every layer batches the flags go to the
+    host (here, CPU: read at once) and the first bad batch stops the run."""
+    params = parse_quant_algo_params({"act_algo": "hfmg", "quant_granularity": 1})
+    bank = KVBank({"key": params, "value": params}, "streaming", {"key": "channel", "value": "channel"},
+                  defer_checks=True)
+    for b in bank.banks.values():
+        b.check_every = 3
+    fed = 0
+    first_bad = r"layers.0.self_attn.v_proj', batch 1: .*NaN"
+    with kernels.torch_path(), pytest.raises(CalibrationInputError, match=first_bad):
+        for name in ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj",
+                     "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"]:
+            x = torch.randn(8, 4)
+            if "0.self_attn.v" in name:
+                x[3, 3] = float("nan")
+            bank(name, x)
+            fed += 1
+    assert fed == 2  # the third call shipped and read the three flags

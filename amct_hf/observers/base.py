@@ -240,7 +240,10 @@ class LayerBank:
         obs = self.observers.get(name)
         batch_no = (obs.batches if obs is not None else 0) + 1
         defer = self.defer_checks and isinstance(x, torch.Tensor) and not kernels.use_kernels(x)
-        check_activation(name, x, batch_no, values=not defer)
+        if defer:
+            check_activation(name, x, batch_no, values=False)
+        else:
+            check_activation(name, x, batch_no)
         with torch.no_grad():
             if defer:
                 self._pending.append((name, batch_no, x.dtype, activation_flags(x)))

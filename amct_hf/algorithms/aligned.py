@@ -174,7 +174,9 @@ class AlignedHistogram:
             return
         # every rank lands on fit_level(global range): its own level never exceeds that
         self.regrid(comm.all_reduce(self.lo, "min"), comm.all_reduce(self.hi, "max"))
-        self.counts = comm.all_reduce(self.counts, "sum")
+        # float64 on every rank (exact to 2**53): a rank that saw no token holds the CPU
+        # kernels' float64 counts, a device rank int64 ones, and a reduction needs one dtype
+        self.counts = comm.all_reduce(self.counts.double(), "sum")
         if self.offsets.numel():
             self.offsets = comm.all_reduce(self.offsets, "sum")
 

@@ -186,3 +186,22 @@ def test_deferred_flags_are_read_back_every_check_every_batches():
             bank(name, x)
             fed += 1
     assert fed == 2  # the third call shipped and read the three flags
+
+
+def test_hfmg_entries_solved_together_equal_each_alone():
+    """The torch path solves the channels of every entry in one walk: same factors as one
+    entry at a time (each row's solve reads its own histogram only)."""
+    from amct_hf.observers import StreamingHFMGObserver
+    params = parse_quant_algo_params({"act_algo": "hfmg", "quant_granularity": 1})
+    with kernels.torch_path():
+        observers = []
+        for i, channels in enumerate((3, 8, 5)):
+            obs = StreamingHFMGObserver(params, channels)
+            for seed in range(2):
+                g = torch.Generator().manual_seed(10 * i + seed)
+                obs.update(torch.randn(200, channels, generator=g) * (i + 1) + i)
+            observers.append(obs)
+        together = StreamingHFMGObserver.compute_many(observers)
+        alone = [obs.compute() for obs in observers]
+    for (s1, o1), (s2, o2) in zip(together, alone):
+        assert torch.equal(s1, s2) and torch.equal(o1, o2)

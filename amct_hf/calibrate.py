@@ -206,7 +206,10 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
         model.to(state.device)  # this process's accelerator (one per rank when distributed)
     device = input_device(model)
     bins = quant.stream_bins
+    # the token count over all processes sizes the exact IFMR extremes; on an accelerator the
+    # NaN/Inf checks stay on the device until check_pending() (no host sync per batch)
     bank = KVBank(settings.kv.params, quant.mode, settings.kv.groups, head_dim=_head_dim(model),
+                  tokens=int(sum(len(s) for s in samples)), defer_checks=True,
                   **({"bins": bins} if bins and quant.mode == "streaming" else {}))
     skip_logits = no_logits_kwargs(model)
     bar = None
@@ -234,6 +237,7 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
                     pass
                 if bar is not None:
                     bar.update(1)
+            bank.check_pending()
     except CalibrationInputError as err:
         failure = err  # the other processes are told before anyone raises: nobody hangs
     finally:

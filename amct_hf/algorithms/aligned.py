@@ -6,6 +6,14 @@ on how the stream was batched, ordered or split between processes: the level and
 origin are a function of the final (min, max) only, and the counts are those of all
 values on that grid. Each bin also keeps the sum of its values' offsets from the bin
 centre, so its mean is known.
+
+Two implementations hold the same statistics: the compiled kernels (CPU) and the torch
+path (any device, see :func:`~amct_hf.algorithms.kernels.torch_path`). The torch path is
+written for accelerators: an update is a fixed sequence of tensor operations whatever the
+channel count, never reads a value back to the host, and runs the per-value work in
+float32/int64 (the bin index of ``x`` is exact in float32, see :func:`_floor_index32`;
+counts are int64). Only the per-bin offsets, whose sums have no exact float32 form, are
+accumulated in float64.
 """
 from __future__ import annotations
 
@@ -24,6 +32,25 @@ MIN_LEVEL = -32
 def _floor_index(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
     # x * 2**-level is exact (power-of-two scaling), so the bin index is exact
     return torch.floor(torch.ldexp(x.to(torch.float64), -level.to(torch.float64))).to(torch.int64)
+
+
+def _pow2_float32(e: torch.Tensor) -> torch.Tensor:
+    """2**e as float32, built from its bits (exact; no pow rounding on any device).
+    ``e`` is clamped to the normal range [-126, 127]."""
+    bits = (e.clamp(-126, 127).to(torch.int32) + 127) << 23
+    return bits.view(torch.float32)
+
+
+def _floor_index32(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """``floor(x / 2**level)`` without float64: the float32 product with a power of two is
+    exact unless it underflows, and an underflowed product of a negative ``x`` (which
+    may round to -0.0) has floor -1. Equals :func:`_floor_index` for every level the
+    grid uses (|level| <= 126) and every index that fits int64."""
+    x = x.to(torch.float32)
+    p = x * _pow2_float32(-level)
+    idx = torch.floor(p)
+    idx = torch.where((x < 0) & (p == 0), torch.full_like(idx, -1.0), idx)
+    return idx.to(torch.int64)
 
 
 def fit_level(lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
@@ -49,8 +76,11 @@ class AlignedHistogram:
 
     @classmethod
     def empty(cls, channels: int, bins: int, device=None, with_offsets: bool = True) -> AlignedHistogram:
+        """No values yet. Counts are float64 for the compiled kernels, int64 on the torch path."""
         f64 = dict(dtype=torch.float64, device=device)
-        return cls(torch.zeros(channels, bins, **f64), torch.zeros(channels, bins if with_offsets else 0, **f64),
+        compiled = kernels.use_kernels(torch.empty(0, device=device))
+        counts = torch.zeros(channels, bins, dtype=torch.float64 if compiled else torch.int64, device=device)
+        return cls(counts, torch.zeros(channels, bins if with_offsets else 0, **f64),
                    torch.full((channels,), MIN_LEVEL, dtype=torch.int64, device=device),
                    torch.zeros(channels, dtype=torch.int64, device=device),
                    torch.full((channels,), float("inf"), device=device),
@@ -64,17 +94,24 @@ class AlignedHistogram:
     def width(self) -> torch.Tensor:
         return torch.ldexp(torch.ones_like(self.level, dtype=torch.float64), self.level.double())
 
+    def _compiled(self, t: torch.Tensor) -> bool:
+        return kernels.use_kernels(t) and self.counts.dtype == torch.float64
+
     def regrid(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        """Move to the grid that [lo, hi] (a superset of the current range) dictates."""
-        if lo.device.type == "cpu" and torch.equal(lo, self.lo) and torch.equal(hi, self.hi):
-            return  # the grid is a function of the range: the usual case once it has settled
+        """Move to the grid that [lo, hi] (a superset of the current range) dictates.
+
+        The compiled path skips an unchanged grid (the usual case once the range has
+        settled). The torch path always runs the move, an identity on an unchanged grid:
+        deciding would read device values back to the host."""
+        compiled = self._compiled(self.counts)
+        if compiled and torch.equal(lo, self.lo) and torch.equal(hi, self.hi):
+            return  # the grid is a function of the range
         level = torch.maximum(fit_level(lo, hi, self.bins), self.level)
         origin = _floor_index(lo, level)
-        if lo.device.type == "cpu" and torch.equal(level, self.level) and torch.equal(origin, self.origin):
-            # same grid: nothing to move (checked on CPU only, where it costs no device sync)
+        if compiled and torch.equal(level, self.level) and torch.equal(origin, self.origin):
             self.lo, self.hi = lo, hi
             return
-        if kernels.use_kernels(self.counts):
+        if compiled:
             kernels.aligned_regrid(self.level.numpy(), self.origin.numpy(), level.numpy(), origin.numpy(),
                                    self.counts.numpy(), self.offsets.numpy())
             self.level, self.origin, self.lo, self.hi = level, origin, lo, hi
@@ -102,13 +139,13 @@ class AlignedHistogram:
         if x.shape[1 - channels_first] == 1:  # per-tensor: a flat reduction is much faster
             lo, hi = torch.aminmax(x.reshape(-1))
             lo, hi = lo.reshape(1), hi.reshape(1)
-        elif channels_first and kernels.use_kernels(x) and x.shape[1]:
+        elif channels_first and self._compiled(x) and x.shape[1]:
             # torch's per-row aminmax costs as much as a third of the histogram update here
             lo, hi = (torch.from_numpy(a) for a in kernels.row_ranges(x.numpy(), x.shape[1]))
         else:
             lo, hi = torch.aminmax(x, dim=int(channels_first))
         self.regrid(torch.minimum(self.lo, lo), torch.maximum(self.hi, hi))
-        if kernels.use_kernels(x):
+        if self._compiled(x):
             args = (self.level.numpy(), self.origin.numpy(), self.counts.numpy(), self.offsets.numpy(),
                     None if top is None else top.numpy(), None if bottom is None else bottom.numpy())
             if channels_first:
@@ -119,14 +156,16 @@ class AlignedHistogram:
         if channels_first:
             x = x.t()
         c, b = self.counts.shape
-        absolute = _floor_index(x, self.level[None, :])
-        k = (absolute - self.origin).clamp(0, b - 1) + torch.arange(c, device=x.device) * b
-        centre = (absolute.double() + 0.5) * self.width[None, :]
-        flat = k.reshape(-1)
-        self.counts += torch.bincount(flat, minlength=c * b).reshape(c, b).double()
+        absolute = _floor_index32(x, self.level[None, :])
+        flat = ((absolute - self.origin).clamp(0, b - 1) + torch.arange(c, device=x.device) * b).reshape(-1)
+        # scatter_add into a fixed-size table: bincount would read max(index) back to the host
+        inc = torch.zeros(c * b, dtype=self.counts.dtype, device=x.device)
+        inc.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.counts.dtype))
+        self.counts += inc.reshape(c, b)
         if self.offsets.numel():
-            self.offsets += torch.bincount(flat, weights=(x.double() - centre).reshape(-1),
-                                           minlength=c * b).reshape(c, b)
+            centre = (absolute.double() + 0.5) * self.width[None, :]
+            off = torch.zeros(c * b, dtype=torch.float64, device=x.device)
+            self.offsets += off.scatter_add_(0, flat, (x.double() - centre).reshape(-1)).reshape(c, b)
         return False
 
     def reduce(self, comm) -> None:
@@ -135,7 +174,9 @@ class AlignedHistogram:
             return
         # every rank lands on fit_level(global range): its own level never exceeds that
         self.regrid(comm.all_reduce(self.lo, "min"), comm.all_reduce(self.hi, "max"))
-        self.counts = comm.all_reduce(self.counts, "sum")
+        # float64 on every rank (exact to 2**53): a rank that saw no token holds the CPU
+        # kernels' float64 counts, a device rank int64 ones, and a reduction needs one dtype
+        self.counts = comm.all_reduce(self.counts.double(), "sum")
         if self.offsets.numel():
             self.offsets = comm.all_reduce(self.offsets, "sum")
 
@@ -149,7 +190,7 @@ class AlignedHistogram:
         """Mean value of every bin (its centre when empty), non-decreasing along B."""
         if self.offsets.shape[1] != self.bins:
             raise RuntimeError("this histogram does not keep per-bin offsets")
-        if kernels.use_kernels(self.counts):  # one pass instead of a chain of [C, B] temporaries
+        if self._compiled(self.counts):  # one pass instead of a chain of [C, B] temporaries
             return torch.from_numpy(kernels.aligned_means(
                 self.counts.contiguous().numpy(), self.offsets.contiguous().numpy(),
                 self.level.numpy(), self.origin.numpy()))
@@ -161,7 +202,7 @@ class AlignedHistogram:
         """Counts on ``bins`` equal bins over [lo, hi] per channel ([C, bins] float64), each fine
         bin spread uniformly over its data span; as torch.histc, a constant channel lands in
         the middle bin."""
-        if kernels.use_kernels(self.counts):  # one pass per channel, bit for bit the same
+        if self._compiled(self.counts):  # one pass per channel, bit for bit the same
             return torch.from_numpy(kernels.aligned_resample(
                 self.counts.contiguous().numpy(), self.level.numpy(), self.origin.numpy(),
                 self.lo.numpy(), self.hi.numpy(), bins))
@@ -171,22 +212,23 @@ class AlignedHistogram:
         hist = self.cumulative_at(edges).diff(dim=1)
         const = (self.lo == self.hi)[:, None]
         middle = torch.zeros_like(hist)
-        middle[:, bins // 2] = self.counts.sum(1)
+        middle[:, bins // 2] = self.counts.sum(1).double()
         return torch.where(const, middle, hist)
 
     def cumulative_at(self, x: torch.Tensor) -> torch.Tensor:
         """Count of values below ``x`` ([C, M] float64), uniform within each bin's data span."""
-        if kernels.use_kernels(x):
+        if self._compiled(x):
             return torch.from_numpy(kernels.aligned_cumulative(
                 self.counts.contiguous().numpy(), self.level.numpy(), self.origin.numpy(),
                 self.lo.numpy(), self.hi.numpy(), x.double().contiguous().numpy()))
         edges = self.edges()
         # the bin holding x, read off the aligned grid (no search needed)
         k = (_floor_index(x, self.level[:, None]) - self.origin[:, None]).clamp(0, self.bins - 1)
-        prefix = torch.cat([torch.zeros_like(self.counts[:, :1]), self.counts.cumsum(1)], 1)
+        counts = self.counts.double()
+        prefix = torch.cat([torch.zeros_like(counts[:, :1]), counts.cumsum(1)], 1)
         left = torch.maximum(edges.gather(1, k), self.lo.double()[:, None])
         right = torch.minimum(edges.gather(1, k) + self.width[:, None], self.hi.double()[:, None])
         frac = ((x.double() - left) / (right - left)).nan_to_num(1.0).clamp(0, 1)
-        below = prefix.gather(1, k) + self.counts.gather(1, k) * frac
+        below = prefix.gather(1, k) + counts.gather(1, k) * frac
         below = torch.where(x.double() < self.lo.double()[:, None], torch.zeros_like(below), below)
         return torch.where(x.double() >= self.hi.double()[:, None], prefix[:, -1:].expand_as(below), below)

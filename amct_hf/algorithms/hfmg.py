@@ -20,9 +20,19 @@ from . import kernels
 from .convention import FLT_EPSILON, factors_from_clip
 
 __all__ = ["HistogramState", "histc_per_channel", "merge_histograms", "search_ranges",
-           "hfmg_losses", "hfmg_factors", "DST_BINS"]
+           "hfmg_losses", "hfmg_factors", "DST_BINS", "TIE_RTOL", "CROSS_DEVICE_RTOL"]
 
 DST_BINS = 256
+#: losses within this relative distance of the best are ties (the first candidate wins)
+TIE_RTOL = 1e-12
+#: CPU == device semantics: histograms (integer counts) and candidate walks are identical;
+#: the float64 losses may differ in the last bits, so a device may pick another candidate
+#: only where it ties: its loss, evaluated on CPU, within this of the best (relative).
+CROSS_DEVICE_RTOL = 1e-9
+#: steps of the HFMG candidate walk between two host reads of "is any channel still walking"
+WALK_CHECK_EVERY = 64
+#: float64 elements per temporary of the batched loss evaluation (torch path): 2**25 = 256 MiB
+LOSS_CHUNK_ELEMENTS = 1 << 25
 
 
 def check_binnable(lo: torch.Tensor, hi: torch.Tensor, bins: int) -> None:
@@ -48,17 +58,21 @@ def histc_per_channel(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins:
     same = lo == hi
     lo_e = torch.where(same, lo - 1.0, lo)
     hi_e = torch.where(same, hi + 1.0, hi)
-    check_binnable(lo_e, hi_e, bins)
     if kernels.use_kernels(x):
+        check_binnable(lo_e, hi_e, bins)
         return torch.from_numpy(kernels.histc_rows(x.contiguous().numpy(), lo_e.contiguous().numpy(),
                                                    hi_e.contiguous().numpy(), bins))
+    # The torch path reads nothing back to the host: a range too wide to bin yields
+    # meaningless counts here and is refused by the solve (hfmg_factors checks the range).
     pos = ((x - lo_e) * bins) / (hi_e - lo_e)
     inside = (x >= lo_e) & (x <= hi_e)
-    idx = pos.to(torch.int64).clamp_(0, bins - 1)
-    idx += torch.arange(c, device=x.device) * bins
-    counts = torch.bincount(idx[inside] if not bool(inside.all()) else idx.reshape(-1),
-                            minlength=c * bins)
-    return counts.reshape(c, bins).to(torch.float64)
+    # values outside [lo, hi] go to a spare bin per channel, dropped afterwards: a fixed-size
+    # scatter instead of boolean indexing (data-dependent shape) or bincount (reads max back)
+    idx = torch.where(inside, pos.nan_to_num(0.0).clamp(0, bins - 1).to(torch.int64), bins)
+    idx = idx + torch.arange(c, device=x.device) * (bins + 1)
+    counts = torch.zeros(c * (bins + 1), dtype=torch.int64, device=x.device)
+    counts.scatter_add_(0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
+    return counts.reshape(c, bins + 1)[:, :bins].to(torch.float64)
 
 
 def _isclose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -127,9 +141,13 @@ def search_ranges(hist: torch.Tensor):
     left = torch.zeros(c, 1, dtype=torch.int64, device=dev)
     right = torch.full((c, 1), bins - 1, dtype=torch.int64, device=dev)
     lefts, rights, valids = [], [], []
-    while True:
+    # Every active step narrows [left, right] by at least one bin, so the walk ends within
+    # bins - 1 - min_bins steps. Whether any channel is still active is read back to the
+    # host only every WALK_CHECK_EVERY steps (finished channels pass through unchanged and
+    # their extra columns are marked invalid), not once per step.
+    for it in range(max(0, bins - 1 - min_bins)):
         active = (right - left) > min_bins
-        if not bool(active.any()):
+        if it % WALK_CHECK_EVERY == 0 and not bool(active.any()):
             break
         target = prefix.gather(1, left) + step
         tl = torch.minimum(torch.searchsorted(prefix, target, side="left"), right)
@@ -142,6 +160,9 @@ def search_ranges(hist: torch.Tensor):
         lefts.append(left)
         rights.append(right)
         valids.append(active)
+    if not lefts:
+        empty = torch.zeros(c, 0, dtype=torch.int64, device=dev)
+        return empty, empty.clone(), torch.zeros(c, 0, dtype=torch.bool, device=dev)
     return torch.cat(lefts, 1), torch.cat(rights, 1), torch.cat(valids, 1)
 
 
@@ -195,6 +216,7 @@ def hfmg_factors(state: HistogramState, asymmetric: bool = True, candidate_chunk
     """HFMG scales (float32 [C]) and offsets (int64 [C]) from accumulated histograms."""
     hist, lo, hi = state.hist, state.lo, state.hi
     bins = hist.shape[1]
+    check_binnable(lo, hi, bins)  # the torch path's per-batch binning defers this check to here
     fast = kernels.use_kernels(hist)
     if fast:
         h = hist.contiguous().numpy()
@@ -211,13 +233,15 @@ def hfmg_factors(state: HistogramState, asymmetric: bool = True, candidate_chunk
             h, second_moment(hist).numpy(), left.numpy(), right.numpy(), count.numpy(), DST_BINS, prune.numpy()))
     else:
         tables = loss_tables(hist)
-        losses = torch.cat([hfmg_losses(hist, left[:, j:j + candidate_chunk], right[:, j:j + candidate_chunk],
-                                        tables)
-                            for j in range(0, left.shape[1], candidate_chunk)], 1)
+        # all channels at once; the candidate chunk shrinks as rows grow, bounding memory
+        chunk = max(1, min(candidate_chunk, LOSS_CHUNK_ELEMENTS // max(1, hist.shape[0] * DST_BINS)))
+        losses = torch.cat([hfmg_losses(hist, left[:, j:j + chunk], right[:, j:j + chunk], tables)
+                            for j in range(0, left.shape[1], chunk)]
+                           or [torch.zeros(hist.shape[0], 0, dtype=torch.float64, device=hist.device)], 1)
     losses = torch.where(dst_w < FLT_EPSILON, torch.zeros_like(losses), losses)
     losses = torch.where(valid, losses, torch.full_like(losses, float("inf")))
     best_loss = losses.min(1, keepdim=True).values
-    best = (losses <= best_loss * (1 + 1e-12)).to(torch.int8).argmax(1, keepdim=True)
+    best = (losses <= best_loss * (1 + TIE_RTOL)).to(torch.int8).argmax(1, keepdim=True)
     bl, br = left.gather(1, best)[:, 0], right.gather(1, best)[:, 0]
     clip_min = lo + bl.to(torch.float32) * w
     clip_max = lo + (br + 1).to(torch.float32) * w

@@ -16,12 +16,17 @@ from . import kernels
 from .convention import FLT_EPSILON, order_statistic_k
 
 __all__ = ["first_min", "ifmr_factors", "ifmr_initial_bounds", "ifmr_candidates", "ifmr_losses_sorted",
-           "choose_scale", "asymmetric_offset", "prefix_sums", "TIE_RTOL"]
+           "choose_scale", "asymmetric_offset", "prefix_sums", "TIE_RTOL", "CROSS_DEVICE_RTOL"]
 
 # Losses closer than this (relative to mean(x^2)) are ties: the first candidate
 # wins, as with the reference's argmin. Well above float64 noise, far below the
 # gaps between distinct candidates.
 TIE_RTOL = 1e-11
+#: CPU == device semantics: the same candidates (float32 elementwise, identical on every
+#: device); losses summed in float64 in another order may differ in the last bits, so a
+#: device may pick another candidate only where it ties: its loss, evaluated on CPU, is
+#: within this of the CPU's best (relative to sum(x^2)), never a candidate outside the tie.
+CROSS_DEVICE_RTOL = 1e-10
 
 
 def ifmr_initial_bounds(sorted_data: torch.Tensor, max_percentile: float, min_percentile: float):

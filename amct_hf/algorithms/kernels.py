@@ -7,14 +7,15 @@ devices and are the fallback. ``tests/algorithms`` checks both paths agree.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
 import numpy as np
 
-__all__ = ["AVAILABLE", "use_kernels", "histc_rows", "ifmr_losses", "aligned_update", "aligned_update_columns",
-           "row_ranges", "aligned_regrid", "aligned_cumulative", "aligned_resample", "aligned_means", "hfmg_walk",
-           "hfmg_losses"]
+__all__ = ["AVAILABLE", "use_kernels", "torch_path", "forced_torch_path", "histc_rows", "ifmr_losses",
+           "aligned_update", "aligned_update_columns", "row_ranges", "aligned_regrid", "aligned_cumulative",
+           "aligned_resample", "aligned_means", "hfmg_walk", "hfmg_losses"]
 
 try:
     if os.environ.get("AMCT_HF_DISABLE_NUMBA"):
@@ -27,9 +28,29 @@ except ImportError:  # pragma: no cover - exercised by the fallback tests via th
 
 
 
+# Set by torch_path() (or AMCT_HF_FORCE_TORCH_PATH=1): CPU tensors take the device
+# (torch) code too, so that code is exercised and checked on machines without an accelerator.
+_FORCED = bool(os.environ.get("AMCT_HF_FORCE_TORCH_PATH"))
+
+
 def use_kernels(t) -> bool:
-    """Whether the compiled kernels serve this tensor (CPU, numba present)."""
-    return AVAILABLE and t.device.type == "cpu"
+    """Whether the compiled kernels serve this tensor (CPU, numba present, torch path not forced)."""
+    return AVAILABLE and not _FORCED and t.device.type == "cpu"
+
+
+def forced_torch_path() -> bool:
+    return _FORCED
+
+
+@contextlib.contextmanager
+def torch_path(enabled: bool = True):
+    """Within the block, CPU tensors take the torch (accelerator) path instead of the kernels."""
+    global _FORCED
+    before, _FORCED = _FORCED, bool(enabled)
+    try:
+        yield
+    finally:
+        _FORCED = before
 
 
 if AVAILABLE:

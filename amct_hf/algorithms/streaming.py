@@ -25,7 +25,8 @@ from .convention import order_statistic_k
 from .hfmg import HistogramState, check_binnable, hfmg_factors
 from .ifmr import asymmetric_offset, choose_scale, first_min, ifmr_candidates, prefix_sums
 
-__all__ = ["streaming_ifmr_factors", "streaming_hfmg_factors", "histogram_order_statistic"]
+__all__ = ["streaming_ifmr_factors", "streaming_ifmr_bounds", "streaming_hfmg_factors",
+           "histogram_order_statistic", "extreme_ranks"]
 
 logger = logging.getLogger("amct_hf")
 
@@ -39,25 +40,42 @@ def histogram_order_statistic(h: AlignedHistogram, k: int, largest: bool) -> tor
     return h.means().gather(1, idx)[:, 0].to(torch.float32)
 
 
-def _order_statistic(h, extremes, k, largest):
+def extreme_ranks(count: int, params) -> tuple[int, int]:
+    """The ranks (from the top, from the bottom) of IFMR's initial bounds among ``count`` values."""
+    return order_statistic_k(count, params.max_percentile), order_statistic_k(count, params.min_percentile)
+
+
+def _order_statistic(h, extremes, k, largest, warn):
     if k <= extremes.shape[1]:
         return extremes[:, k - 1]
-    logger.warning("IFMR percentile rank %d exceeds the %d exact extremes kept; "
-                   "reading it from the histogram", k, extremes.shape[1])
+    if warn:
+        logger.warning("IFMR percentile rank %d exceeds the %d exact extremes kept; "
+                       "reading it from the histogram", k, extremes.shape[1])
     return histogram_order_statistic(h, k, largest)
 
 
+def streaming_ifmr_bounds(h: AlignedHistogram, top: torch.Tensor, bottom: torch.Tensor, count: int,
+                          params, warn: bool = True) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """IFMR's (max0, min0) per channel and whether both were read exactly from the kept
+    extremes (otherwise from the histogram's bin means, logged unless ``warn`` is False)."""
+    k_top, k_bottom = extreme_ranks(count, params)
+    exact = k_top <= top.shape[1] and k_bottom <= bottom.shape[1]
+    max0 = _order_statistic(h, top, k_top, True, warn).clamp(min=0)
+    min0 = _order_statistic(h, bottom, k_bottom, False, warn).clamp(max=0)
+    return max0, min0, exact
+
+
 def streaming_ifmr_factors(h: AlignedHistogram, top: torch.Tensor, bottom: torch.Tensor,
-                           count: int, params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           count: int, params, warn: bool = True
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(scales, offsets, tolerance) per channel from the histogram (with per-bin offsets),
     the ``[C, K]`` largest (descending) / smallest (ascending) values, and the count of
     values per channel."""
     p = params
-    max0 = _order_statistic(h, top, order_statistic_k(count, p.max_percentile), True).clamp(min=0)
-    min0 = _order_statistic(h, bottom, order_statistic_k(count, p.min_percentile), False).clamp(max=0)
+    max0, min0, _ = streaming_ifmr_bounds(h, top, bottom, count, p, warn)
     hi, lo, scales = ifmr_candidates(max0, min0, p.asymmetric, p.search_range, p.search_step)
     points = h.means()
-    if kernels.use_kernels(points):
+    if h._compiled(points):
         losses, sum_sq, tol = kernels.ifmr_losses(
             points.contiguous().numpy(), hi.numpy(), lo.numpy(), scales.numpy(),
             h.counts.contiguous().numpy(), (h.level.numpy(), h.origin.numpy()))

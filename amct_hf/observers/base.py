@@ -18,22 +18,25 @@ the factors it computes.
 """
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 
+from ..algorithms import kernels
 from ..algorithms.convention import factor_problem
 from ..errors import CalibrationInputError, InvalidArgumentError
 from ..settings.quant_params import QuantParams
 
 __all__ = ["Observer", "OBSERVERS", "MODES", "register_observer", "make_observer",
-           "check_activation", "as_channels", "LayerBank"]
+           "check_activation", "activation_flags", "as_channels", "LayerBank"]
 
 MODES = ("amct", "exact", "streaming")
 OBSERVERS: dict[tuple[str, str], type[Observer]] = {}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+logger = logging.getLogger("amct_hf")
 
 
 def register_observer(algorithm: str, *modes: str) -> Callable[[type], type]:
@@ -83,8 +86,10 @@ def make_observer(params: QuantParams, mode: str, channels: int, device=None, **
     return cls(params, channels, device, **options)
 
 
-def check_activation(layer_name: str, x, batch: int | None = None) -> None:
-    """Refuse what no algorithm can use, naming the layer (and the batch, 1-based)."""
+def check_activation(layer_name: str, x, batch: int | None = None, values: bool = True) -> None:
+    """Refuse what no algorithm can use, naming the layer (and the batch, 1-based).
+    ``values=False`` checks the metadata only (the NaN/Inf check is then the caller's,
+    see :func:`activation_flags`)."""
     at = f"layer {layer_name!r}" + (f", batch {batch}" if batch is not None else "")
     if not isinstance(x, torch.Tensor):
         raise CalibrationInputError(f"{at}: expected a torch.Tensor, got {type(x).__name__}")
@@ -98,18 +103,33 @@ def check_activation(layer_name: str, x, batch: int | None = None) -> None:
             f"{at}: dtype {x.dtype} is not supported; use float32, float16 or bfloat16")
     if x.dim() == 0 or x.numel() == 0:
         raise CalibrationInputError(f"{at}: got an empty or 0-d tensor of shape {tuple(x.shape)}")
+    if not values:
+        return
     # min and max propagate NaN and are Inf if any value is: one cheap reduction (a
     # separate isfinite() pass costs ~40x more) decides, the details only on failure
     lo, hi = torch.aminmax(x.detach())
     if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
         kind = " and ".join(k for k, found in (("NaN", torch.isnan(x).any()),
                                                 ("Inf", torch.isinf(x).any())) if bool(found))
-        hint = ""
-        if x.dtype in (torch.float16, torch.bfloat16):
-            other = "float32 or bfloat16" if x.dtype == torch.float16 else "float32"
-            hint = f" ({x.dtype} overflow? load the model in {other})"
-        raise CalibrationInputError(
-            f"{at}: the activation contains {kind} values{hint}; nothing is recorded for this layer")
+        raise _bad_values_error(at, x.dtype, kind)
+
+
+def activation_flags(x: torch.Tensor) -> torch.Tensor:
+    """The NaN/Inf check of :func:`check_activation` left on the device: a [2] bool tensor
+    (any NaN, any Inf), read later. min and max propagate NaN and are Inf if any value
+    is, so one reduction decides (where both occur it reports NaN only)."""
+    lo, hi = torch.aminmax(x.detach())
+    ends = torch.stack([lo, hi])
+    return torch.stack([torch.isnan(ends).any(), torch.isinf(ends).any()])
+
+
+def _bad_values_error(at: str, dtype, kind: str) -> CalibrationInputError:
+    hint = ""
+    if dtype in (torch.float16, torch.bfloat16):
+        other = "float32 or bfloat16" if dtype == torch.float16 else "float32"
+        hint = f" ({dtype} overflow? load the model in {other})"
+    return CalibrationInputError(
+        f"{at}: the activation contains {kind} values{hint}; nothing is recorded for this layer")
 
 
 def as_channels(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -132,26 +152,111 @@ def _as_lists(name: str, scales: torch.Tensor, offsets: torch.Tensor) -> tuple[l
 
 
 class LayerBank:
-    """One observer per record key; ``bank(name, x)`` adds a batch of activations."""
+    """One observer per record key; ``bank(name, x)`` adds a batch of activations.
 
-    def __init__(self, params: QuantParams, mode: str, **options):
+    ``tokens``: the number of calibration tokens every key will see over all processes,
+    where known in advance (the driver): observers that size buffers by it get the count
+    of values per channel (IFMR streaming: its exact extremes). ``defer_checks``: on the
+    torch (accelerator) path the NaN/Inf check of each batch stays on the device: every
+    :attr:`check_every` layer batches the flags are copied to the host without blocking
+    (CUDA) and looked at by a later call once there; :meth:`check_pending` (the driver
+    calls it after the last batch) reads the rest. The error still names the first bad
+    layer and batch.
+    The compiled CPU path checks each batch at once either way. ``once``: a set shared
+    between banks of one run, so that a note is logged once per run."""
+
+    #: deferred NaN/Inf flags read back after this many layer batches (one host read each time)
+    check_every = 256
+
+    def __init__(self, params: QuantParams, mode: str, *, tokens: int | None = None,
+                 defer_checks: bool = False, once: set | None = None, **options):
         if mode not in MODES:
             raise InvalidArgumentError(f"mode={mode!r} is not supported; use one of {MODES}")
         self.params, self.mode, self.options = params, mode, options
+        self.tokens, self.defer_checks = tokens, defer_checks
+        self.once = set() if once is None else once
         self.observers: dict[str, Observer] = {}
+        self._pending: list[tuple[str, int, torch.dtype, torch.Tensor]] = []
+        self._inflight: list = []  # (pending, host flags, event): copies not yet looked at
 
     def batches(self, name: str) -> int:
         obs = self.observers.get(name)
         return obs.batches if obs is not None else 0
 
-    def __call__(self, name: str, x: torch.Tensor) -> None:
+    def check_pending(self) -> None:
+        """Read every deferred NaN/Inf flag and raise for the first bad layer batch, in
+        the order they were fed (waits for flags still on their way to the host)."""
+        self._poll(wait=True)
+        if self._pending:
+            pending = list(self._pending)
+            self._pending.clear()  # in place: banks of one run share the list (see KVBank)
+            self._raise_first(pending, torch.stack([f for *_, f in pending]).cpu())
+
+    def _ship_pending(self) -> None:
+        """Start copying the pending flags to the host without waiting (CUDA: pinned
+        memory and an event), to be looked at by a later call; elsewhere read them now."""
+        pending = list(self._pending)
+        self._pending.clear()
+        flags = torch.stack([f for *_, f in pending])
+        if flags.device.type != "cuda":
+            self._raise_first(pending, flags.cpu())
+            return
+        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+        host.copy_(flags, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._inflight.append((pending, host, event))
+
+    def _poll(self, wait: bool) -> None:
+        while self._inflight:
+            pending, host, event = self._inflight[0]
+            if not wait and not event.query():
+                return
+            event.synchronize()
+            self._inflight.pop(0)
+            self._raise_first(pending, host)
+
+    @staticmethod
+    def _raise_first(pending: list, flags: torch.Tensor) -> None:
+        bad = flags.any(1)
+        if not bool(bad.any()):
+            return
+        i = int(bad.to(torch.int8).argmax())
+        name, batch, dtype, _ = pending[i]
+        kind = "NaN" if bool(flags[i, 0]) else "Inf"
+        raise _bad_values_error(f"layer {name!r}, batch {batch}", dtype, kind)
+
+    def _observer_options(self, batch: torch.Tensor, x: torch.Tensor, tokens: int | None) -> dict:
+        options = dict(self.options)
+        cls = OBSERVERS.get((self.params.act_algo, self.mode))
+        if self.tokens is not None and tokens and getattr(cls, "sized_by_count", False):
+            # values per channel per token (per-tensor: the layer width; a channel group: its size)
+            options["expected_count"] = self.tokens * batch.shape[0] // tokens
+        return options
+
+    def __call__(self, name: str, x: torch.Tensor, tokens: int | None = None) -> None:
+        """Add ``x`` (its last dim the channels). ``tokens``: how many calibration tokens
+        ``x`` holds (default: every row of ``x`` but the last dim is one token)."""
         obs = self.observers.get(name)
-        check_activation(name, x, (obs.batches if obs is not None else 0) + 1)
+        batch_no = (obs.batches if obs is not None else 0) + 1
+        defer = self.defer_checks and isinstance(x, torch.Tensor) and not kernels.use_kernels(x)
+        if defer:
+            check_activation(name, x, batch_no, values=False)
+        else:
+            check_activation(name, x, batch_no)
         with torch.no_grad():
+            if defer:
+                self._pending.append((name, batch_no, x.dtype, activation_flags(x)))
+                self._poll(wait=False)
+                if len(self._pending) >= self.check_every:
+                    self._ship_pending()
             batch = as_channels(x, self.params.per_channel)
+            if tokens is None:
+                tokens = x.numel() // x.shape[-1]
             if obs is None:
                 obs = self.observers[name] = make_observer(
-                    self.params, self.mode, batch.shape[1], batch.device, **self.options)
+                    self.params, self.mode, batch.shape[1], batch.device,
+                    **self._observer_options(batch, x, tokens))
             elif obs.num_channels != batch.shape[1]:
                 raise CalibrationInputError(
                     f"layer {name!r}: {batch.shape[1]} channels (last dim of shape "
@@ -159,6 +264,7 @@ class LayerBank:
             try:
                 obs.update(batch)
             except ValueError as err:  # the algorithm refuses these values
+                self.check_pending()  # an earlier batch's NaN/Inf is the first fault
                 raise CalibrationInputError(f"layer {name!r}: {err}; nothing is recorded for this "
                                             "layer") from err
 
@@ -166,6 +272,7 @@ class LayerBank:
         """The layer's factors and its IFMR streaming tolerance (max over channels, None
         where exact). Its statistics are dropped either way, so a failed layer can be
         calibrated again from scratch."""
+        self.check_pending()
         obs = self.observers.pop(name)
         with torch.no_grad():
             if comm is not None:
@@ -175,14 +282,27 @@ class LayerBank:
             except ValueError as err:  # the algorithm refuses these values
                 raise CalibrationInputError(f"layer {name!r}: {err}; nothing is recorded for this "
                                             "layer") from err
+        self._note_inexact_extremes(name, obs)
         tolerance = None if obs.tolerance is None else float(obs.tolerance.max())
         return _as_lists(name, scales, offsets), tolerance
+
+    def _note_inexact_extremes(self, name: str, obs: Observer) -> None:
+        if getattr(obs, "extremes_exact", None) is False and "inexact_extremes" not in self.once:
+            self.once.add("inexact_extremes")
+            logger.warning(
+                "IFMR: the percentile rank among the %d values per channel of %r (and possibly later "
+                "entries) is beyond the %d exact extremes kept; reading it from the histogram (said "
+                "once per run). Pass the token count (the driver does) to keep enough extremes.",
+                obs.count, name, obs.topk)
 
     def finalize_all(self, comm, order: Callable[[list], list] = sorted) -> tuple[dict, dict]:
         """Reduce across processes and solve every layer seen by any process; the same
         result on every rank. A rank that saw no token of a layer (uneven split) joins
         the reduction with empty statistics."""
-        layers = {n: o.num_channels for n, o in self.observers.items()}
+        self.check_pending()
+        # channels, and the extreme buffers' size where the observer has one (every rank's
+        # buffers must match for the reduction)
+        layers = {n: (o.num_channels, getattr(o, "topk", None)) for n, o in self.observers.items()}
         if comm.active:
             merged: dict = {}
             for seen in comm.gather_object(layers):  # rank order: the same on every rank
@@ -190,11 +310,32 @@ class LayerBank:
                     merged.setdefault(n, c)
             layers = merged
         factors, tolerance = {}, {}
-        for name in order(list(layers)):
+        names = order(list(layers))
+        for name in names:
             if name not in self.observers:
-                self.observers[name] = make_observer(self.params, self.mode, layers[name], None,
-                                                     **self.options)
+                channels, topk = layers[name]
+                self.observers[name] = make_observer(self.params, self.mode, channels, None,
+                                                     **self.options, **({"topk": topk} if topk else {}))
+        many = getattr(OBSERVERS.get((self.params.act_algo, self.mode)), "compute_many", None)
+        if many is not None:
+            return self._finalize_many(names, comm, many), tolerance
+        for name in names:
             factors[name], bound = self.finalize(name, comm)
             if bound is not None:
                 tolerance[name] = bound
         return factors, tolerance
+
+    def _finalize_many(self, names: list, comm, many) -> dict:
+        """Every entry reduced (in ``names`` order, on every rank), checked, then solved
+        together by the observer class's ``compute_many``."""
+        observers = [self.observers.pop(name) for name in names]
+        with torch.no_grad():
+            for name, obs in zip(names, observers):
+                obs.reduce(comm)
+                try:
+                    obs.check()
+                except ValueError as err:
+                    raise CalibrationInputError(f"layer {name!r}: {err}; nothing is recorded for this "
+                                                "layer") from err
+            results = many(observers)
+        return {name: _as_lists(name, s, o) for name, (s, o) in zip(names, results)}

@@ -28,7 +28,8 @@ class KVBank:
     ``groups`` map ``"key"``/``"value"`` to that kind's settings."""
 
     def __init__(self, params: dict[str, QuantParams], mode: str, groups: dict[str, str],
-                 head_dim: int | None = None, **options):
+                 head_dim: int | None = None, *, tokens: int | None = None, defer_checks: bool = False,
+                 **options):
         if set(params) != set(KINDS) or set(groups) != set(KINDS):
             raise InvalidArgumentError(f"KVBank needs settings for exactly {KINDS}")
         for kind in KINDS:
@@ -37,22 +38,33 @@ class KVBank:
                     f"channel_groups={groups[kind]!r} for the {kind}s needs per-channel factors "
                     "(quant_granularity='per_channel'); a per-tensor record has one range already")
         self.params, self.groups, self.head_dim = dict(params), dict(groups), head_dim
-        self.banks = {kind: LayerBank(params[kind], mode, **options) for kind in KINDS}
+        once: set = set()
+        self.banks = {kind: LayerBank(params[kind], mode, tokens=tokens, defer_checks=defer_checks,
+                                      once=once, **options) for kind in KINDS}
+        # one list of deferred NaN/Inf flags, in feeding order, so the first bad batch is named
+        self.banks["value"]._pending = self.banks["key"]._pending
+        self.banks["value"]._inflight = self.banks["key"]._inflight
+
+    def check_pending(self) -> None:
+        """Raise for the first layer batch whose deferred NaN/Inf check failed."""
+        self.banks["key"].check_pending()
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
         kind = layer_kind(name)
         groups = self.groups[kind]
+        tokens = x.numel() // x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() and x.shape[-1] else None
         if groups != "channel" and isinstance(x, torch.Tensor) and x.dim() == 2:
             try:
                 check_channel_groups(groups, x.shape[1], self.head_dim)
             except ValueError as err:
                 raise CalibrationInputError(f"layer {name!r}: {err}") from None
             x = group_channels(x, groups, self.head_dim)
-        self.banks[kind](name, x)
+        self.banks[kind](name, x, tokens=tokens)
 
     def finalize_all(self, comm, order: Callable[[list], list] = sorted) -> tuple[dict, dict]:
         """Both banks reduced and solved (collective, same order on every rank), group
         factors expanded to channels, entries in ``order``."""
+        self.check_pending()
         factors, tolerance = {}, {}
         for kind in KINDS:
             got, bound = self.banks[kind].finalize_all(comm, order=order)

@@ -11,12 +11,13 @@ import torch
 
 from ..algorithms import kernels
 from ..algorithms.aligned import AlignedHistogram
-from ..algorithms.streaming import streaming_hfmg_factors, streaming_ifmr_factors
+from ..algorithms.hfmg import HistogramState, check_binnable, hfmg_factors
+from ..algorithms.streaming import extreme_ranks, streaming_hfmg_factors, streaming_ifmr_factors
 from ..errors import InvalidArgumentError
 from .base import Observer, register_observer
 
 __all__ = ["StreamingIFMRObserver", "StreamingHFMGObserver", "default_grid_bins",
-           "check_grid_bins", "GRID_BINS_RANGE"]
+           "check_grid_bins", "GRID_BINS_RANGE", "extremes_for_count"]
 
 #: allowed fine-grid sizes per channel: below 64 the grid is too coarse for any solve;
 #: 2**20 already holds 8 MB per channel
@@ -109,16 +110,39 @@ class _Streaming(Observer):
         self.count = int(comm.all_reduce(torch.tensor([self.count], dtype=torch.int64), "sum").item())
 
 
+#: exact extremes kept per channel when the count of values is not known in advance
+DEFAULT_TOPK = 64
+#: extremes kept beyond the deepest rank the expected count needs
+TOPK_MARGIN = 16
+#: at most this many extremes per buffer (all channels together, 16 MiB of float32): a
+#: rank deeper than that (a percentile far from 1 on a large count) is read from the histogram
+TOPK_VALUES_LIMIT = 1 << 22
+
+
+def extremes_for_count(params, channels: int, count: int | None) -> int:
+    """How many exact extremes per channel to keep so that IFMR's initial bounds among
+    ``count`` values per channel are read exactly (None: the count is unknown)."""
+    if count is None:
+        return DEFAULT_TOPK
+    need = max(extreme_ranks(max(int(count), 1), params)) + TOPK_MARGIN
+    return max(DEFAULT_TOPK, min(need, max(1, TOPK_VALUES_LIMIT // max(channels, 1))))
+
+
 @register_observer("ifmr", "streaming")
 class StreamingIFMRObserver(_Streaming):
     reduction = _Streaming.reduction + "; exact extremes merged (top-K of all ranks)"
+    #: the bank passes ``expected_count`` (values per channel over all processes) when it knows it
+    sized_by_count = True
 
-    def __init__(self, params, channels, device=None, bins: int | None = None, topk: int = 64):
+    def __init__(self, params, channels, device=None, bins: int | None = None, topk: int | None = None,
+                 expected_count: int | None = None):
         super().__init__(params, channels, device, bins)
-        self.topk = topk
+        self.topk = topk if topk is not None else extremes_for_count(params, channels, expected_count)
+        #: after compute(): False where a rank was beyond the extremes kept (read from the histogram)
+        self.extremes_exact: bool | None = None
         # [C, K] rows: the K largest (descending) and smallest (ascending) values seen
-        self._top = torch.full((channels, topk), float("-inf"), device=device)
-        self._bottom = torch.full((channels, topk), float("inf"), device=device)
+        self._top = torch.full((channels, self.topk), float("-inf"), device=device)
+        self._bottom = torch.full((channels, self.topk), float("inf"), device=device)
 
     top = _Flushed("_top")
     bottom = _Flushed("_bottom")
@@ -139,9 +163,16 @@ class StreamingIFMRObserver(_Streaming):
             self.bottom = comm.all_gather_cat(self.bottom, dim=1).topk(self.topk, 1, largest=False).values
 
     def compute(self):
+        # the bank says once per run when a rank was beyond the extremes kept, not per entry
+        hist, top, bottom = self.hist, self.top, self.bottom
+        self.extremes_exact = max(extreme_ranks(self.count, self.params)) <= top.shape[1]
         scales, offsets, self.tolerance = streaming_ifmr_factors(
-            self.hist, self.top, self.bottom, self.count, self.params)
+            hist, top, bottom, self.count, self.params, warn=False)
         return scales, offsets
+
+
+#: rows (channels of all entries together) per batched HFMG solve on the torch path
+SOLVE_ROWS = 1 << 15
 
 
 @register_observer("hfmg", "streaming")
@@ -150,3 +181,37 @@ class StreamingHFMGObserver(_Streaming):
 
     def compute(self):
         return streaming_hfmg_factors(self.hist, self.params.num_of_bins, self.params.asymmetric)
+
+    def check(self) -> None:
+        """ValueError if the range cannot be binned (before :meth:`compute_many`)."""
+        check_binnable(self.hist.lo, self.hist.hi, self.params.num_of_bins)
+
+    @classmethod
+    def compute_many(cls, observers: list) -> list:
+        """:meth:`compute` of every observer; on the torch path the channels of all of
+        them are solved as one batch (the candidate walk is a sequence of steps, each a
+        few kernels: one walk for every entry instead of one per entry). Each row's
+        solve depends on its own histogram only, so the factors are those of
+        :meth:`compute`."""
+        if not observers or kernels.use_kernels(observers[0].hist.counts):
+            return [obs.compute() for obs in observers]
+        results, group, rows = [], [], 0
+        for obs in observers:
+            if group and rows + obs.num_channels > SOLVE_ROWS:
+                results += cls._solve_group(group)
+                group, rows = [], 0
+            group.append(obs)
+            rows += obs.num_channels
+        return results + cls._solve_group(group)
+
+    @staticmethod
+    def _solve_group(group: list) -> list:
+        p = group[0].params
+        hists = [obs.hist for obs in group]
+        for h in hists:
+            check_binnable(h.lo, h.hi, p.num_of_bins)
+        state = HistogramState(torch.cat([h.resample(p.num_of_bins) for h in hists]),
+                               torch.cat([h.lo for h in hists]), torch.cat([h.hi for h in hists]))
+        scales, offsets = hfmg_factors(state, p.asymmetric)
+        sizes = [h.lo.shape[0] for h in hists]
+        return list(zip(scales.split(sizes), offsets.split(sizes)))

@@ -129,7 +129,7 @@ def main(argv=None):
     import transformers as tf
 
     from amct_hf import calibrate_kv_cache
-    from amct_hf.data import make_batches, tokenize_samples
+    from amct_hf.data.samples import make_batches, tokenize_samples
     texts = pseudo_texts(words=int(samples * seq_len * 1.1) + 1000, docs=max(8, samples))
     tok = word_tokenizer(texts, min(geometry["vocab_size"], 30000))
     torch.manual_seed(0)

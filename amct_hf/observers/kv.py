@@ -25,18 +25,14 @@ KINDS = ("key", "value")
 
 class KVBank:
     """``bank(name, x)`` with ``x`` ``[tokens, kv_heads * head_dim]``; ``params`` and
-    ``groups`` map ``"key"``/``"value"`` to that kind's settings."""
+    ``groups`` map ``"key"``/``"value"`` to that kind's settings, as a validated
+    :class:`~amct_hf.settings.presets.KVSettings` holds them (not checked again here)."""
 
     def __init__(self, params: dict[str, QuantParams], mode: str, groups: dict[str, str],
                  head_dim: int | None = None, *, tokens: int | None = None, defer_checks: bool = False,
                  **options):
         if set(params) != set(KINDS) or set(groups) != set(KINDS):
             raise InvalidArgumentError(f"KVBank needs settings for exactly {KINDS}")
-        for kind in KINDS:
-            if groups[kind] != "channel" and not params[kind].per_channel:
-                raise InvalidArgumentError(
-                    f"channel_groups={groups[kind]!r} for the {kind}s needs per-channel factors "
-                    "(quant_granularity='per_channel'); a per-tensor record has one range already")
         self.params, self.groups, self.head_dim = dict(params), dict(groups), head_dim
         once: set = set()
         self.banks = {kind: LayerBank(params[kind], mode, tokens=tokens, defer_checks=defer_checks,

@@ -84,6 +84,13 @@ class KVSettings:
     range_margin: dict  # "key"/"value" -> fraction the ranges are widened by
     target: str | None = None
 
+    def __post_init__(self):
+        for kind in KINDS:
+            if self.groups[kind] != "channel" and not self.params[kind].per_channel:
+                raise InvalidArgumentError(
+                    f"channel_groups={self.groups[kind]!r} for the {kind}s needs per-channel factors "
+                    "(quant_granularity='per_channel'); a per-tensor record has one range already")
+
     def to_dict(self) -> dict:
         return {"key": {**self.params["key"].to_dict(), "channel_groups": self.groups["key"]},
                 "value": {**self.params["value"].to_dict(), "channel_groups": self.groups["value"]},
@@ -162,7 +169,7 @@ def resolve_kv_settings(target=None, quant_algo_params=None, value_quant_algo_pa
     if target is None:
         key = parse_quant_algo_params(quant_algo_params)
         value = key if value_quant_algo_params is None else parse_quant_algo_params(value_quant_algo_params)
-        return _checked(KVSettings({"key": key, "value": value}, _groups(channel_groups), _margins(range_margin)))
+        return KVSettings({"key": key, "value": value}, _groups(channel_groups), _margins(range_margin))
     if target not in TARGETS:
         raise InvalidArgumentError(f"target={target!r} is not known; use one of {tuple(TARGETS)}")
     spec = TARGETS[target] if value_centering else WITHOUT_VALUE_CENTERING.get(target, TARGETS[target])
@@ -178,13 +185,4 @@ def resolve_kv_settings(target=None, quant_algo_params=None, value_quant_algo_pa
     if any(given.values()) and given != margins:
         raise InvalidArgumentError(f"target={target!r} sets range_margin={margins!r}, but "
                                    f"the arguments ask for {range_margin!r}; drop the argument or the target")
-    return _checked(KVSettings(params, groups, margins, target))
-
-
-def _checked(settings: KVSettings) -> KVSettings:
-    for kind in KINDS:
-        if settings.groups[kind] != "channel" and not settings.params[kind].per_channel:
-            raise InvalidArgumentError(
-                f"channel_groups={settings.groups[kind]!r} for the {kind}s needs per-channel factors "
-                "(quant_granularity='per_channel'); a per-tensor record has one range already")
-    return settings
+    return KVSettings(params, groups, margins, target)

@@ -55,8 +55,19 @@ def _add_model_data(p, *, num_samples: int, seq_len: int, dataset_default: str) 
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_chat_template(p, default_help: str) -> None:
+    chat = p.add_argument_group("chat template").add_mutually_exclusive_group()
+    chat.add_argument("--chat-template", dest="chat_template", action="store_const", const=True,
+                      help="render every text through the tokenizer's chat template (its first half as a "
+                           "user turn, the rest as the assistant's reply; a conversation column such as "
+                           f"--text-column messages as it is) before packing; {default_help}")
+    chat.add_argument("--no-chat-template", dest="chat_template", action="store_const", const=False,
+                      help="plain text, even for a tokenizer with a chat template")
+
+
 def _add_calibrate_arguments(p) -> None:
     _add_model_data(p, num_samples=128, seq_len=2048, dataset_default="the bundled news corpus")
+    _add_chat_template(p, "default: plain text (docs/calibration.md)")
     q = p.add_argument_group(
         "quantization (override the fields of --params; unset fields keep the library defaults: "
         "IFMR, per-tensor, asymmetric)")
@@ -180,7 +191,8 @@ def calibration_options(args) -> dict:
         channel_groups=args.channel_groups, split=args.split, text_column=args.text_column,
         num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size, tap=args.tap,
         device_map=args.device_map, dtype=args.dtype, **_placement(args),
-        trust_remote_code=args.trust_remote_code, mode=args.mode, range_margin=args.range_margin)
+        trust_remote_code=args.trust_remote_code, mode=args.mode, range_margin=args.range_margin,
+        **({} if args.chat_template is None else {"chat_template": args.chat_template}))
 
 
 def run_calibrate(args) -> int:
@@ -249,6 +261,7 @@ def _is_main_process() -> bool:
 def run_eval(args) -> int:
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     _check_positive(args, ("num_samples", "seq_len", "batch_size"))
+    _check_per_layer_flags(args)
     dataset = args.dataset
     from .data.bundled import default_corpus_file, shakespeare_texts
     if dataset is None:
@@ -260,19 +273,53 @@ def run_eval(args) -> int:
             "tokens calibration used; pass --skip-tokens N (N = calibration samples x seq-len)")
     model = _default_model(args, log)
     _quiet_loading(args)
+    if args.per_layer:
+        return _run_per_layer(args, model, dataset)
     from .evaluation.perplexity import evaluate_kv_quant
     result = evaluate_kv_quant(
         model, dataset, args.record, num_samples=args.num_samples, seq_len=args.seq_len,
         batch_size=args.batch_size, skip_tokens=args.skip_tokens, split=args.split,
         text_column=args.text_column, references=not args.no_references,
         device_map=args.device_map, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-        progress=not args.no_progress, **_placement(args))
+        progress=not args.no_progress, chat_template=bool(args.chat_template), **_placement(args))
     print(result.table(worst=args.worst))
     if args.json:
         from .fileio import write_text_atomic
         data = {**result.to_dict(), "model": model, "dataset": [str(d) for d in dataset]
                 if isinstance(dataset, list) else str(dataset)}
 
+        write_text_atomic(args.json, json.dumps(data, indent=2, allow_nan=False) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _check_per_layer_flags(args) -> None:
+    from .errors import InvalidArgumentError
+    if args.skip_layers_out and not args.per_layer:
+        raise InvalidArgumentError("--skip-layers-out needs --per-layer (it lists the layers --per-layer ranks)")
+    if args.skip_layers < 0:
+        raise InvalidArgumentError(f"--skip-layers must be a non-negative integer, got {args.skip_layers}")
+
+
+def _run_per_layer(args, model, dataset) -> int:
+    from .evaluation.per_layer import per_layer_cost, skip_layers_arg
+    from .fileio import write_text_atomic
+    result = per_layer_cost(
+        model, dataset, args.record, num_samples=args.num_samples, seq_len=args.seq_len,
+        batch_size=args.batch_size, skip_tokens=args.skip_tokens, split=args.split,
+        text_column=args.text_column, chat_template=bool(args.chat_template), device_map=args.device_map,
+        dtype=args.dtype, trust_remote_code=args.trust_remote_code, progress=not args.no_progress,
+        **_placement(args))
+    print(result.table())
+    if args.skip_layers_out:
+        value = skip_layers_arg(result.most_costly(args.skip_layers))
+        write_text_atomic(args.skip_layers_out, value + "\n")
+        print(f"wrote the {args.skip_layers} most costly layer(s) to {args.skip_layers_out}: serve with "
+              f"--kv-cache-dtype-skip-layers {value}")
+    if args.json:
+        data = {"baseline_ppl": result.baseline_ppl, "layers": result.layers, "num_samples": result.num_samples,
+                "seq_len": result.seq_len, "num_tokens": result.num_tokens, "record_file": result.record_file,
+                "model": model}
         write_text_atomic(args.json, json.dumps(data, indent=2, allow_nan=False) + "\n")
         print(f"wrote {args.json}")
     return 0
@@ -338,6 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-references", action="store_true",
                    help="skip the min-max and dynamic per-token reference runs")
     p.add_argument("--worst", type=int, default=3, help="layers to mark as worst (default 3)")
+    _add_chat_template(p, "default: plain text")
+    pl = p.add_argument_group("per-layer cost")
+    pl.add_argument("--per-layer", action="store_true",
+                    help="quantize one attention layer (K and V) at a time with the record and rank the "
+                         "layers by perplexity cost (one full-precision pass, then one pass per layer)")
+    pl.add_argument("--skip-layers-out", metavar="FILE",
+                    help="with --per-layer: write the --skip-layers most costly layer indices as vLLM's "
+                         "--kv-cache-dtype-skip-layers takes them (space-separated, ascending)")
+    pl.add_argument("--skip-layers", type=int, default=2, metavar="N",
+                    help="how many layers --skip-layers-out lists (default 2)")
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser("export", help="export a record's factors for serving engines and other tools",

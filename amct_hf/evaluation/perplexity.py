@@ -294,7 +294,7 @@ def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_sample
                       split: str = "train", text_column: str = "text", references: bool = True,
                       device_map=None, dtype=None, trust_remote_code: bool = False,
                       progress: bool = False, max_memory=None, offload_folder=None,
-                      baseline: EvalResult | None = None) -> EvalResult:
+                      baseline: EvalResult | None = None, chat_template: bool | str = False) -> EvalResult:
     """Perplexity with the full-precision KV cache vs K/V quantized by ``record_file``'s
     factors (plus min-max and dynamic per-token references), on ``num_samples`` packed
     chunks of ``seq_len`` tokens of ``dataset``, and per-layer K/V relative MSE.
@@ -310,6 +310,8 @@ def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_sample
     ``baseline``: an earlier result on the very same chunks (checked by their digest),
     whose full-precision pass is reused instead of run again, to compare several records
     at the cost of one pass each; it needs ``references=False``.
+    ``chat_template``: evaluate on the texts rendered through the tokenizer's chat template
+    (as calibration's option of that name renders them).
     """
     from ..data.samples import load_texts, tokenize_samples
 
@@ -321,7 +323,7 @@ def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_sample
     if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
         raise InvalidArgumentError(f"skip_tokens must be a non-negative int, got {skip_tokens!r}")
     factors, where = load_kv_factors(record_file)  # a bad file fails before the model loads
-    texts = load_texts(dataset, split=split, text_column=text_column)
+    texts = load_texts(dataset, split=split, text_column=text_column, messages=chat_template is not False)
     model, tok = load_model(model, device_map=device_map, dtype=dtype,
                             trust_remote_code=trust_remote_code, tokenizer=tokenizer,
                             max_memory=max_memory, offload_folder=offload_folder)
@@ -333,7 +335,8 @@ def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_sample
             check_record(factors, layout, where)
 
             skip = -(-skip_tokens // seq_len)
-            samples = tokenize_samples(tok, texts, seq_len=seq_len, num_samples=skip + num_samples)
+            samples = tokenize_samples(tok, texts, seq_len=seq_len, num_samples=skip + num_samples,
+                                       chat_template=chat_template)
             if skip and len(samples) <= skip:
                 raise InvalidArgumentError(f"skip_tokens={skip_tokens} leaves no evaluation text: the dataset "
                                  f"packs into only {len(samples)} chunk(s) of {seq_len} tokens")

@@ -40,7 +40,10 @@ class LoadOptions:
 @dataclass(frozen=True)
 class DataOptions:
     """Which text, and how it becomes samples: ``num_samples`` packed chunks of exactly
-    ``seq_len`` tokens (``pack=False``: one truncated text per sample, padded batches)."""
+    ``seq_len`` tokens (``pack=False``: one truncated text per sample, padded batches).
+    ``chat_template``: render every text through the tokenizer's chat template first
+    (True), not (False), or when the tokenizer has one ("auto");
+    :func:`amct_hf.data.samples.tokenize_samples`."""
 
     split: str = "train"
     text_column: str = "text"
@@ -48,10 +51,14 @@ class DataOptions:
     seq_len: int = 2048
     batch_size: int = 1
     pack: bool = True
+    chat_template: bool | str = False
 
     def __post_init__(self):
+        from ..data.samples import check_chat_template_option
+
         for name in ("num_samples", "seq_len", "batch_size"):
             positive_int(name, getattr(self, name))
+        check_chat_template_option(self.chat_template, InvalidArgumentError)
 
     @property
     def num_tokens(self) -> int:

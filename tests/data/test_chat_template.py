@@ -137,3 +137,13 @@ def test_calibration_on_templated_tiny_tokenizer_says_so(tiny_dir):
     assert "tokens of chat-template text" in chat.totals() and "tokens of plain text" in plain.totals()
     assert chat.num_tokens == plain.num_tokens == 32
     assert any(not torch.equal(torch.tensor(chat[n][0]), torch.tensor(plain[n][0])) for n in chat)
+
+
+def test_cli_and_recipe_flags_reach_the_data_options():
+    from amct_hf.cli import build_parser, calibration_options, recipe_args
+    parse = lambda *a: build_parser().parse_args(["calibrate", *a])  # noqa: E731
+    assert calibration_options(parse("--chat-template"))["data"].chat_template is True
+    assert calibration_options(parse("--no-chat-template"))["data"].chat_template is False
+    assert calibration_options(parse())["data"].chat_template == DataOptions().chat_template
+    recipe = recipe_args({"model": "some/model"}, ["--chat-template"])
+    assert calibration_options(recipe)["data"].chat_template is True

@@ -23,6 +23,10 @@ _FLAG_FIELDS = (("algo", "act_algo"), ("granularity", "quant_granularity"),
 #: what ``amct-hf calibrate`` runs without quantization flags: the measured-best general
 #: setting (docs/accuracy.md); AMCT's own defaults are one flag away (e.g. ``--algo ifmr``)
 DEFAULT_TARGET = "transformers"
+#: how ``amct-hf calibrate`` renders its text without --chat-template/--no-chat-template: through
+#: the tokenizer's chat template when it has one (instruct models serve chat-formatted text;
+#: docs/accuracy.md); the library's own default is plain text
+DEFAULT_CHAT_TEMPLATE = "auto"
 
 # --------------------------------------------------------------------------- shared arguments
 
@@ -67,7 +71,8 @@ def _add_chat_template(p, default_help: str) -> None:
 
 def _add_calibrate_arguments(p) -> None:
     _add_model_data(p, num_samples=128, seq_len=2048, dataset_default="the bundled news corpus")
-    _add_chat_template(p, "default: plain text (docs/calibration.md)")
+    _add_chat_template(p, "default: when the tokenizer has a template (docs/accuracy.md: it serves "
+                          "chat-formatted text better)")
     q = p.add_argument_group(
         "quantization (override the fields of --params; unset fields keep the library defaults: "
         "IFMR, per-tensor, asymmetric)")
@@ -192,7 +197,7 @@ def calibration_options(args) -> dict:
         num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size, tap=args.tap,
         device_map=args.device_map, dtype=args.dtype, **_placement(args),
         trust_remote_code=args.trust_remote_code, mode=args.mode, range_margin=args.range_margin,
-        **({} if args.chat_template is None else {"chat_template": args.chat_template}))
+        chat_template=DEFAULT_CHAT_TEMPLATE if args.chat_template is None else args.chat_template)
 
 
 def run_calibrate(args) -> int:

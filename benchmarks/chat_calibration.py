@@ -31,6 +31,10 @@ def main(argv=None) -> int:
     p.add_argument("--eval", default="16x512", help="evaluation chunks x tokens (default 16x512)")
     p.add_argument("--target", default="transformers")
     p.add_argument("--json", help="also write the rows as JSON here")
+    p.add_argument("--records", nargs=2, metavar=("PLAIN", "CHAT"),
+                   help="evaluate these two records instead of calibrating")
+    p.add_argument("--only", nargs="+", metavar="CORPUS (FORMAT)",
+                   help='evaluate only these, e.g. "newsgroups (chat)"')
     args = p.parse_args(argv)
 
     import torch
@@ -48,8 +52,8 @@ def main(argv=None) -> int:
     cal_n, cal_len = _size(args.cal)
     ev_n, ev_len = _size(args.eval)
     out = Path(tempfile.mkdtemp(prefix="chat_cal_"))
-    records = {}
-    for name, chat in (("plain", False), ("chat", True)):
+    records = dict(zip(("plain", "chat"), args.records or ()))
+    for name, chat in (() if records else (("plain", False), ("chat", True))):
         res = calibrate_kv_cache(model, str(news_corpus_path()), tokenizer=tok, target=args.target,
                                  chat_template=chat, num_samples=cal_n, seq_len=cal_len,
                                  record_file=out / f"{name}.txt", progress=False)
@@ -62,6 +66,8 @@ def main(argv=None) -> int:
     rows = []
     for corpus, texts in corpora.items():
         for fmt, chat in (("plain", False), ("chat", True)):
+            if args.only and f"{corpus} ({fmt})" not in args.only:
+                continue
             base = None
             for rec_name, rec in records.items():
                 r = evaluate_kv_quant(model, texts, rec, tokenizer=tok, num_samples=ev_n, seq_len=ev_len,

@@ -144,6 +144,27 @@ def test_cli_and_recipe_flags_reach_the_data_options():
     parse = lambda *a: build_parser().parse_args(["calibrate", *a])  # noqa: E731
     assert calibration_options(parse("--chat-template"))["data"].chat_template is True
     assert calibration_options(parse("--no-chat-template"))["data"].chat_template is False
-    assert calibration_options(parse())["data"].chat_template == DataOptions().chat_template
+    # the command line renders through the template when there is one; the library keeps plain text
+    assert calibration_options(parse())["data"].chat_template == "auto"
+    assert DataOptions().chat_template is False
     recipe = recipe_args({"model": "some/model"}, ["--chat-template"])
     assert calibration_options(recipe)["data"].chat_template is True
+
+
+def test_cli_default_uses_a_template_when_there_is_one(tiny_dir, tmp_path, capsys):
+    import shutil
+
+    from transformers import AutoTokenizer
+    d = tmp_path / "templated"
+    shutil.copytree(tiny_dir, d)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.chat_template = "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}"
+    tok.save_pretrained(d)
+    common = ["calibrate", "--dataset", str(tiny_dir / "corpus.txt"), "--num-samples", "2", "--seq-len", "8",
+              "--record", str(tmp_path / "r.txt"), "--no-progress"]
+    assert main([*common, "--model", str(d)]) == 0
+    assert "16 tokens of chat-template text" in capsys.readouterr().out
+    assert main([*common, "--model", str(d), "--no-chat-template"]) == 0
+    assert "16 tokens of plain text" in capsys.readouterr().out
+    assert main([*common, "--model", str(tiny_dir)]) == 0  # no template: plain text, no error
+    assert "16 tokens of plain text" in capsys.readouterr().out

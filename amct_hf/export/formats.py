@@ -31,7 +31,8 @@ def _safetensors(record, out, model, options):
 def _lmdeploy(record, out, model, options):
     from .lmdeploy import export_lmdeploy_ascend
     export_lmdeploy_ascend(record, out)
-    return f"wrote the lmdeploy Ascend record (per-tensor, k then v per layer) to {out}"
+    return (f"wrote the lmdeploy Ascend record (per-tensor, k then v per layer, offsets negated to "
+            f"dlinfer's round(x/s - o)) to {out}")
 
 
 def _model_dir(function_name: str, name: str):

@@ -235,11 +235,18 @@ def run_eval(args) -> int:
     elif args.skip_tokens == 0 and os.path.abspath(str(dataset)) == os.path.abspath(str(default_corpus_file())):
         log("warning: evaluating on the calibration corpus from its first token scores the very "
             "tokens calibration used; pass --skip-tokens N (N = calibration samples x seq-len)")
-    model = _default_model(args, log)
+    if args.export is not None:
+        from .errors import InvalidArgumentError
+        if args.model is not None or args.record is not None:
+            raise InvalidArgumentError("--export evaluates the export's own model and scales; drop "
+                                       "--model/--record")
+        model, record, served = None, None, {"export_dir": args.export}
+    else:
+        model, record, served = _default_model(args, log), args.record or "kv_cache.txt", {}
     _quiet_loading(args)
     from .evaluation.perplexity import evaluate_kv_quant
     result = evaluate_kv_quant(
-        model, dataset, args.record, num_samples=args.num_samples, seq_len=args.seq_len,
+        model, dataset, record, **served, num_samples=args.num_samples, seq_len=args.seq_len,
         batch_size=args.batch_size, skip_tokens=args.skip_tokens, split=args.split,
         text_column=args.text_column, references=not args.no_references,
         device_map=args.device_map, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
@@ -247,7 +254,7 @@ def run_eval(args) -> int:
     print(result.table(worst=args.worst))
     if args.json:
         from .fileio import atomic_replace
-        data = {**result.to_dict(), "model": model, "dataset": [str(d) for d in dataset]
+        data = {**result.to_dict(), "model": model or args.export, "dataset": [str(d) for d in dataset]
                 if isinstance(dataset, list) else str(dataset)}
 
         def write(tmp):
@@ -265,6 +272,11 @@ def run_export(args) -> int:
     from .export.formats import export_format
     options = {"overwrite": args.overwrite, "max_shard_size": args.max_shard_size,
                "trust_remote_code": args.trust_remote_code}
+    if args.kv_strategy is not None:
+        if args.format != "vllm-fp8":
+            from .errors import InvalidArgumentError
+            raise InvalidArgumentError(f"--kv-strategy is for --format vllm-fp8, not {args.format}")
+        options["kv_strategy"] = args.kv_strategy
     print(export_format(args.format).export(args.record, args.out, model=args.model, **options))
     return 0
 
@@ -310,8 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Shakespeare plays (text calibration never saw).")
     _add_model_data(p, num_samples=8, seq_len=512,
                     dataset_default="the bundled Shakespeare plays, held out from calibration")
-    p.add_argument("--record", default="kv_cache.txt", metavar="FILE",
-                   help="AMCT record file (default: kv_cache.txt)")
+    p.add_argument("--record", metavar="FILE", help="AMCT record file (default: kv_cache.txt)")
+    p.add_argument("--export", metavar="DIR",
+                   help="instead of a record: an ascend-c8, vllm-fp8 or modelopt-fp8 export directory, "
+                        "evaluated as its engine serves it (its own weights; scale-only INT8 or FP8 "
+                        "E4M3 with its scales), beside FP8 with scale 1.0 and dynamic per-token INT8")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     p.add_argument("--skip-tokens", type=int, default=0, metavar="N",
                    help="skip the first N tokens of the packed text, e.g. the calibration tokens "
@@ -326,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "safetensors (the factors alone); ascend-c8 (a model directory "
                                    "vllm-ascend / MindIE load with an INT8 KV cache; symmetric records "
                                    "only); vllm-fp8 (a checkpoint vLLM loads with kv_cache_dtype=fp8); "
+                                   "modelopt-fp8 (ModelOpt's unified HF layout, for TensorRT-LLM / "
+                                   "SGLang); "
                                    "lmdeploy-ascend (the per-tensor record lmdeploy's Ascend backend "
                                    "parses).")
     p.add_argument("--record", required=True, metavar="FILE", help="AMCT record file")
@@ -335,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "record path with the format's suffix)")
     p.add_argument("--model", metavar="MODEL_DIR",
                    help="ascend-c8 / vllm-fp8: the local model folder the record was calibrated on")
+    p.add_argument("--kv-strategy", choices=("tensor", "attn_head"),
+                   help="vllm-fp8: one FP8 scale per K/V tensor (default; every vLLM backend) or one "
+                        "per KV head (attn_head: read by vLLM's FlashAttention 3 backend only)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="ascend-c8 / vllm-fp8: weight shard size cap, e.g. 5GB, 500MB (default 5GB)")

@@ -37,9 +37,10 @@ def _lmdeploy(record, out, model, options):
 
 def _model_dir(function_name: str, name: str):
     def run(record, out, model, options):
-        from . import ascend, vllm
+        from . import ascend, modelopt, vllm
         export = {"export_ascend_c8": ascend.export_ascend_c8,
-                  "export_vllm_fp8": vllm.export_vllm_fp8}[function_name]
+                  "export_vllm_fp8": vllm.export_vllm_fp8,
+                  "export_modelopt_fp8": modelopt.export_modelopt_fp8}[function_name]
         written = export(record, model, out, **options)
         lines = [f"wrote {name} model directory {written['out_dir']} ({len(written['files'])} files, "
                  f"{written['total_size'] / 1e6:.0f} MB of weights)"]
@@ -85,6 +86,8 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
                  _model_dir("export_ascend_c8", "ascend-c8")),
     ExportFormat("vllm-fp8", "model directory", "vLLM (compressed-tensors FP8 KV scales)", True, None,
                  _model_dir("export_vllm_fp8", "vllm-fp8")),
+    ExportFormat("modelopt-fp8", "model directory", "TensorRT-LLM, SGLang (ModelOpt unified HF, FP8 KV)",
+                 True, None, _model_dir("export_modelopt_fp8", "modelopt-fp8")),
     ExportFormat("lmdeploy-ascend", "engine record", "lmdeploy (dlinfer, Ascend)", False, ".lmdeploy.txt",
                  _lmdeploy),
 )}

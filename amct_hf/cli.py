@@ -296,6 +296,17 @@ def run_report(args) -> int:
     return 0
 
 
+def run_verify(args) -> int:
+    from .export.verify import verify_export
+    report = verify_export(args.path, num_layers=args.num_layers)
+    if report.rows:
+        print(report.table())
+    for problem in report.problems[1:]:
+        print(f"also: {problem}", file=sys.stderr)
+    print(report.verdict())
+    return 0 if report.ok else 1
+
+
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,6 +372,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow custom model code when reading the model's config")
     p.set_defaults(func=run_export)
+
+    p = sub.add_parser("verify", help="check an export as its engine would read it",
+                       description="Read an ascend-c8, vllm-fp8 or modelopt-fp8 directory, or an "
+                                   "lmdeploy-ascend record, as its engine does: file set, names, shapes, "
+                                   "dtypes, description/config keys, offsets zero where the engine ignores "
+                                   "them, scales finite and positive and not the placeholder 1.0, every "
+                                   "attention layer covered. Prints a per-layer table and one verdict line; "
+                                   "exits 1 on a problem.")
+    p.add_argument("path", metavar="DIR_OR_FILE", help="the export directory (or lmdeploy record file)")
+    p.add_argument("--num-layers", type=int, metavar="N",
+                   help="lmdeploy-ascend record: the model's decoder layers (pairs must be N or 2N)")
+    p.set_defaults(func=run_verify)
 
     p = sub.add_parser("report", help="plot the clip ranges of a record's factors",
                        description="Plot per-layer (and, for per-channel records, per-channel) INT8 "

@@ -139,8 +139,8 @@ def _check_dir(report: VerifyReport, export_dir: str, index_name: str, kv_names,
         shape_seen, dtype_seen, note = "", "", ""
         for name in kv_names(attn):
             if name not in headers:
-                problems.append(f"layer {attn!r} has no {name.rsplit('.', 2)[-2] + '.' + name.rsplit('.', 1)[-1]} "
-                                f"tensor ({name}); the engine would run it with its default scale")
+                problems.append(f"layer {attn!r} has no {name[len(attn) + 1:]} tensor; the engine "
+                                f"would run it with its default scale")
                 cols.append("missing")
                 note = "MISSING"
                 continue

@@ -108,7 +108,8 @@ def test_ascend_c8_scale_only_int8_with_model_dtype_scales(centred_record, smoll
         for i in (0, 11):
             name = f"model.layers.{i}.self_attn.v_proj"
             scale = tensors[f"model.layers.{i}.self_attn.v_proj.kv_cache_scale"]
-            x = torch.randn(1, KV_HEADS, 8, HEAD_DIM, generator=g) * 40 * scale.float().reshape(1, KV_HEADS, 1, HEAD_DIM)
+            x = torch.randn(1, KV_HEADS, 8, HEAD_DIM, generator=g) * 40 \
+                * scale.float().reshape(1, KV_HEADS, 1, HEAD_DIM)
             ours, _ = run(name, x)
             assert torch.equal(ours, ascend_c8_roundtrip(x, scale, dtype))
     bf16 = read_served_export(out, torch.bfloat16).scales[("model.layers.0.self_attn", "key")]
@@ -144,7 +145,7 @@ def test_modelopt_fields_match_modelopts_kv_only_export(sym_record, smollm2_dir,
     tensors, weight_map = load_dir_tensors(out)
     assert (out / "model.safetensors.index.json").is_file()
     record = read_kv_factors(sym_record)
-    kv_names = {n for n in tensors if n.endswith(("_scale"))}
+    kv_names = {n for n in tensors if n.endswith("_scale")}
     assert len(kv_names) == 60
     for i in range(30):
         for proj, suffix in (("k_proj", "k_scale"), ("v_proj", "v_scale")):

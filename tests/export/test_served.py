@@ -142,6 +142,15 @@ def test_modelopt_fields_match_modelopts_kv_only_export(sym_record, smollm2_dir,
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc == {"ignore": [], "kv_cache_scheme": {"dynamic": False, "num_bits": 8, "type": "float"},
                   "producer": hf_quant["producer"], "quant_method": "modelopt"}
+    # TensorRT-LLM (tensorrt_llm/quantization/modelopt_config.py) reads the file's nested
+    # "quantization" form and the inline flat form (kv_cache_scheme float/8 bits -> "FP8")
+    # and warns when quant_algo / kv_cache_quant_algo / group_size / excludes differ
+    legacy = hf_quant["quantization"]
+    scheme = qc["kv_cache_scheme"]
+    flat_kv = "FP8" if scheme.get("type") == "float" and scheme.get("num_bits") == 8 else None
+    assert (legacy.get("quant_algo"), legacy.get("kv_cache_quant_algo"), legacy.get("group_size")) \
+        == (qc.get("quant_algo"), flat_kv, qc.get("group_size")) == (None, "FP8", None)
+    assert set(legacy.get("exclude_modules") or []) == set(qc.get("ignore") or [])
     tensors, weight_map = load_dir_tensors(out)
     assert (out / "model.safetensors.index.json").is_file()
     record = read_kv_factors(sym_record)

@@ -240,7 +240,7 @@ def run_eval(args) -> int:
         if args.model is not None or args.record is not None:
             raise InvalidArgumentError("--export evaluates the export's own model and scales; drop "
                                        "--model/--record")
-        model, record, served = None, None, {"export_dir": args.export}
+        model, record, served = None, None, {"export_dir": args.export, "fp8_query": args.fp8_query}
     else:
         model, record, served = _default_model(args, log), args.record or "kv_cache.txt", {}
     _quiet_loading(args)
@@ -277,6 +277,15 @@ def run_export(args) -> int:
             from .errors import InvalidArgumentError
             raise InvalidArgumentError(f"--kv-strategy is for --format vllm-fp8, not {args.format}")
         options["kv_strategy"] = args.kv_strategy
+    if args.query_dataset is not None:
+        from .errors import InvalidArgumentError
+        if args.format != "vllm-fp8" or args.model is None:
+            raise InvalidArgumentError("--query-dataset calibrates vllm-fp8 query scales: it needs "
+                                       "--format vllm-fp8 and --model")
+        from .export.query import calibrate_query_scales
+        options["query_scales"] = calibrate_query_scales(
+            args.model, args.query_dataset, num_samples=args.query_samples, seq_len=512,
+            per_head=args.kv_strategy == "attn_head", trust_remote_code=args.trust_remote_code)
     print(export_format(args.format).export(args.record, args.out, model=args.model, **options))
     return 0
 
@@ -338,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of a record: an ascend-c8, vllm-fp8 or modelopt-fp8 export directory, "
                         "evaluated as its engine serves it (its own weights; scale-only INT8 or FP8 "
                         "E4M3 with its scales), beside FP8 with scale 1.0 and dynamic per-token INT8")
+    p.add_argument("--fp8-query", action="store_true",
+                   help="with an FP8 --export: also quantize the query to FP8 with the export's q_scale "
+                        "(1.0 without one), as vLLM's FlashAttention 3 / Triton / FlashInfer backends do")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     p.add_argument("--skip-tokens", type=int, default=0, metavar="N",
                    help="skip the first N tokens of the packed text, e.g. the calibration tokens "
@@ -366,6 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-strategy", choices=("tensor", "attn_head"),
                    help="vllm-fp8: one FP8 scale per K/V tensor (default; every vLLM backend) or one "
                         "per KV head (attn_head: read by vLLM's FlashAttention 3 backend only)")
+    p.add_argument("--query-dataset", metavar="FILE_OR_NAME",
+                   help="vllm-fp8: also write calibrated q_scale tensors, the query amax / 448 over "
+                        "--query-samples chunks of 512 tokens of this text (without: vLLM uses 1.0)")
+    p.add_argument("--query-samples", type=int, default=16, metavar="N",
+                   help="chunks of 512 tokens for --query-dataset (default 16)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="ascend-c8 / vllm-fp8: weight shard size cap, e.g. 5GB, 500MB (default 5GB)")

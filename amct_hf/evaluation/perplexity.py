@@ -122,8 +122,9 @@ class _Measured:
     """kv_transform callback around ``function(name, x float32) -> (x_hat, clipped)``,
     recording each layer's error."""
 
-    def __init__(self, function):
+    def __init__(self, function, query=None):
         self.function = function
+        self.query = query  # kv_transform also routes the query through it when set
         self.errors: dict[str, _LayerError] = {}
 
     def __call__(self, name: str, states: torch.Tensor) -> torch.Tensor:
@@ -135,6 +136,10 @@ class _Measured:
 
 def _fp8_unit_scale(name: str, x: torch.Tensor):
     return fp8_e4m3(x, torch.ones((), device=x.device))
+
+
+def _fp8_unit_query(path: str, q: torch.Tensor) -> torch.Tensor:
+    return fp8_e4m3(q.float(), torch.ones((), device=q.device))[0].to(q.dtype)
 
 
 class _DynamicPerToken:
@@ -346,7 +351,8 @@ def evaluate_kv_quant(model, dataset, record_file=None, *, tokenizer=None, num_s
                       split: str = "train", text_column: str = "text", references: bool = True,
                       device_map=None, dtype=None, trust_remote_code: bool = False,
                       progress: bool = False, max_memory=None, offload_folder=None,
-                      baseline: EvalResult | None = None, export_dir=None) -> EvalResult:
+                      baseline: EvalResult | None = None, export_dir=None, fp8_query: bool = False
+                      ) -> EvalResult:
     """Perplexity with the full-precision KV cache vs K/V quantized by ``record_file``'s
     factors (plus min-max and dynamic per-token references), on ``num_samples`` packed
     chunks of ``seq_len`` tokens of ``dataset``, and per-layer K/V relative MSE.
@@ -365,7 +371,10 @@ def evaluate_kv_quant(model, dataset, record_file=None, *, tokenizer=None, num_s
 
     ``export_dir``: an ``ascend-c8``, ``vllm-fp8`` or ``modelopt-fp8`` export directory,
     evaluated as its engine serves it (module doc), in place of ``record_file``; the model
-    and tokenizer are the export's own, so ``model`` must be None.
+    and tokenizer are the export's own, so ``model`` must be None. ``fp8_query``: with an
+    FP8 export, also quantize the query to E4M3 with the export's ``q_scale`` (1.0 without
+    one; the scale-1.0 reference likewise), as vLLM's FlashAttention 3, Triton and
+    FlashInfer backends do with an FP8 KV cache.
     """
     from ..data.samples import load_texts, tokenize_samples
 
@@ -386,9 +395,14 @@ def evaluate_kv_quant(model, dataset, record_file=None, *, tokenizer=None, num_s
         texts = load_texts(dataset, split=split, text_column=text_column)
         model, tensors = load_export_model(export_dir, resolve_dtype(dtype), trust_remote_code)
         served = read_served_export(export_dir, next(model.parameters()).dtype, tensors)
+        served.fp8_query = bool(fp8_query)
+        if fp8_query:
+            served.query_function()  # refused for an INT8 export, before any pass
         del tensors
         model, tok = load_model(model, tokenizer=tokenizer if tokenizer is not None else os.fspath(export_dir),
                                 trust_remote_code=trust_remote_code)
+    elif fp8_query:
+        raise InvalidArgumentError("fp8_query= simulates an FP8 engine; it needs export_dir=")
     elif record_file is None:
         raise InvalidArgumentError("pass a record file (record_file=) or an export directory (export_dir=)")
     else:
@@ -427,7 +441,8 @@ def evaluate_kv_quant(model, dataset, record_file=None, *, tokenizer=None, num_s
 
     baseline, quantized, refs, layers, count, chunks = result
     source = export_dir if served is not None else record_file
-    meta = {"served": served.label, "export_format": served.format} if served is not None else {}
+    meta = {"served": served.label + (", query FP8" if fp8_query else ""), "export_format": served.format,
+            "fp8_query": bool(fp8_query)} if served is not None else {}
     return EvalResult(
         baseline_ppl=baseline, quantized_ppl=quantized, references=refs, layers=layers,
         record_file=os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<factors>",
@@ -454,7 +469,9 @@ def _evaluate(model, batches, device, factors, layout, references, progress, reu
             f"the model's own full-precision perplexity is {baseline}: its outputs are not "
             "finite (NaN/Inf weights, or float16 overflow: load it in float32 or bfloat16)")
 
-    record = _StaticFakeQuant(factors) if served is None else _Measured(served.function())
+    fp8_query = served is not None and getattr(served, "fp8_query", False)
+    record = _StaticFakeQuant(factors) if served is None else \
+        _Measured(served.function(), served.query_function() if fp8_query else None)
     with kv_transform(model, record):
         q_nll, q_count, q_chunks = _nll(model, batches, device, "record", progress)
     quantized = _ppl(q_nll, q_count)
@@ -468,7 +485,7 @@ def _evaluate(model, batches, device, factors, layout, references, progress, reu
     refs = {}
     if references:
         first = ("minmax", _StaticFakeQuant(ranges.factors(factors))) if served is None \
-            else ("fp8_scale_1", _Measured(_fp8_unit_scale))
+            else ("fp8_scale_1", _Measured(_fp8_unit_scale, _fp8_unit_query if fp8_query else None))
         for ref_name, transform in (first, ("dynamic_per_token", _DynamicPerToken())):
             with kv_transform(model, transform):
                 r_nll, r_count, r_chunks = _nll(model, batches, device, ref_name, progress)

@@ -58,6 +58,7 @@ class ServedExport:
     format: str                 # "ascend-c8", "vllm-fp8" or "modelopt-fp8"
     scales: dict                # (attention path, "key"/"value") -> float32 tensor as the engine reads it
     granularity: str            # "per_channel", "per_head" or "per_tensor"
+    fp8_query: bool = False     # evaluation: the query is quantized to FP8 too
 
     @property
     def label(self) -> str:
@@ -90,6 +91,20 @@ class ServedExport:
                                       f"elements; {heads} KV heads x {dim} need 1, {heads} or {heads * dim}")
                 shaped[key] = s
             return quant(x, shaped[key])
+        return run
+
+    def query_function(self):
+        """``f(attention path, q[B, heads, S, head_dim]) -> q_hat``: the query in FP8 E4M3
+        with the export's ``q_scale`` (1.0 without one), as vLLM's FlashAttention 3,
+        Triton and FlashInfer backends quantize it with an FP8 KV cache (one scale per
+        layer: vLLM's backends take the max of per-head query scales)."""
+        if self.format == "ascend-c8":
+            raise ExportError("vllm-ascend's C8 cache leaves the query unquantized")
+
+        def run(path, q):
+            s = self.scales.get((path, "query"))
+            s = torch.ones((), device=q.device) if s is None else s.max().to(q.device)
+            return fp8_e4m3(q.float(), s)[0].to(q.dtype)
         return run
 
 
@@ -137,10 +152,10 @@ def export_tensors(export_dir: str) -> dict:
 
 _SUFFIXES = {
     "ascend-c8": {".k_proj.kv_cache_scale": "key", ".v_proj.kv_cache_scale": "value"},
-    "vllm-fp8": {".k_scale": "key", ".v_scale": "value"},
+    "vllm-fp8": {".k_scale": "key", ".v_scale": "value", ".q_scale": "query"},
     "modelopt-fp8": {".k_proj.k_scale": "key", ".v_proj.v_scale": "value"},
 }
-_IGNORED = {"ascend-c8": (".kv_cache_offset",), "vllm-fp8": (".q_scale",), "modelopt-fp8": ()}
+_IGNORED = {"ascend-c8": (".kv_cache_offset",), "vllm-fp8": (), "modelopt-fp8": ()}
 
 
 def split_tensors(fmt: str, tensors: dict) -> tuple[dict, dict]:
@@ -170,7 +185,7 @@ def read_served_export(export_dir: str | os.PathLike, run_dtype: torch.dtype, te
         # vllm-ascend casts its C8 scales to the default dtype; vLLM keeps float32
         t = t.to(run_dtype) if fmt == "ascend-c8" else t.to(torch.float32)
         scales[key] = t.float().reshape(-1)
-    sizes = {t.numel() for t in scales.values()}
+    sizes = {t.numel() for (_, kind), t in scales.items() if kind != "query"}
     if fmt == "ascend-c8":
         granularity = "per_channel"
     else:

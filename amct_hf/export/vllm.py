@@ -75,11 +75,15 @@ def vllm_quantization_config(kv_strategy: str = "tensor") -> dict:
 def export_vllm_fp8(record_file: str | os.PathLike, model_dir: str | os.PathLike,
                     out_dir: str | os.PathLike, *, overwrite: bool = False,
                     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                    trust_remote_code: bool = False, kv_strategy: str = "tensor") -> dict:
+                    trust_remote_code: bool = False, kv_strategy: str = "tensor",
+                    query_scales: dict | None = None) -> dict:
     """Write the ``vllm-fp8`` checkpoint directory for ``model_dir`` with the record's factors.
 
     ``kv_strategy``: ``"tensor"`` (one scale per K/V tensor, every vLLM FP8 backend) or
     ``"attn_head"`` (one per KV head, read by vLLM's FlashAttention 3 backend).
+    ``query_scales``: ``{attention path: [q_scale, ...]}``
+    (:func:`amct_hf.export.query.calibrate_query_scales`), written as ``<attn>.q_scale``;
+    without them vLLM quantizes the query with 1.0.
 
     Refused before anything is written: a record that does not match the model (first
     mismatching layer named), a model whose config.json already has a
@@ -108,6 +112,14 @@ def export_vllm_fp8(record_file: str | os.PathLike, model_dir: str | os.PathLike
         for name, factors in ((f"{pair.attention}.k_scale", pair.key), (f"{pair.attention}.v_scale", pair.value)):
             scales[name] = [fp8_kv_scale(*factors)] if kv_strategy == "tensor" \
                 else fp8_head_scales(*factors, heads)
+    if query_scales is not None:
+        width = 1 if kv_strategy == "tensor" else heads
+        for pair in kv_pairs(channel, source):
+            q = query_scales.get(pair.attention)
+            if q is None or len(q) not in (1, width):
+                raise ExportError(f"query_scales has {'no' if q is None else len(q)} scale(s) for "
+                                  f"{pair.attention!r}; expected {width}")
+            scales[f"{pair.attention}.q_scale"] = [max(q)] if width == 1 else list(q) * (width // len(q))
     added = {name: torch.tensor(s, dtype=torch.float32) for name, s in scales.items()}
 
     def edit_config(config: dict) -> dict:

@@ -87,3 +87,20 @@ def test_fp8_query_refused_for_int8_exports(tiny, tmp_path):
     export_ascend_c8(root / "rec.txt", root / "llama", tmp_path / "a")
     with pytest.raises(ExportError, match="leaves the query unquantized"):
         evaluate_kv_quant(None, TEXT, export_dir=tmp_path / "a", num_samples=1, seq_len=32, fp8_query=True)
+
+
+def test_cli_eval_export_prints_the_served_rows(tiny, tiny_dir, tmp_path, capsys):
+    from amct_hf.cli import main
+    root, _ = tiny
+    export_vllm_fp8(root / "rec.txt", root / "llama", tmp_path / "v")
+    corpus = str(tiny_dir / "corpus.txt")
+    assert main(["eval", "--export", str(tmp_path / "v"), "--dataset", corpus, "--num-samples", "2",
+                 "--seq-len", "16", "--no-progress", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    for row in ("as served by vllm-fp8 (FP8 E4M3, per_tensor)", "FP8 E4M3, scale 1.0 (uncalibrated)",
+                "dynamic per-token INT8"):
+        assert row in out
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["export_format"] == "vllm-fp8" and set(data["references"]) == {"fp8_scale_1", "dynamic_per_token"}
+    assert main(["eval", "--export", str(tmp_path / "v"), "--model", str(tiny_dir), "--dataset", corpus]) == 2
+    assert "--export evaluates the export's own model" in capsys.readouterr().err

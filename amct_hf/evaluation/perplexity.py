@@ -371,7 +371,8 @@ def evaluate_kv_quant(model, dataset, record_file=None, *, tokenizer=None, num_s
 
     ``export_dir``: an ``ascend-c8``, ``vllm-fp8`` or ``modelopt-fp8`` export directory,
     evaluated as its engine serves it (module doc), in place of ``record_file``; the model
-    and tokenizer are the export's own, so ``model`` must be None. ``fp8_query``: with an
+    and tokenizer are the export's own, so ``model`` must be None (it is built from the
+    export's config and shards in CPU memory). ``fp8_query``: with an
     FP8 export, also quantize the query to E4M3 with the export's ``q_scale`` (1.0 without
     one; the scale-1.0 reference likewise), as vLLM's FlashAttention 3, Triton and
     FlashInfer backends do with an FP8 KV cache.
@@ -391,6 +392,9 @@ def evaluate_kv_quant(model, dataset, record_file=None, *, tokenizer=None, num_s
         if record_file is not None or model is not None:
             raise InvalidArgumentError("export_dir= evaluates an export with its own model and scales; "
                                        "pass neither a record nor a model with it")
+        if device_map is not None or max_memory is not None or offload_folder is not None:
+            raise InvalidArgumentError("export_dir= builds the export's model on the CPU from its shards; "
+                                       "device_map/max_memory/offload_folder are not supported with it")
         factors, where = None, os.fspath(export_dir)
         texts = load_texts(dataset, split=split, text_column=text_column)
         model, tensors = load_export_model(export_dir, resolve_dtype(dtype), trust_remote_code)

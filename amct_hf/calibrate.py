@@ -11,6 +11,8 @@ or the number of processes.
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import os
 import time
@@ -23,22 +25,24 @@ import torch
 from .data.samples import load_texts, make_batches, shard, tokenize_samples
 from .distributed import Comm
 from .errors import CalibrationInputError, InvalidArgumentError
-from .fileio import lock_timeout_seconds
-from .modeling.attention import TAPS, KVCalibrationHooks, KVStatesComplete
+from .modeling.attention import KVCalibrationHooks, KVStatesComplete
 from .modeling.centering import model_supports_value_centering
+from .modeling.layout import check_record_editable
 from .modeling.loading import input_device, load_model, no_logits_kwargs, text_config
 from .modeling.placement import check_max_memory
 from .naming import layer_kind, record_order
 from .observers.kv import KVBank
 from .observers.streaming import check_grid_bins
 from .record.files import check_record_file, write_kv_factors
+from .settings.options import DRIVER_MODES, CalibrationSettings, DataOptions, LoadOptions, QuantOptions
 from .settings.presets import KVSettings, resolve_kv_settings
 from .settings.quant_params import QuantParams
+from .settings.validate import lock_timeout_seconds
 
-__all__ = ["calibrate_kv_cache", "CalibrationResult", "DRIVER_MODES", "kv_settings_for_model", "widen_ranges"]
+__all__ = ["calibrate_kv_cache", "CalibrationResult", "DRIVER_MODES", "options_from_keywords", "resolve_calibration",
+           "widen_ranges"]
 
 logger = logging.getLogger("amct_hf")
-DRIVER_MODES = ("streaming", "exact")
 
 
 @dataclass
@@ -92,19 +96,6 @@ class CalibrationResult(Mapping):
                 f"{self.num_tokens} tokens, {self.seconds:.1f} s -> {self.record_file}")
 
 
-def _check_args(seq_len, num_samples, batch_size, tap, mode, range_margin):
-    for name, value in (("seq_len", seq_len), ("num_samples", num_samples), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
-    if tap not in TAPS:
-        raise InvalidArgumentError(f"tap={tap!r} is not supported; use one of {TAPS}")
-    if mode not in DRIVER_MODES:
-        raise InvalidArgumentError(f"mode={mode!r} is not supported; use one of {DRIVER_MODES}")
-    if isinstance(range_margin, bool) or not isinstance(range_margin, (int, float)) \
-            or not 0 <= range_margin < 10:
-        raise InvalidArgumentError(f"range_margin must be a number in [0, 10), got {range_margin!r}")
-
-
 def _shortfall(samples, num_samples, seq_len) -> str | None:
     short = [len(s) for s in samples if len(s) < seq_len]
     if len(samples) >= num_samples and not short:
@@ -120,7 +111,8 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
                        trust_remote_code=False, mode="streaming", stream_bins=None, pack=True,
                        range_margin=0.0, progress=True, write=True, lock_timeout=None,
                        max_memory=None, offload_folder=None, value_quant_algo_params=None,
-                       channel_groups=None, target=None, value_centering=True) -> CalibrationResult:
+                       channel_groups=None, target=None, value_centering=True,
+                       settings: CalibrationSettings | None = None) -> CalibrationResult:
     """Calibrate INT8 K/V factors of every decoder layer and merge them into ``record_file``.
 
     ``model``: a model id, a local folder or a loaded model (then pass ``tokenizer``).
@@ -159,51 +151,63 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     the symmetric settings on any model (for an engine that does not read
     ``attention_bias``).
 
+    ``settings``: the result of :func:`resolve_calibration` (the command line resolves
+    once, early, and hands it over); then the keywords it resolves stay at their defaults.
+
     ``max_memory`` ({"cpu": "2GiB", 0: "20GiB"}) and ``offload_folder`` (created if
     missing) load a model larger than memory from a path: weights that fit nowhere else are
     offloaded to that folder and streamed in layer by layer. Without ``device_map`` they
     imply ``device_map="auto"``. The factors are the same as with the model in memory.
     """
     started = time.time()
-    settings = kv_settings_for_model(model, target, quant_algo_params, value_quant_algo_params,
-                                     channel_groups, range_margin, value_centering, trust_remote_code)
-    params, margins = settings.params["key"], settings.range_margin
-    _check_args(seq_len, num_samples, batch_size, tap, mode, max(margins.values()))
-    stream_bins = check_grid_bins(stream_bins)
+    facade = dict(quant_algo_params=quant_algo_params, split=split, text_column=text_column,
+                  num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, tap=tap,
+                  tokenizer=tokenizer, device_map=device_map, dtype=dtype,
+                  trust_remote_code=trust_remote_code, mode=mode, stream_bins=stream_bins, pack=pack,
+                  range_margin=range_margin, max_memory=max_memory, offload_folder=offload_folder,
+                  value_quant_algo_params=value_quant_algo_params, channel_groups=channel_groups,
+                  target=target, value_centering=value_centering)
+    if settings is None:
+        settings = resolve_calibration(model, **options_from_keywords(**facade))
+    else:
+        given = sorted(k for k, v in facade.items() if v is not _FACADE_DEFAULTS[k] and v != _FACADE_DEFAULTS[k])
+        if given:
+            raise InvalidArgumentError(f"pass either settings= or the keywords it resolves, not both (got {given})")
+    quant, data, load = settings.quant, settings.data, settings.load
+    params, margins = settings.kv.params["key"], settings.kv.range_margin
     lock_timeout = lock_timeout_seconds(lock_timeout)
-    check_max_memory(max_memory)  # a bad size fails before the dataset is read
-    if device_map is None and (max_memory is not None or offload_folder is not None):
+    device_map = load.device_map
+    if device_map is None and (load.max_memory is not None or load.offload_folder is not None):
         device_map = "auto"  # the only map that reads max_memory and offloads
-    if tap == "proj" and (params.per_channel or settings.params["value"].per_channel):
-        warnings.warn("tap='proj' with per-channel factors calibrates pre-RoPE keys (AMCT's tap); "
-                      "applied to the post-RoPE KV cache they can cost much accuracy "
-                      "(SmolLM2: perplexity 37.1 -> 117). Prefer tap='cache'.", stacklevel=2)
-    texts = load_texts(dataset, split=split, text_column=text_column)
+    texts = load_texts(dataset, split=data.split, text_column=data.text_column)
     record_file = os.path.abspath(os.fspath(record_file))
     if write:
         check_record_file(record_file)  # refuse a record the write would refuse, before any work
     from accelerate import PartialState
     state = PartialState(cpu=not torch.cuda.is_available())
     comm = Comm()
-    model, tok = load_model(model, device_map=device_map, dtype=dtype,
-                            trust_remote_code=trust_remote_code, tokenizer=tokenizer,
-                            max_memory=max_memory, offload_folder=offload_folder)
-    _warn_long_context(model, seq_len)
+    model, tok = load_model(model, device_map=device_map, dtype=load.dtype,
+                            trust_remote_code=load.trust_remote_code, tokenizer=load.tokenizer,
+                            max_memory=load.max_memory, offload_folder=load.offload_folder)
+    if write:
+        check_record_editable(record_file, model)  # the model's keys are known now, not the factors
+    _warn_long_context(model, data.seq_len)
     logger.info("model %s loaded (%s, %s)", type(model).__name__, input_device(model),
                 next(model.parameters()).dtype)
-    samples = tokenize_samples(tok, texts, seq_len=seq_len, num_samples=num_samples, pack=pack)
+    samples = tokenize_samples(tok, texts, seq_len=data.seq_len, num_samples=data.num_samples, pack=data.pack)
     mine = shard(samples, comm.rank, comm.world_size)
     logger.info("%d calibration sample(s), %d on process %d of %d; %s %s, %s mode, tap=%s",
                 len(samples), len(mine), comm.rank, comm.world_size, params.act_algo,
-                params.granularity, mode, tap)
+                params.granularity, quant.mode, quant.tap)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batches = make_batches(mine, batch_size=batch_size, pad_token_id=pad_id,
+    batches = make_batches(mine, batch_size=data.batch_size, pad_token_id=pad_id,
                            padding_side=getattr(tok, "padding_side", "right") or "right")
     if device_map is None and state.device.type != "cpu" and input_device(model).type == "cpu":
         model.to(state.device)  # this process's accelerator (one per rank when distributed)
     device = input_device(model)
-    bank = KVBank(settings.params, mode, settings.groups, head_dim=_head_dim(model),
-                  **({"bins": stream_bins} if stream_bins and mode == "streaming" else {}))
+    bins = quant.stream_bins
+    bank = KVBank(settings.kv.params, quant.mode, settings.kv.groups, head_dim=_head_dim(model),
+                  **({"bins": bins} if bins and quant.mode == "streaming" else {}))
     skip_logits = no_logits_kwargs(model)
     bar = None
     if progress and comm.rank == 0:
@@ -214,7 +218,7 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
         # The forward stops once the last layer's K/V are observed, except under accelerate's
         # dispatch hooks: their post-forward (offloading weights back) must run.
         dispatched = any(hasattr(m, "_hf_hook") for m in model.modules())
-        with torch.no_grad(), KVCalibrationHooks(model, bank, tap=tap, stop_when_complete=not dispatched):
+        with torch.no_grad(), KVCalibrationHooks(model, bank, tap=quant.tap, stop_when_complete=not dispatched):
             for batch in batches:
                 ids = batch["input_ids"].to(device)
                 mask = batch["attention_mask"]
@@ -251,20 +255,45 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
         logger.info("merged %d K/V entries into %s", len(factors), record_file)
     comm.barrier()
     return CalibrationResult(record_file, factors, params, len(samples), tokens, time.time() - started,
-                             tolerance, _shortfall(samples, num_samples, seq_len), settings)
+                             tolerance, _shortfall(samples, data.num_samples, data.seq_len), settings.kv)
 
 
-def kv_settings_for_model(model, target=None, quant_algo_params=None, value_quant_algo_params=None,
-                          channel_groups=None, range_margin=0.0, value_centering=True,
-                          trust_remote_code=False) -> KVSettings:
-    """:func:`~amct_hf.settings.presets.resolve_kv_settings` with ``value_centering`` decided by the
-    model (a loaded one, or an id / folder read from its config alone; None: the bundled
-    SmolLM2, a Llama): a target's settings depend on whether its attention biases can
-    carry value centres."""
-    if target is not None and value_centering and model is not None:
-        value_centering = model_supports_value_centering(model, trust_remote_code)
-    return resolve_kv_settings(target, quant_algo_params, value_quant_algo_params,
-                               channel_groups, range_margin, value_centering)
+def options_from_keywords(*, quant_algo_params=None, split="train", text_column="text", num_samples=128,
+                          seq_len=2048, batch_size=1, tap="cache", tokenizer=None, device_map=None,
+                          dtype=None, trust_remote_code=False, mode="streaming", stream_bins=None,
+                          pack=True, range_margin=0.0, max_memory=None, offload_folder=None,
+                          value_quant_algo_params=None, channel_groups=None, target=None,
+                          value_centering=True) -> dict:
+    """:func:`calibrate_kv_cache`'s keywords sorted into the three option objects
+    (``{"quant": ..., "data": ..., "load": ...}``, each validated as it is built)."""
+    return {"quant": QuantOptions(target, quant_algo_params, value_quant_algo_params, channel_groups,
+                                  range_margin, value_centering, tap, mode, stream_bins),
+            "data": DataOptions(split, text_column, num_samples, seq_len, batch_size, pack),
+            "load": LoadOptions(device_map, dtype, trust_remote_code, max_memory, offload_folder, tokenizer)}
+
+
+_FACADE_DEFAULTS = {name: p.default for name, p in inspect.signature(options_from_keywords).parameters.items()}
+
+
+def resolve_calibration(model, quant: QuantOptions | None = None, data: DataOptions | None = None,
+                        load: LoadOptions | None = None) -> CalibrationSettings:
+    """The settings of one calibration, resolved once for ``model`` (a loaded model, an id
+    or a folder -- read from its config alone -- or None for the bundled SmolLM2): a
+    target's settings depend on whether the model's attention biases can carry value
+    centres. Everything that can be refused without the weights is refused here."""
+    quant, data, load = quant or QuantOptions(), data or DataOptions(), load or LoadOptions()
+    value_centering = quant.value_centering
+    if quant.target is not None and value_centering and model is not None:
+        value_centering = model_supports_value_centering(model, load.trust_remote_code)
+    kv = resolve_kv_settings(quant.target, quant.quant_algo_params, quant.value_quant_algo_params,
+                             quant.channel_groups, quant.range_margin, value_centering)
+    quant = dataclasses.replace(quant, stream_bins=check_grid_bins(quant.stream_bins))
+    check_max_memory(load.max_memory)  # a bad size fails before the dataset is read
+    if quant.tap == "proj" and (kv.params["key"].per_channel or kv.params["value"].per_channel):
+        warnings.warn("tap='proj' with per-channel factors calibrates pre-RoPE keys (AMCT's tap); "
+                      "applied to the post-RoPE KV cache they can cost much accuracy "
+                      "(SmolLM2: perplexity 37.1 -> 117). Prefer tap='cache'.", stacklevel=3)
+    return CalibrationSettings(kv, quant, data, load)
 
 
 def widen_ranges(factors: dict, margin: float) -> dict:

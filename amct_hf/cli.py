@@ -20,6 +20,10 @@ _FLAG_FIELDS = (("algo", "act_algo"), ("granularity", "quant_granularity"),
                 ("asymmetric", "asymmetric"), ("num_of_bins", "num_of_bins"))
 
 
+#: what ``amct-hf calibrate`` runs without quantization flags: the measured-best general
+#: setting (docs/accuracy.md); AMCT's own defaults are one flag away (e.g. ``--algo ifmr``)
+DEFAULT_TARGET = "transformers"
+
 # --------------------------------------------------------------------------- shared arguments
 
 def _add_model_data(p, *, num_samples: int, seq_len: int, dataset_default: str) -> None:
@@ -70,7 +74,7 @@ def _add_calibrate_arguments(p) -> None:
                    help="HFMG histogram bins: 1024, 2048, 4096 or 8192")
     q.add_argument("--target", choices=("ascend-c8", "transformers", "vllm-fp8"),
                    help="the engine that will serve the factors: picks the configuration measured "
-                        "best for it (README, Accuracy); other quantization flags must agree with it")
+                        "best for it (docs/accuracy.md); other quantization flags must agree with it")
     q.add_argument("--no-value-centering", dest="value_centering", action="store_false",
                    help="with --target ascend-c8: symmetric values even for a Llama whose attention "
                         "biases could carry the value centres (for an engine that does not read "
@@ -162,31 +166,34 @@ def _placement(args) -> dict:
             "offload_folder": args.offload_folder}
 
 
-def calibrate_kwargs(args) -> dict:
-    """calibrate_kv_cache keyword arguments from parsed calibrate arguments."""
-    return dict(record_file=args.record, quant_algo_params=quant_algo_params_from_args(args) or None,
-                target=args.target, value_centering=args.value_centering, channel_groups=args.channel_groups,
-                split=args.split, text_column=args.text_column, num_samples=args.num_samples,
-                seq_len=args.seq_len, batch_size=args.batch_size, tap=args.tap,
-                device_map=args.device_map, dtype=args.dtype, **_placement(args),
-                trust_remote_code=args.trust_remote_code, mode=args.mode,
-                range_margin=args.range_margin, progress=not args.no_progress,
-                lock_timeout=args.lock_timeout)
+def calibration_options(args) -> dict:
+    """The option objects (``{"quant", "data", "load"}``) from parsed calibrate arguments;
+    without any quantization flag, the measured-best general setting (``--target
+    transformers``)."""
+    from .calibrate import options_from_keywords
+    params = quant_algo_params_from_args(args) or None
+    target = args.target
+    if target is None and params is None and args.channel_groups is None and not args.range_margin:
+        target = DEFAULT_TARGET
+    return options_from_keywords(
+        quant_algo_params=params, target=target, value_centering=args.value_centering,
+        channel_groups=args.channel_groups, split=args.split, text_column=args.text_column,
+        num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size, tap=args.tap,
+        device_map=args.device_map, dtype=args.dtype, **_placement(args),
+        trust_remote_code=args.trust_remote_code, mode=args.mode, range_margin=args.range_margin)
 
 
 def run_calibrate(args) -> int:
     from .errors import InvalidArgumentError
     main_process = _is_main_process()
     log = (lambda msg: print(msg, file=sys.stderr)) if main_process else (lambda msg: None)
-    kwargs = calibrate_kwargs(args)
-    from .calibrate import kv_settings_for_model
     if not args.value_centering and args.target != "ascend-c8":
         raise InvalidArgumentError("--no-value-centering applies to --target ascend-c8 only")
-    settings = kv_settings_for_model(args.model, args.target, kwargs["quant_algo_params"], None,
-                                     args.channel_groups, args.range_margin, args.value_centering,
-                                     args.trust_remote_code)  # fail before any weights are loaded
     _check_positive(args, ("num_samples", "seq_len", "batch_size"))
-    if args.export_ascend_c8 and (settings.params["key"].asymmetric or args.tap != "cache"):
+    from .calibrate import calibrate_kv_cache, resolve_calibration
+    # resolved once, before any weights are loaded; the driver runs with exactly this
+    settings = resolve_calibration(args.model, **calibration_options(args))
+    if args.export_ascend_c8 and (settings.kv.params["key"].asymmetric or args.tap != "cache"):
         raise InvalidArgumentError("--export-ascend-c8 needs symmetric keys of the KV cache (--target "
                                    "ascend-c8, or --symmetric; --tap cache): the Ascend engines dequantize "
                                    "without offsets")
@@ -196,11 +203,15 @@ def run_calibrate(args) -> int:
         dataset = str(default_corpus_file())
         log(f"dataset: bundled news corpus at {dataset}")
     model = _default_model(args, log)
+    if args.export_ascend_c8:
+        from .export.precheck import check_calibrate_export
+        check_calibrate_export(args.record, args.export_ascend_c8, model, trust_remote_code=args.trust_remote_code)
     _quiet_loading(args)
-    from .calibrate import calibrate_kv_cache
-    result = calibrate_kv_cache(model, dataset, **kwargs)
+    result = calibrate_kv_cache(model, dataset, record_file=args.record, progress=not args.no_progress,
+                                lock_timeout=args.lock_timeout, settings=settings)
     if main_process:
         print(result.totals() if args.no_progress else result.summary())
+        print(f"settings: {describe_settings(settings.kv)}")
         if args.no_progress and result.shortfall:
             print(f"warning: {result.shortfall}")
         if args.export_ascend_c8:
@@ -212,6 +223,18 @@ def run_calibrate(args) -> int:
         log(f"next: amct-hf eval{model_hint} --record {args.record}   "
             "(perplexity on held-out text, with and without these factors)")
     return 0
+
+
+def describe_settings(kv) -> str:
+    """One line: the target (or "explicit parameters") and each kind's algorithm."""
+    def kind(k):
+        p = kv.params[k]
+        groups = "" if kv.groups[k] == "channel" else f", {kv.groups[k]} groups"
+        margin = f", range +{kv.range_margin[k]:g}" if kv.range_margin[k] else ""
+        return (f"{k}s {p.act_algo.upper()} {p.granularity.replace('_', '-')} "
+                f"{'asymmetric' if p.asymmetric else 'symmetric'}{groups}{margin}")
+    head = f"target {kv.target}" if kv.target else "explicit parameters"
+    return f"{head} ({kind('key')}; {kind('value')})"
 
 
 def _is_main_process() -> bool:
@@ -253,15 +276,11 @@ def run_eval(args) -> int:
         progress=not args.no_progress, **_placement(args))
     print(result.table(worst=args.worst))
     if args.json:
-        from .fileio import atomic_replace
+        from .fileio import write_text_atomic
         data = {**result.to_dict(), "model": model or args.export, "dataset": [str(d) for d in dataset]
                 if isinstance(dataset, list) else str(dataset)}
 
-        def write(tmp):
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=2, allow_nan=False)
-                f.write("\n")
-        atomic_replace(args.json, write)
+        write_text_atomic(args.json, json.dumps(data, indent=2, allow_nan=False) + "\n")
         print(f"wrote {args.json}")
     return 0
 
@@ -374,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output file, or directory for ascend-c8 / vllm-fp8 (default for files: the "
                         "record path with the format's suffix)")
     p.add_argument("--model", metavar="MODEL_DIR",
-                   help="ascend-c8 / vllm-fp8: the local model folder the record was calibrated on")
+                   help="ascend-c8 / vllm-fp8 / lmdeploy-ascend (checks the layer count): the local model "
+                        "folder the record was calibrated on")
     p.add_argument("--kv-strategy", choices=("tensor", "attn_head"),
                    help="vllm-fp8: one FP8 scale per K/V tensor (default; every vLLM backend) or one "
                         "per KV head (attn_head: read by vLLM's FlashAttention 3 backend only)")
@@ -417,17 +437,24 @@ def recipe_args(defaults: dict, argv=None, description: str | None = None,
                 model_required: str | None = None) -> argparse.Namespace:
     """The calibrate arguments for a recipe script: the CLI's own flags, with the recipe's
     ``defaults`` (flag destinations such as ``model``, ``params``, ``algo``) in place of
-    the CLI's. With ``--target``, the recipe's ``params`` give way to the target's settings
-    (``--params`` on the command line still counts, and must agree with the target).
+    the CLI's. With a target, the recipe's ``params`` give way to the target's settings
+    (``--params`` on the command line still counts, and must agree with a ``--target`` given
+    there); quantization flags on the command line (``--algo ifmr``, ``--params``, ...)
+    replace the recipe's own target.
     ``model_required``: the usage error to give when no model is set."""
     p = argparse.ArgumentParser(description=description)
     _add_calibrate_arguments(p)
     unknown = set(defaults) - {a.dest for a in p._actions}
     if unknown:
         raise ValueError(f"recipe defaults name no calibrate flag: {sorted(unknown)}")
-    unset = object()  # tells a --params on the command line (abbreviated or not) from the recipe's
-    p.set_defaults(**{**defaults, "params": unset})
+    unset = object()  # tells a flag on the command line (abbreviated or not) from the recipe's
+    p.set_defaults(**{**defaults, "params": unset, "target": unset})
     args = p.parse_args(argv)
+    explicit = args.params is not unset or any(getattr(args, attr) is not None for attr, _ in _FLAG_FIELDS) \
+        or args.channel_groups is not None
+    if args.target is unset:
+        # quantization flags on the command line replace the recipe's target
+        args.target = None if explicit else defaults.get("target")
     if args.params is unset:
         # with a target, the target sets the quantization; the recipe's own is only a default
         args.params = None if args.target else defaults.get("params")
@@ -464,7 +491,12 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    from .errors import AmctHfError
+    try:
+        parser = build_parser()
+    except AmctHfError as err:  # an unsupported transformers, met while importing the formats
+        print(f"amct-hf: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

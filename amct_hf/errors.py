@@ -10,7 +10,7 @@ __all__ = [
     "AmctHfError", "QuantParamsError", "CalibrationInputError", "RecordFileError",
     "RecordMismatchError", "UnpatchableModelError", "AssetNotFoundError", "ModelLoadError",
     "DatasetError", "ExportError", "InvalidArgumentError", "MissingFileError", "OutputPathError",
-    "RecordOverwriteWarning",
+    "RecordOverwriteWarning", "DependencyVersionError",
 ]
 
 
@@ -66,3 +66,7 @@ class RecordOverwriteWarning(UserWarning):
 
 class InvalidArgumentError(AmctHfError, ValueError):
     """An argument of a library function or a CLI flag is out of its allowed range."""
+
+
+class DependencyVersionError(AmctHfError, ImportError):
+    """An installed dependency (transformers) is outside the versions amct_hf is tested with."""

@@ -40,10 +40,10 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 
-from .errors import InvalidArgumentError, OutputPathError
+from .errors import OutputPathError
 
-__all__ = ["atomic_replace", "exclusive_lock", "lock_timeout_seconds", "remove_stale_temps",
-           "replace_refusal", "looks_like_path", "check_output_path", "fsync_dir"]
+__all__ = ["atomic_replace", "write_text_atomic", "exclusive_lock", "remove_stale_temps",
+           "replace_refusal", "check_output_path", "fsync_dir", "writable_dir_problem", "pid_alive"]
 
 logger = logging.getLogger("amct_hf")
 
@@ -91,6 +91,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` may be a live process of this machine (True when unsure)."""
+    return _pid_alive(pid)
+
+
 def remove_stale_temps(path: str) -> list[str]:
     """Remove the temp files :func:`atomic_replace` left for ``path`` whose writer is dead."""
     d = os.path.dirname(path) or "."
@@ -109,15 +114,6 @@ def remove_stale_temps(path: str) -> list[str]:
             except OSError:
                 pass
     return removed
-
-
-def looks_like_path(name: str) -> bool:
-    """Whether a name was meant as a local path rather than a hub id (``name`` or
-    ``owner/name``): absolute, starting with ``.`` or ``~``, ending in ``/``, holding a
-    backslash, or with more than one ``/``. A typo in such a name then fails at once as
-    a missing path instead of after minutes of hub retries."""
-    return (os.path.isabs(name) or name.startswith((".", "~")) or name.endswith("/")
-            or "\\" in name or name.count("/") > 1)
 
 
 def check_output_path(source: str, out_path: str) -> None:
@@ -168,6 +164,14 @@ def atomic_replace(path: str, write: Callable[[str], None]) -> None:
     fsync_dir(d)  # make the rename itself durable
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """:func:`atomic_replace` of ``path`` by ``text`` in UTF-8, line endings as given."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+    atomic_replace(path, write)
+
+
 def fsync_dir(path: str) -> None:
     """Make renames inside ``path`` durable (best effort: some filesystems refuse)."""
     try:
@@ -181,16 +185,6 @@ def fsync_dir(path: str) -> None:
 
 
 # --------------------------------------------------------------------------- lock
-def lock_timeout_seconds(lock_timeout) -> float | None:
-    """Validated ``lock_timeout``: None (or a negative number, the old -1) waits forever."""
-    if lock_timeout is None:
-        return None
-    if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) \
-            or math.isnan(lock_timeout):
-        raise InvalidArgumentError(f"lock_timeout must be a number of seconds or None, got {lock_timeout!r}")
-    return None if lock_timeout < 0 else float(lock_timeout)
-
-
 def _holder(lock_path: str) -> str:
     try:
         with open(lock_path, "rb") as f:
@@ -262,3 +256,24 @@ def exclusive_lock(lock_path: str, timeout: float | None = None, *,
             return
         finally:
             os.close(fd)
+
+
+def writable_dir_problem(path: str) -> str | None:
+    """Why nothing can be created at ``path`` (its nearest existing ancestor directory is
+    not writable: permissions, a read-only filesystem, a regular file in the way), or
+    None. Tried for real with a probe directory, removed at once: ``os.access`` says yes
+    to root on a read-only filesystem."""
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is not a directory"
+    # named like the export writer's temp directories, so a probe a kill left behind is
+    # removed by the next export (it is empty anyway)
+    probe = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.mkdir(probe)
+    except OSError as e:
+        return f"cannot create anything in {parent} ({e.strerror})"
+    os.rmdir(probe)
+    return None

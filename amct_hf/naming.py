@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 __all__ = ["KEY_SUFFIXES", "VALUE_SUFFIXES", "kv_record_keys", "layer_kind", "layer_index",
-           "attention_path", "projection_key", "record_order"]
+           "attention_path", "record_order"]
 
 KEY_SUFFIXES = ("k_proj", "key_states")
 VALUE_SUFFIXES = ("v_proj", "value_states")
@@ -44,15 +44,6 @@ def layer_index(name: str) -> int | None:
 def attention_path(name: str) -> str:
     """The attention module a record key belongs to."""
     return name.rpartition(".")[0]
-
-
-def projection_key(name: str) -> str:
-    """The ``k_proj``/``v_proj`` form of a record key (fused layouts mapped as msModelSlim
-    names them); other names unchanged."""
-    kind = layer_kind(name)
-    if kind is None:
-        return name
-    return f"{attention_path(name)}.{'k_proj' if kind == 'key' else 'v_proj'}"
 
 
 def _sort_key(name: str):

@@ -7,10 +7,10 @@ import os
 import torch
 from torch import nn
 
-from .fileio import lock_timeout_seconds
 from .observers import LayerBank
 from .record.files import check_record_file, write_kv_factors
 from .settings.quant_params import QuantParams, parse_quant_algo_params
+from .settings.validate import lock_timeout_seconds
 
 __all__ = ["QuantCalibrationOp"]
 

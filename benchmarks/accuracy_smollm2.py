@@ -102,22 +102,20 @@ def collect_states(model, samples):
 
 
 def factors_from_states(model, states, kwargs):
-    """calibrate_kv_cache's sink and margins, fed the stored states (streaming mode)."""
-    from amct_hf.calibrate import kv_settings_for_model, widen_ranges
+    """calibrate_kv_cache's settings, sink and margins, fed the stored states (streaming mode)."""
+    from amct_hf.calibrate import options_from_keywords, resolve_calibration, widen_ranges
     from amct_hf.distributed import Comm
     from amct_hf.naming import layer_kind, record_order
     from amct_hf.observers.kv import KVBank
-    settings = kv_settings_for_model(model, kwargs.get("target"), kwargs.get("quant_algo_params"),
-                                     kwargs.get("value_quant_algo_params"), kwargs.get("channel_groups"),
-                                     kwargs.get("range_margin", 0.0))
+    kv = resolve_calibration(model, **options_from_keywords(**kwargs)).kv
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    bank = KVBank(settings.params, "streaming", settings.groups, head_dim=head_dim)
+    bank = KVBank(kv.params, "streaming", kv.groups, head_dim=head_dim)
     for name, batches in states.items():
         for x in batches:
             bank(name, x)
     factors, _ = bank.finalize_all(Comm(), order=record_order)
-    return {n: widen_ranges({n: f}, settings.range_margin[layer_kind(n)])[n] for n, f in factors.items()}
+    return {n: widen_ranges({n: f}, kv.range_margin[layer_kind(n)])[n] for n, f in factors.items()}
 
 
 def print_table(out, seconds=None):
@@ -142,7 +140,7 @@ def print_table(out, seconds=None):
 
 
 def add_size_args(ap: argparse.ArgumentParser) -> None:
-    """The calibration and evaluation sizes every accuracy benchmark takes."""
+    """The calibration and evaluation sizes (tokens per sample, samples)."""
     ap.add_argument("--cal-samples", type=int, default=16)
     ap.add_argument("--cal-len", type=int, default=512)
     ap.add_argument("--eval-samples", type=int, default=32)

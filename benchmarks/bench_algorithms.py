@@ -1,6 +1,6 @@
 """IFMR and HFMG: the fast paths against the one-channel-at-a-time reference, same run.
 
-Cases (issue #2): per-tensor on a [16, 1024, 1024] float32 tensor and per-channel on a
+Cases: per-tensor on a [16, 1024, 1024] float32 tensor and per-channel on a
 [65536, 256] tensor. The reference is timed on every channel where that takes a few
 seconds; for per-channel HFMG it is timed on a subset of channels and scaled to 256
 (printed as such). Factors of the fast path are compared with the reference on every

@@ -6,7 +6,7 @@ and 8*N calibration tokens (each measurement in a fresh process).
         [--mem-samples 4] [--mem-seq-len 512] [--device cpu|cuda] [--repeats 3] \
         [--configs ifmr/per_channel,...] [--no-memory] [--interleave batch|run]
 
-"forward" is the issue's baseline: ``model(input_ids)`` over the same batches, logits
+"forward" is the first baseline: ``model(input_ids)`` over the same batches, logits
 included. Calibration computes logits for the last position only (it reads K/V, not
 logits), so a second baseline, the same forward with ``logits_to_keep=1``, is printed too:
 the ratio to it is what the statistics and the solve cost.
@@ -32,60 +32,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
-CONFIGS = [("ifmr", "per_tensor"), ("ifmr", "per_channel"), ("hfmg", "per_tensor"), ("hfmg", "per_channel")]
-
-
-def setup(samples, seq_len):
-    """SmolLM2-135M fp32 (on BENCH_DEVICE), its tokenizer, the news corpus and the
-    ``samples`` x ``seq_len`` batches every calibration timing runs over."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from amct_hf.data.bundled import news_corpus_path, smollm2_folder
-    from amct_hf.data.samples import load_texts, make_batches, tokenize_samples
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    folder = smollm2_folder()
-    # --device reaches the workers through the environment, like BENCH_THREADS
-    model = AutoModelForCausalLM.from_pretrained(folder).eval().to(os.environ.get("BENCH_DEVICE", "cpu"))
-    # On CPU the weights are views of the mmapped safetensors file, whose pages the kernel may
-    # drop and read back; a private copy puts them in the same kind of memory as the
-    # interleaved baseline's deep copy (tied weights stay tied: one Parameter each)
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            t.data = t.data.clone()
-    tok = AutoTokenizer.from_pretrained(folder)
-    texts = load_texts(str(news_corpus_path()))
-    batches = make_batches(tokenize_samples(tok, texts, seq_len=seq_len, num_samples=samples),
-                           batch_size=1, pad_token_id=tok.pad_token_id)
-    return model, tok, texts, batches
-
-
-def plain_forward(model, batches, **kwargs):
-    import torch
-    with torch.no_grad():
-        for b in batches:
-            model(input_ids=b["input_ids"].to(model.device), use_cache=False, **kwargs)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()  # the timer must see the work, not its launch
+from common import CONFIGS, compile_kernels, emit, peak_rss_mb, plain_forward, run_worker, smollm2_setup
 
 
 def worker(kind, algo, gran, samples, seq_len):
     """One measurement in this process; prints a JSON line."""
     from amct_hf import calibrate_kv_cache
-    model, tok, texts, batches = setup(samples, seq_len)
+    model, tok, texts, batches = smollm2_setup(samples, seq_len)
     plain_forward(model, batches[:1])  # warm-up (allocator, kernels)
     out = {"kind": kind, "algo": algo, "granularity": gran, "samples": samples, "seq_len": seq_len}
     params = {"act_algo": algo, "quant_granularity": gran}
-    # a tiny calibration first: compiles the numba kernels outside the timed runs
-    calibrate_kv_cache(model, texts, tokenizer=tok, quant_algo_params=params, num_samples=1, seq_len=16,
-                       progress=False, write=False)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    compile_kernels(model, texts, tok, params)
+    rss_before = peak_rss_mb()
 
     def calibrate():
         calibrate_kv_cache(model, texts, tokenizer=tok, quant_algo_params=params, num_samples=samples,
@@ -103,9 +64,9 @@ def worker(kind, algo, gran, samples, seq_len):
         start = time.perf_counter()
         calibrate()
         out["calibrate_s"] = time.perf_counter() - start
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out["rss_before_calibration_mb"] = rss_before / 1024
-    print(json.dumps(out), flush=True)
+    out["peak_rss_mb"] = peak_rss_mb()
+    out["rss_before_calibration_mb"] = rss_before
+    emit(out)
 
 
 def alternated_runs(model, batches, calibrate, repeats):
@@ -171,13 +132,12 @@ def batch_interleaved(model, batches, calibrate, repeats):
 
 
 def run(kind, algo, gran, samples, seq_len):
-    proc = subprocess.run([sys.executable, __file__, "--worker", kind, algo, gran, str(samples), str(seq_len)],
-                          capture_output=True, text=True, check=True)
-    line = proc.stdout.strip().splitlines()[-1]
+    out = run_worker([__file__, "--worker", kind, algo, gran, samples, seq_len],
+                     what=f"{kind} {algo}/{gran}")
     if os.environ.get("BENCH_TRACE"):  # every measurement, per batch where interleaved
         with open(os.environ["BENCH_TRACE"], "a") as trace:
-            trace.write(line + "\n")
-    return json.loads(line)
+            trace.write(json.dumps(out) + "\n")
+    return out
 
 
 def main():

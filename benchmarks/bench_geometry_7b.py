@@ -27,21 +27,12 @@ stop may end later on real, heavy-tailed channels).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
-import subprocess
 import sys
 import time
 
-CONFIGS = [("ifmr", "per_tensor"), ("ifmr", "per_channel"), ("hfmg", "per_tensor"), ("hfmg", "per_channel")]
+from common import CONFIGS, compile_kernels, emit, peak_rss_mb, plain_forward, run_worker, set_threads, sync
+
 GEOMETRY = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128)
-
-
-def _sync(device):
-    import torch
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _setup(args, samples):
@@ -52,7 +43,7 @@ def _setup(args, samples):
 
     from amct_hf.data.bundled import news_corpus_path
     from amct_hf.data.samples import load_texts, make_batches, tokenize_samples
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    set_threads()
     texts = load_texts(str(news_corpus_path()))
     tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -68,14 +59,6 @@ def _setup(args, samples):
     batches = make_batches(tokenize_samples(tok, texts, seq_len=args.seq_len, num_samples=samples),
                            batch_size=1, pad_token_id=tok.pad_token_id)
     return model, tok, texts, batches
-
-
-def _forward(model, batches, device):
-    import torch
-    with torch.no_grad():
-        for b in batches:
-            model(input_ids=b["input_ids"].to(device), use_cache=False, logits_to_keep=1)
-    _sync(device)
 
 
 def _tensor_bytes(obj) -> int:
@@ -108,7 +91,7 @@ def statistics(model, batches, params, device):
     comm, solve = Comm(), 0.0
     for obs in collector.observers.values():
         _ = obs.hist  # adds the staged values: that is per-batch work, not the solve
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         obs.reduce(comm)
         scales, offsets = obs.compute()
@@ -128,47 +111,41 @@ def worker(args):
         args.seq_len = args.mem_seq_len
     model, tok, texts, batches = _setup(args, samples)
     params = {"act_algo": args.algo, "quant_granularity": args.granularity}
-    _forward(model, batches[:1], args.device)  # warm-up (allocator, kernels)
-    # a tiny calibration first: compiles the numba kernels outside the timed runs
-    calibrate_kv_cache(model, texts, tokenizer=tok, quant_algo_params=params, num_samples=1, seq_len=16,
-                       progress=False, write=False)
+    plain_forward(model, batches[:1], logits_to_keep=1)  # warm-up (allocator, kernels)
+    compile_kernels(model, texts, tok, params)
     out = {"kind": args.kind, "dtype": args.dtype, "algo": args.algo, "granularity": args.granularity,
-           "tokens": samples * args.seq_len,
-           "rss_before_calibration_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+           "tokens": samples * args.seq_len, "rss_before_calibration_mb": peak_rss_mb()}
 
     def calibrate():
         calibrate_kv_cache(model, texts, tokenizer=tok, quant_algo_params=params, num_samples=samples,
                            seq_len=args.seq_len, progress=False, write=False)
-        _sync(args.device)
+        sync(args.device)
 
     forward_s, calibrate_s = [], []
     for _ in range(2 if args.kind == "time" else 1):  # alternated: this machine's speed drifts
         if args.kind == "time":
             start = time.perf_counter()
-            _forward(model, batches, args.device)
+            plain_forward(model, batches, logits_to_keep=1)
             forward_s.append(time.perf_counter() - start)
         start = time.perf_counter()
         calibrate()
         calibrate_s.append(time.perf_counter() - start)
     out["calibrate_s"], out["calibrate_all_s"] = min(calibrate_s), calibrate_s
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     if args.device.startswith("cuda"):
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if forward_s:
         out["forward_s"], out["forward_all_s"] = min(forward_s), forward_s
         out.update(statistics(model, batches, params, args.device))
-    print(json.dumps(out), flush=True)
+    emit(out)
 
 
 def run(args, kind, dtype, algo, gran):
-    cmd = [sys.executable, __file__, "--worker", kind, "--dtype", dtype, "--algo", algo, "--granularity", gran]
+    cmd = [__file__, "--worker", kind, "--dtype", dtype, "--algo", algo, "--granularity", gran]
     for flag in ("layers", "intermediate", "vocab", "samples", "seq_len", "mem_samples", "mem_seq_len",
                  "device"):
-        cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode:
-        sys.exit(f"worker {kind} {dtype} {algo} {gran} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        cmd += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    return run_worker(cmd, what=f"worker {kind} {dtype} {algo} {gran}")
 
 
 def main():

@@ -1,74 +1,96 @@
-"""Record merge cost, before and after the scanner (issue 12 item 1), in one run.
+"""Record reads and merges: ``read_kv_factors`` and ``write_kv_factors`` against the naive
+way, a full protobuf text parse and print of the record, in one run.
 
-"before" is amct_hf/record.py as of commit BEFORE (a full protobuf text parse of the
-record on every write), loaded from git into this run; "after" is the working tree's.
-For records of about 1, 6 and 50 MB (entries of 1024 channels) it prints, per
-implementation, the seconds to read the record, to append one layer and to replace one
+"naive" is implemented here with protobuf's ``text_format``: the whole record is parsed into
+the AMCT message (``amct_hf.record.ScaleOffsetRecord``, the schema the package builds),
+one entry is updated (or appended), and the whole record is printed back and replaced; a
+read parses the whole record and takes every ``kv_cache_value``. "ours" is the package's
+scanner and merge. For records of about 1, 6 and 50 MB (entries of 1024 channels) it prints,
+per implementation, the seconds to read the record, to append one layer and to replace one
 (middle) layer, and the peak RSS of the process doing it (each operation runs in a fresh
-process; "+MB" is the peak above that process's RSS after its imports). Before and after
-alternate per operation. Then the operator figure: QuantCalibrationOp (IFMR, per-channel)
-writing 160 names x 1024 channels layer by layer, total seconds and the part spent merging.
+process; "+MB" is the peak above that process's RSS after its imports). The two alternate
+per operation. Then the operator figure: ``QuantCalibrationOp`` (IFMR, per channel) writing
+160 names x 1024 channels layer by layer, total seconds and the part spent merging.
 
-    PYTHONPATH=$PWD .venv/bin/python benchmarks/bench_record.py [--sizes 1 6 50]
-        [--before-max-mb 50] [--op-before-names 0]
+    .venv/bin/python benchmarks/bench_record.py [--sizes 1 6 50] [--naive-max-mb 50] \\
+        [--op-names 160] [--op-naive-names 0]
 
---before-max-mb skips the old implementation above that size (its 50 MB case takes about
-four minutes); --op-before-names N also times the old merge in the operator for N names.
+--naive-max-mb skips the naive merge above that size (its 50 MB case takes minutes);
+--op-naive-names N also times the operator with the naive merge for N names, alternated
+with ours.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import random
 import shutil
-import subprocess
-import sys
 import tempfile
-import textwrap
 import time
 
-BEFORE = "d7fbdf1"  # the last commit with the full-parse merge
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import emit, proc_status_mb, run_worker
+
 CHANNELS = 1024
+IMPLS = ("naive", "ours")
 
-# Loads the chosen implementation as module `rec`, runs one operation, prints JSON.
-_CHILD = textwrap.dedent("""
-    import json, os, sys, time, types, warnings, logging
-    warnings.simplefilter("ignore"); logging.disable(logging.CRITICAL)
-    impl, op, path, layer = sys.argv[1:5]
-    import amct_hf
-    if impl == "before":
-        import importlib.util
-        src = open(sys.argv[5]).read()
-        spec = importlib.util.spec_from_loader("amct_hf._record_before", loader=None)
-        rec = importlib.util.module_from_spec(spec)
-        rec.__package__ = "amct_hf"
-        exec(compile(src, "record_before.py", "exec"), rec.__dict__)
-    else:
-        from amct_hf.record import files as rec
 
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    base = status("VmRSS:")
+def naive_read(path: str) -> dict:
+    """Every ``kv_cache_value`` of the record, by a full protobuf parse."""
+    from google.protobuf import text_format
+
+    from amct_hf.record import ScaleOffsetRecord
+    rec = ScaleOffsetRecord()
+    with open(path, encoding="utf-8") as f:
+        text_format.Parse(f.read(), rec, allow_unknown_field=True)
+    return {e.key: (list(e.kv_cache_value.scale), list(e.kv_cache_value.offset))
+            for e in rec.record if e.HasField("kv_cache_value")}
+
+
+def naive_write(path: str, factors: dict, lock_timeout=None) -> None:
+    """Merges ``factors`` the naive way: parse the whole record, update or append each
+    entry, print the whole record, replace the file (no lock: one writer here)."""
+    from google.protobuf import text_format
+
+    from amct_hf.record import ScaleOffsetRecord
+    rec = ScaleOffsetRecord()
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            text_format.Parse(f.read(), rec, allow_unknown_field=True)
+    entries = {e.key: e for e in rec.record}
+    for name, (scales, offsets) in factors.items():
+        entry = entries.get(name) or rec.record.add(key=name)
+        entry.kv_cache_value.Clear()
+        entry.kv_cache_value.scale.extend(scales)
+        entry.kv_cache_value.offset.extend(offsets)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text_format.MessageToString(rec, as_utf8=True))
+    os.replace(tmp, path)
+
+
+def worker(impl: str, op: str, path: str, layer: str) -> None:
+    """One operation in this (fresh) process; prints seconds and memory as a JSON line."""
+    import logging
+    import warnings
+    warnings.simplefilter("ignore")
+    logging.disable(logging.CRITICAL)
+    from amct_hf.record import read_kv_factors, write_kv_factors
+    read, write = (naive_read, naive_write) if impl == "naive" else (read_kv_factors, write_kv_factors)
+    base = proc_status_mb("VmRSS:")
     vals = ([0.0123 + 1e-6 * i for i in range(CHANNELS)], [i % 256 - 128 for i in range(CHANNELS)])
-    t = time.perf_counter()
+    start = time.perf_counter()
     if op == "read":
-        n = len(rec.read_kv_factors(path))
+        n = len(read(path))
     else:
-        rec.write_kv_factors(path, {layer: vals})
+        write(path, {layer: vals})
         n = 1
-    dt = time.perf_counter() - t
-    print(json.dumps({"s": dt, "peak": status("VmHWM:"), "base": base, "n": n}))
-""").replace("CHANNELS", str(CHANNELS))
+    emit({"s": time.perf_counter() - start, "peak": proc_status_mb("VmHWM:"), "base": base, "n": n})
 
 
 def make_record(path: str, mb: float) -> tuple[int, str]:
-    """A record of ~mb MB: entries of CHANNELS channels with varied float32 values."""
-    import random
-    sys.path.insert(0, ROOT)
-    from amct_hf.record.files import format_record
+    """A record of ~mb MB: entries of CHANNELS channels with varied float32 values; returns
+    the entry count and the name of a middle entry."""
+    from amct_hf.record import format_record
     rng = random.Random(0)
     one = len(format_record({"model.layers.0.self_attn.k_proj":
                              ([rng.uniform(1e-3, 1) for _ in range(CHANNELS)], [0] * CHANNELS)}))
@@ -81,49 +103,42 @@ def make_record(path: str, mb: float) -> tuple[int, str]:
     return n, f"model.layers.{n // 4}.self_attn.k_proj"
 
 
-def run_child(impl, op, path, layer, before_src):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", _CHILD, impl, op, path, layer, before_src],
-                         capture_output=True, text=True, env=env, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def bench_sizes(sizes, before_max_mb, before_src, tmp):
-    print(f"record merge, entries of {CHANNELS} channels; seconds, peak RSS MB (+ above imports)")
-    print(f"{'size':>8} {'entries':>7} {'op':>8} | {'before s':>9} {'peak':>14} | "
-          f"{'after s':>8} {'peak':>14} | {'ratio':>7}")
+def bench_sizes(sizes, naive_max_mb, tmp):
+    from amct_hf.record import read_kv_factors
+    print(f"record read and merge, entries of {CHANNELS} channels; seconds, peak RSS MB (+ above imports)")
+    print(f"{'size':>8} {'entries':>7} {'op':>8} | {'naive s':>9} {'peak':>14} | "
+          f"{'ours s':>8} {'peak':>14} | {'ratio':>7}")
     for mb in sizes:
         src = os.path.join(tmp, f"r{mb}.txt")
         n, middle = make_record(src, mb)
         real_mb = os.path.getsize(src) / 1e6
         for op, layer in (("read", ""), ("append", "model.layers.9999.self_attn.k_proj"),
                           ("replace", middle)):
-            row = {}
-            for impl in ("before", "after"):
-                if impl == "before" and (mb > before_max_mb or not before_src):
+            row, results = {}, {}
+            for impl in IMPLS:
+                if impl == "naive" and mb > naive_max_mb:
                     continue
-                work = os.path.join(tmp, "work.txt")
+                work = os.path.join(tmp, f"work-{impl}.txt")
                 shutil.copyfile(src, work)
-                row[impl] = run_child(impl, op, work, layer, before_src)
-                if impl == "after" and op != "read":  # same result as the old writer
-                    assert os.path.getsize(work) > 0
-            cells = []
-            for impl in ("before", "after"):
-                r = row.get(impl)
-                cells.append(f"{r['s']:9.3f} {r['peak']:6.0f} (+{r['peak'] - r['base']:5.0f})"
-                             if r else f"{'-':>9} {'-':>14}")
-            ratio = (f"{row['before']['s'] / row['after']['s']:7.0f}x"
-                     if "before" in row else f"{'-':>8}")
+                row[impl] = run_worker([__file__, "--worker", impl, op, work, layer], what=f"{impl} {op}")
+                if op != "read":
+                    results[impl] = read_kv_factors(work)
+            if len(results) == 2 and results["naive"] != results["ours"]:
+                raise SystemExit(f"{op} on {real_mb:.1f} MB: the two merges hold different factors")
+            cells = [f"{r['s']:9.3f} {r['peak']:6.0f} (+{r['peak'] - r['base']:5.0f})" if (r := row.get(impl))
+                     else f"{'-':>9} {'-':>14}" for impl in IMPLS]
+            ratio = f"{row['naive']['s'] / row['ours']['s']:7.0f}x" if "naive" in row else f"{'-':>8}"
             print(f"{real_mb:6.1f}MB {n:7d} {op:>8} | {cells[0]} | {cells[1]} | {ratio}", flush=True)
 
 
-def bench_operator(names: int, before_names: int, before_src: str):
-    import torch
-    sys.path.insert(0, ROOT)
+def bench_operator(names: int, naive_names: int):
     import warnings
+
+    import torch
 
     import amct_hf.op as op_mod
     from amct_hf import QuantCalibrationOp
+    from amct_hf.record import write_kv_factors
     warnings.simplefilter("ignore")
 
     def run(count, write):
@@ -131,66 +146,51 @@ def bench_operator(names: int, before_names: int, before_src: str):
         spent = [0.0]
 
         def timed_write(*a, **kw):
-            t = time.perf_counter()
+            start = time.perf_counter()
             try:
                 return write(*a, **kw)
             finally:
-                spent[0] += time.perf_counter() - t
+                spent[0] += time.perf_counter() - start
         op_mod.write_kv_factors = timed_write
         try:
             with tempfile.TemporaryDirectory() as d:
-                op = QuantCalibrationOp(os.path.join(d, "kv.txt"),
-                                        {"quant_granularity": "per_channel"})
-                g = torch.Generator().manual_seed(0)
-                x = torch.randn(64, CHANNELS, generator=g)
-                t = time.perf_counter()
+                op = QuantCalibrationOp(os.path.join(d, "kv.txt"), {"quant_granularity": "per_channel"})
+                x = torch.randn(64, CHANNELS, generator=torch.Generator().manual_seed(0))
+                start = time.perf_counter()
                 for i in range(count):
                     op(f"model.layers.{i // 2}.self_attn.{'kv'[i % 2]}_proj", x)
-                total = time.perf_counter() - t
+                total = time.perf_counter() - start
                 size = os.path.getsize(os.path.join(d, "kv.txt")) / 1e6
         finally:
             op_mod.write_kv_factors = real
         return total, spent[0], size
 
     print(f"\noperator: QuantCalibrationOp IFMR per-channel, {CHANNELS} channels, one write per name")
-    from amct_hf.record.files import write_kv_factors
-    total, merge, size = run(names, write_kv_factors)
-    print(f"after : {names} names -> {size:.1f} MB record: {total:.2f} s total, {merge:.2f} s merging")
-    if before_names:
-        import importlib.util
-        spec = importlib.util.spec_from_loader("amct_hf._record_before", loader=None)
-        old = importlib.util.module_from_spec(spec)
-        old.__package__ = "amct_hf"
-        exec(compile(open(before_src).read(), "record_before.py", "exec"), old.__dict__)
-        def old_write(path, factors, lock_timeout=None):  # the old API: -1 waits forever
-            return old.write_kv_factors(path, factors,
-                                        lock_timeout=-1 if lock_timeout is None else lock_timeout)
-        for label, fn in (("before", old_write), ("after ", write_kv_factors)):
-            total, merge, size = run(before_names, fn)
-            print(f"{label}: {before_names} names -> {size:.1f} MB record: {total:.2f} s total, "
-                  f"{merge:.2f} s merging")
+    if names:
+        total, merge, size = run(names, write_kv_factors)
+        print(f"ours : {names} names -> {size:.1f} MB record: {total:.2f} s total, {merge:.2f} s merging")
+    if naive_names:
+        for label, fn in (("naive", naive_write), ("ours ", write_kv_factors)):
+            total, merge, size = run(naive_names, fn)
+            print(f"{label}: {naive_names} names -> {size:.1f} MB record: {total:.2f} s total, "
+                  f"{merge:.2f} s merging", flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=float, nargs="*", default=[1, 6, 50])
-    ap.add_argument("--before-max-mb", type=float, default=50)
+    ap.add_argument("--naive-max-mb", type=float, default=50)
     ap.add_argument("--op-names", type=int, default=160)
-    ap.add_argument("--op-before-names", type=int, default=0)
+    ap.add_argument("--op-naive-names", type=int, default=0)
+    ap.add_argument("--worker", nargs=4, metavar=("IMPL", "OP", "PATH", "LAYER"))
     args = ap.parse_args()
+    if args.worker:
+        return worker(*args.worker)
     with tempfile.TemporaryDirectory() as tmp:
-        before_src = os.path.join(tmp, "record_before.py")
-        try:
-            with open(before_src, "w") as f:
-                f.write(subprocess.run(["git", "-C", ROOT, "show", f"{BEFORE}:amct_hf/record.py"],
-                                       capture_output=True, text=True, check=True).stdout)
-        except (OSError, subprocess.CalledProcessError):
-            print(f"(git show {BEFORE} failed: 'before' not measured)")
-            before_src = ""
         if args.sizes:
-            bench_sizes(args.sizes, args.before_max_mb, before_src, tmp)
-        if args.op_names:
-            bench_operator(args.op_names, args.op_before_names, before_src)
+            bench_sizes(args.sizes, args.naive_max_mb, tmp)
+        if args.op_names or args.op_naive_names:
+            bench_operator(args.op_names, args.op_naive_names)
 
 
 if __name__ == "__main__":

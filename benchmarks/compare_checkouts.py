@@ -11,32 +11,27 @@ The other tree must have ``calibrate_kv_cache`` with the same arguments.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-CONFIGS = [("ifmr", "per_tensor"), ("ifmr", "per_channel"), ("hfmg", "per_tensor"), ("hfmg", "per_channel")]
+from common import CONFIGS, compile_kernels, emit, plain_forward, run_worker, smollm2_setup
+
 HERE = Path(__file__).resolve().parents[1]
 
 
 def worker(samples, seq_len):
-    from bench_calibration import plain_forward, setup  # this tree's benchmark, either tree's amct_hf
-
-    import amct_hf
+    import amct_hf  # this tree's benchmark helpers, either tree's amct_hf
     from amct_hf import calibrate_kv_cache
-    model, tok, texts, batches = setup(samples, seq_len)
+    model, tok, texts, batches = smollm2_setup(samples, seq_len)
 
     def forward():
         plain_forward(model, batches, logits_to_keep=1)
 
     out = {"source": str(Path(amct_hf.__file__).parent), "forward_s": [], "calibrate_s": {}}
     forward()  # warm-up
-    for algo, gran in CONFIGS:  # compiles the kernels outside the timed runs
-        calibrate_kv_cache(model, texts, tokenizer=tok, quant_algo_params={"act_algo": algo, "quant_granularity": gran},
-                           num_samples=1, seq_len=16, progress=False, write=False)
+    for algo, gran in CONFIGS:
+        compile_kernels(model, texts, tok, {"act_algo": algo, "quant_granularity": gran})
     for algo, gran in CONFIGS:
         start = time.perf_counter()
         forward()
@@ -45,14 +40,12 @@ def worker(samples, seq_len):
         calibrate_kv_cache(model, texts, tokenizer=tok, quant_algo_params={"act_algo": algo, "quant_granularity": gran},
                            num_samples=samples, seq_len=seq_len, progress=False, write=False)
         out["calibrate_s"][f"{algo}/{gran}"] = time.perf_counter() - start
-    print(json.dumps(out), flush=True)
+    emit(out)
 
 
 def run(source: Path, samples: int, seq_len: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(source)}
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(samples), str(seq_len)], env=env,
-                          capture_output=True, text=True, check=True, cwd=str(source))
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker([__file__, "--worker", samples, seq_len], env=env, cwd=str(source), what=str(source))
 
 
 def main():

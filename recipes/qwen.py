@@ -24,17 +24,14 @@ TEXT_COLUMN = "text"
 NUM_SAMPLES = 128  # the usual recipe: 128 samples x 2048 tokens
 SEQ_LEN = 2048
 BATCH_SIZE = 1
-# Per-tensor HFMG, asymmetric. Per-tensor because per-channel ranges fitted on one corpus
-# can clip channels on another: a channel that stayed small on the calibration text gets a
-# tight range and saturates when other text drives it harder, while one shared range per
-# layer leaves head-room. HFMG fits that range from a histogram, which tolerates the rare
-# large key/value outliers without letting them set the whole range.
-QUANT_ALGO_PARAMS = {
-    "act_algo": "hfmg",
-    "quant_granularity": "per_tensor",
-    "asymmetric": True,
-    "num_of_bins": 4096,
-}
+# The engine the factors are for (a `--target` of `amct-hf calibrate`): it picks the
+# quantization settings measured best for what that engine serves (docs/accuracy.md).
+# "transformers" (StaticInt8KVCache): HFMG, per-tensor, asymmetric. Others: "ascend-c8"
+# (vllm-ascend / MindIE), "vllm-fp8". Quantization flags on the command line must agree
+# with the target. For settings of your own, set TARGET = None and fill QUANT_ALGO_PARAMS
+# (AMCT's quant_algo_params, e.g. {"act_algo": "ifmr"} for AMCT's own defaults).
+TARGET = "transformers"
+QUANT_ALGO_PARAMS = None
 TAP = "cache"  # K/V exactly as the KV cache stores them (post-RoPE, after Qwen3's k_norm)
 RECORD_FILE = "kv_cache.txt"
 
@@ -43,7 +40,8 @@ NO_MODEL = ("no model given: set MODEL at the top of recipes/qwen.py or pass --m
             "no Qwen weights are bundled")
 DEFAULTS = dict(model=MODEL, dataset=DATASET, split=SPLIT, text_column=TEXT_COLUMN,
                 num_samples=NUM_SAMPLES, seq_len=SEQ_LEN, batch_size=BATCH_SIZE,
-                params=json.dumps(QUANT_ALGO_PARAMS), tap=TAP, record=RECORD_FILE)
+                target=TARGET, params=json.dumps(QUANT_ALGO_PARAMS) if QUANT_ALGO_PARAMS else None,
+                tap=TAP, record=RECORD_FILE)
 
 if __name__ == "__main__":
     status = run_recipe(DEFAULTS, description=__doc__.splitlines()[0], model_required=NO_MODEL)

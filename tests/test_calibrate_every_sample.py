@@ -1,4 +1,4 @@
-"""Every calibration sample counts (README, issue 11): msModelSlim's KV-cache min-max
+"""Every calibration sample counts: msModelSlim's KV-cache min-max
 observer resets on every call, so only its last sample decides the factors; ours
 accumulate all of them. Changing only the FIRST text changes the record."""
 import pytest

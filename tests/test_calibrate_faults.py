@@ -1,4 +1,4 @@
-"""Faults the driver must stop on at once (issue 9 §1, §3, §4): NaN/Inf activations,
+"""Faults the driver must stop on at once : NaN/Inf activations,
 fp16 overflow, bad stream_bins, models and files that cannot be loaded."""
 import contextlib
 

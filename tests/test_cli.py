@@ -157,17 +157,29 @@ def _run_recipe(name, monkeypatch, *argv):
     return runpy.run_path(str(RECIPES / name), run_name="__main__")
 
 
-@pytest.mark.parametrize("name, channels, algo", [("llama.py", KV_HEADS * HEAD_DIM, "ifmr"),
-                                                   ("qwen.py", 1, "hfmg")])
-def test_recipe_defaults_on_tiny_model(tiny, tmp_path, monkeypatch, name, channels, algo):
+@pytest.mark.parametrize("name", ["llama.py", "qwen.py"])
+def test_recipe_defaults_on_tiny_model(tiny, tmp_path, monkeypatch, name):
     model_dir, corpus = tiny
     rec = tmp_path / "rec.txt"
     ns = _run_recipe(name, monkeypatch, "--model", str(model_dir), "--dataset", str(corpus),
                      "--num-samples", "4", "--seq-len", "16", "--record", str(rec))
-    assert ns["QUANT_ALGO_PARAMS"]["act_algo"] == algo
-    factors = read_kv_factors(rec)
+    assert ns["TARGET"] == "transformers"
+    factors = read_kv_factors(rec)  # the target's: one asymmetric range per tensor
     assert set(factors) == _expected_keys()
-    assert all(len(scales) == channels for scales, _ in factors.values())
+    assert all(len(scales) == 1 for scales, _ in factors.values())
+    assert any(o != [0] for _, o in factors.values())
+
+
+def test_recipe_quantization_flags_replace_its_target(tiny, tmp_path, monkeypatch):
+    model_dir, corpus = tiny
+    rec = tmp_path / "rec.txt"
+    with pytest.raises(SystemExit) as exc:
+        _run_recipe("llama.py", monkeypatch, "--model", str(model_dir), "--dataset", str(corpus),
+                    "--num-samples", "4", "--seq-len", "16", "--record", str(rec),
+                    "--algo", "ifmr", "--granularity", "per_channel")
+        raise SystemExit(0)
+    assert exc.value.code == 0
+    assert all(len(scales) == KV_HEADS * HEAD_DIM for scales, _ in read_kv_factors(rec).values())
 
 
 @pytest.mark.parametrize("name", ["llama.py", "qwen.py"])
@@ -232,7 +244,7 @@ def test_rerun_into_the_same_record_is_quiet(tiny, tmp_path, capsys):
     capsys.readouterr()
     assert _calibrate(model_dir, corpus, rec) == 0  # same data, same factors: nothing to say
     assert "warning" not in capsys.readouterr().err.lower()
-    assert _calibrate(model_dir, corpus, rec, "--algo", "hfmg") == 0
+    assert _calibrate(model_dir, corpus, rec, "--algo", "ifmr") == 0
     err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(err) == 1 and err[0].startswith("amct-hf: warning: record ") and "overwritten" in err[0]
 
@@ -270,3 +282,29 @@ def test_target_flag_picks_the_engine_configuration(tiny, tmp_path, capsys):
                       "--granularity", "per_channel") == 2
     err = capsys.readouterr().err
     assert "vllm-fp8" in err and not (tmp_path / "x.txt").exists()
+
+
+def _count_resolutions(monkeypatch):
+    import amct_hf.calibrate as driver
+    calls = []
+    real = driver.resolve_kv_settings
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(driver, "resolve_kv_settings", counting)
+    return calls
+
+
+def test_calibrate_resolves_its_settings_once_and_defaults_to_the_transformers_target(
+        tiny, tmp_path, capsys, monkeypatch):
+    model_dir, corpus = tiny
+    calls = _count_resolutions(monkeypatch)
+    assert _calibrate(model_dir, corpus, tmp_path / "kv.txt") == 0
+    assert len(calls) == 1
+    out = capsys.readouterr().out
+    assert "settings: target transformers (keys HFMG per-tensor asymmetric; values HFMG per-tensor asymmetric)" in out
+    # AMCT's own defaults are one flag away, and then no target is named
+    assert _calibrate(model_dir, corpus, tmp_path / "kv_amct.txt", "--algo", "ifmr") == 0
+    assert len(calls) == 2
+    assert "settings: explicit parameters (keys IFMR per-tensor asymmetric; " in capsys.readouterr().out

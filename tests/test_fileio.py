@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from amct_hf.errors import OutputPathError
-from amct_hf.fileio import atomic_replace, exclusive_lock, lock_timeout_seconds, remove_stale_temps
+from amct_hf.fileio import atomic_replace, exclusive_lock, remove_stale_temps
+from amct_hf.settings.validate import lock_timeout_seconds
 
 
 def _write(text):

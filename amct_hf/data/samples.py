@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DatasetError, MissingFileError
-from ..fileio import looks_like_path
+from ..modeling.loading import looks_like_path
+from ..settings.validate import positive_int
 
 __all__ = ["load_texts", "tokenize_samples", "make_batches", "shard", "FILE_BUILDERS"]
 
@@ -116,6 +117,8 @@ def _load_named(dataset: str | os.PathLike, split: str, cache_dir):
         except datasets.exceptions.DatasetGenerationError as err:
             raise DatasetError(f"could not read {text} as {builder}: {err.__cause__ or err}") \
                 from err
+        except _arrow_errors() as err:  # parquet is read by pyarrow before any generation
+            raise DatasetError(f"could not read {text} as {builder}: {err}") from err
         return ds, text
 
     if path.is_dir():
@@ -143,6 +146,15 @@ def _load_named(dataset: str | os.PathLike, split: str, cache_dir):
             f"dataset {text!r} could not be found locally or offline (it is not a local "
             f"file or directory, and not in the datasets cache): {err}") from err
     return _pick_split(loaded, split, text), f"{text} split {split!r}"
+
+
+def _arrow_errors() -> tuple:
+    """pyarrow's error types (an empty or corrupt parquet file raises ArrowInvalid)."""
+    try:
+        import pyarrow
+    except ImportError:
+        return ()
+    return (pyarrow.ArrowException,)
 
 
 def _pick_split(dataset_dict, split: str, name: str):
@@ -199,8 +211,7 @@ def tokenize_samples(tokenizer, texts: Sequence[str], *, seq_len: int, num_sampl
     at all is a ``ValueError``.
     """
     for arg, value in (("seq_len", seq_len), ("num_samples", num_samples)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise DatasetError(f"{arg} must be a positive integer, got {value!r}")
+        positive_int(arg, value, DatasetError)
     texts = list(texts)
 
     if pack:
@@ -275,8 +286,7 @@ def make_batches(samples: Sequence[Sequence[int]], *, batch_size: int,
     """
     import torch
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise DatasetError(f"batch_size must be a positive integer, got {batch_size!r}")
+    positive_int("batch_size", batch_size, DatasetError)
     if padding_side not in ("left", "right"):
         raise DatasetError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     for i, s in enumerate(samples):

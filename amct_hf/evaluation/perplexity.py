@@ -61,7 +61,9 @@ from ..modeling.attention import kv_calibration, kv_transform
 from ..modeling.layout import broadcast_factor, check_record, kv_layout
 from ..modeling.loading import input_device, load_model, resolve_dtype
 from ..naming import attention_path, layer_kind
+from ..observers.minmax import MinMaxRanges
 from ..record.files import load_kv_factors
+from ..settings.validate import positive_int
 from .intervals import paired_relative_increase
 from .served import fp8_e4m3, load_export_model, read_served_export
 
@@ -154,32 +156,6 @@ class _DynamicPerToken:
         x_hat = fake_quantize(x, s, o)
         self.errors.setdefault(name, _LayerError()).add(x, x_hat, None)
         return x_hat.to(states.dtype)
-
-
-class _RangeObserver:
-    """Per-channel running min/max of every layer (a kv_calibration observer)."""
-
-    def __init__(self):
-        self.lo: dict[str, torch.Tensor] = {}
-        self.hi: dict[str, torch.Tensor] = {}
-
-    def __call__(self, name: str, x: torch.Tensor) -> None:
-        x = x.detach().float()
-        lo, hi = x.amin(0), x.amax(0)
-        if name in self.lo:
-            lo, hi = torch.minimum(lo, self.lo[name]), torch.maximum(hi, self.hi[name])
-        self.lo[name], self.hi[name] = lo, hi
-
-    def factors(self, like: dict) -> dict:
-        """Min-max factors with the granularity of ``like`` (the record), per layer."""
-        out = {}
-        for name, (scales, _) in like.items():
-            lo, hi = self.lo[name], self.hi[name]
-            if len(scales) == 1:
-                lo, hi = lo.min().reshape(1), hi.max().reshape(1)
-            s, o = minmax_factors(lo, hi)
-            out[name] = (s.cpu(), o.cpu())
-        return out
 
 
 # --------------------------------------------------------------------------- result
@@ -381,8 +357,7 @@ def evaluate_kv_quant(model, dataset, record_file=None, *, tokenizer=None, num_s
 
     started = time.time()
     for arg, value in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise InvalidArgumentError(f"{arg} must be a positive int, got {value!r}")
+        positive_int(arg, value)
     if seq_len < 2:
         raise InvalidArgumentError(f"seq_len must be at least 2 (one token to predict), got {seq_len}")
     if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
@@ -456,7 +431,7 @@ def evaluate_kv_quant(model, dataset, record_file=None, *, tokenizer=None, num_s
 
 
 def _evaluate(model, batches, device, factors, layout, references, progress, reuse=None, served=None):
-    ranges = _RangeObserver()
+    ranges = MinMaxRanges()
     if served is not None:  # min-max needs a record's granularity; it has no meaning here
         ranges = None
     if reuse is not None:  # an earlier result's full-precision pass over these very chunks

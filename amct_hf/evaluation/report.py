@@ -19,6 +19,7 @@ import statistics
 
 from ..algorithms.convention import clip_range
 from ..errors import ExportError
+from ..export.checks import placeholder_channels
 from ..fileio import atomic_replace, check_output_path
 from ..naming import layer_index, layer_kind
 from ..record.files import load_kv_factors
@@ -36,12 +37,16 @@ _KIND_COLOR = {"key": "tab:blue", "value": "tab:orange", "unknown": "tab:gray"}
 
 
 def layer_clip_stats(scales, offsets) -> dict:
-    """Clip range per channel and its summary for one layer's factors."""
-    x_min, x_max = zip(*(clip_range(s, o) for s, o in zip(scales, offsets)))
+    """Clip range per channel and its summary for one layer's factors. A zero-range
+    placeholder channel (:mod:`amct_hf.export.checks`) only ever held 0: it is drawn at 0
+    and counts in neither the median nor the widest range."""
+    dead = placeholder_channels(scales, offsets)
+    x_min, x_max = zip(*((0.0, 0.0) if d else clip_range(s, o) for s, o, d in zip(scales, offsets, dead)))
     x_min, x_max = list(x_min), list(x_max)
     ranges = [hi - lo for lo, hi in zip(x_min, x_max)]
-    median = statistics.median(ranges)
-    worst = max(range(len(ranges)), key=ranges.__getitem__)  # first of equal widest
+    live = [c for c in range(len(ranges)) if not dead[c]]
+    median = statistics.median(ranges[c] for c in live)
+    worst = max(live, key=ranges.__getitem__)  # first of equal widest
     ratio = ranges[worst] / median if median > 0 else math.inf
     return {
         "channels": len(ranges),

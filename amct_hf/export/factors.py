@@ -23,9 +23,10 @@ import os
 
 from ..algorithms.convention import factor_problem
 from ..errors import ExportError, MissingFileError
-from ..fileio import atomic_replace, check_output_path
+from ..fileio import atomic_replace, check_output_path, write_text_atomic
 from ..naming import layer_kind
-from ..record.files import load_kv_factors, to_float32
+from ..record.files import load_kv_factors
+from ..record.schema import to_float32
 
 __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "SCALE_SUFFIX", "OFFSET_SUFFIX", "export_json",
            "export_safetensors", "load_export"]
@@ -58,12 +59,7 @@ def export_json(record_file: str | os.PathLike, out_path: str | os.PathLike) -> 
         },
     }
 
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=1, allow_nan=False)
-            f.write("\n")
-
-    atomic_replace(out_path, write)
+    write_text_atomic(out_path, json.dumps(doc, indent=1, allow_nan=False) + "\n")
     return doc
 
 
@@ -116,7 +112,6 @@ def export_safetensors(record_file: str | os.PathLike, out_path: str | os.PathLi
     check_output_path(record_file, out_path)
     _require_safetensors()
     import torch
-    from safetensors.torch import save_file
 
     tensors = {}
     for name, (scales, offsets) in factors.items():
@@ -126,8 +121,26 @@ def export_safetensors(record_file: str | os.PathLike, out_path: str | os.PathLi
         tensors[name + SCALE_SUFFIX] = torch.tensor(scales, dtype=torch.float32)
         tensors[name + OFFSET_SUFFIX] = torch.tensor(offsets, dtype=torch.int32)
     metadata = {"format": EXPORT_FORMAT, "source_record": os.path.basename(record_file)}
-    atomic_replace(out_path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    blob = _safetensors_bytes(tensors, metadata)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(blob)
+    atomic_replace(out_path, write)
     return tensors
+
+
+def _safetensors_bytes(tensors: dict, metadata: dict) -> bytes:
+    """The safetensors file with its JSON header in sorted key order: the library writes
+    metadata in a per-process hash order, so the same record would give other bytes on
+    every run."""
+    from safetensors.torch import save
+
+    blob = save(tensors, metadata=metadata)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data keeps the 8-byte alignment the format expects
+    return len(header).to_bytes(8, "little") + header + blob[8 + n:]
 
 
 def _load_safetensors(path: str) -> Factors:

@@ -9,9 +9,18 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import InvalidArgumentError
+from ..errors import AmctHfError, ExportError, InvalidArgumentError
 
-__all__ = ["ExportFormat", "FORMATS", "export_format"]
+__all__ = ["ExportFormat", "FORMATS", "export_format", "export_io_error"]
+
+
+def export_io_error(err: OSError, out) -> ExportError:
+    """One line for an I/O failure of an export (disk full, read-only filesystem, a
+    regular file where a directory is needed): the path and the cause, not a traceback.
+    The writers leave nothing behind on failure (temp files and directories removed)."""
+    path = err.filename or out
+    cause = err.strerror or str(err) or type(err).__name__
+    return ExportError(f"cannot write the export {os.fspath(out)}: {path}: {cause}")
 
 
 def _entries(n: int) -> str:
@@ -30,9 +39,31 @@ def _safetensors(record, out, model, options):
 
 def _lmdeploy(record, out, model, options):
     from .lmdeploy import export_lmdeploy_ascend
-    export_lmdeploy_ascend(record, out)
-    return (f"wrote the lmdeploy Ascend record (per-tensor, k then v per layer, offsets negated to "
-            f"dlinfer's round(x/s - o)) to {out}")
+    num_layers = model_layer_count(model) if model is not None else None
+    export_lmdeploy_ascend(record, out, num_layers=num_layers)
+    checked = (f"{num_layers} layers, as the model" if num_layers is not None
+               else "layer count not checked: pass --model")
+    return (f"wrote the lmdeploy Ascend record (per-tensor, k then v per layer; {checked}; offsets "
+            f"negated to dlinfer's round(x/s - o)) to {out}")
+
+
+def model_layer_count(model) -> int:
+    """``num_hidden_layers`` of a local model folder's config.json (its text config)."""
+    from transformers import AutoConfig
+
+    from ..errors import MissingFileError
+    model = os.fspath(model)
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise MissingFileError(f"--model {model} is not a model folder with a config.json")
+    try:
+        config = AutoConfig.from_pretrained(model, local_files_only=True)
+    except Exception as e:  # transformers raises many types for a bad config
+        raise ExportError(f"cannot read {model}/config.json: {' '.join(str(e).split())}") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None)
+    if not isinstance(layers, int) or layers <= 0:
+        raise ExportError(f"{model}/config.json has no num_hidden_layers; cannot check the layer count")
+    return layers
 
 
 def _model_dir(function_name: str, name: str):
@@ -76,7 +107,16 @@ class ExportFormat:
                 f"--format {self.name} writes a model directory: pass --model MODEL_DIR (the model the "
                 "record was calibrated on) and --out OUT_DIR")
         out = out if out is not None else self.default_out(record_file)
-        return self.run(os.fspath(record_file), os.fspath(out), model, options if self.needs_model else {})
+        try:
+            return self.run(os.fspath(record_file), os.fspath(out), model, options if self.needs_model else {})
+        except OSError as err:
+            if isinstance(err, AmctHfError):
+                raise
+            raise export_io_error(err, out) from err
+        except Exception as err:
+            if type(err).__name__ != "SafetensorError":  # safetensors' own wrapper of an I/O error
+                raise
+            raise ExportError(f"cannot write the export {os.fspath(out)}: {' '.join(str(err).split())}") from err
 
 
 FORMATS: dict[str, ExportFormat] = {f.name: f for f in (

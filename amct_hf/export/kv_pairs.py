@@ -43,7 +43,9 @@ def load_model_record(record_file: str | os.PathLike, source) -> dict:
     """The record's factors, refused unless they fit ``source``'s model exactly
     (:func:`amct_hf.modeling.layout.check_record`: first mismatching layer named)."""
     from ..modeling.layout import check_record
+    from .checks import check_kv_geometry
 
+    check_kv_geometry(source)  # a config the weights contradict is not the record's fault
     factors, where = load_kv_factors(os.fspath(record_file))
     check_record(factors, source.kv_layout, where=where)
     return factors
@@ -51,13 +53,16 @@ def load_model_record(record_file: str | os.PathLike, source) -> dict:
 
 def record_channel_factors(factors: dict, source) -> dict:
     """Record key -> (scales, offsets) broadcast to the layer's ``kv_heads * head_dim``
-    channels (a per-tensor entry repeated), in the model's execution order."""
+    channels (a per-tensor entry repeated), in the model's execution order; zero-range
+    placeholder channels get neutral factors (:mod:`amct_hf.export.checks`)."""
+    from .checks import neutral_channel_factors
+
     out = {}
     for name, slot in source.kv_layout.items():
         scales, offsets = factors[name]
         if len(scales) == 1:
             scales, offsets = scales * slot.channels, offsets * slot.channels
-        out[name] = (list(scales), list(offsets))
+        out[name] = neutral_channel_factors(scales, offsets)
     return out
 
 

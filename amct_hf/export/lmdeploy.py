@@ -38,11 +38,11 @@ import os
 import numpy as np
 
 from ..errors import ExportError
-from ..fileio import atomic_replace, check_output_path
+from ..fileio import check_output_path, write_text_atomic
 from ..naming import layer_index, layer_kind
 from ..record.files import load_kv_factors
 
-__all__ = ["format_fixed_point", "format_lmdeploy_record", "export_lmdeploy_ascend",
+__all__ = ["format_fixed_point", "format_lmdeploy_record", "export_lmdeploy_ascend", "check_layer_count",
            "dlinfer_offset"]
 
 
@@ -102,18 +102,30 @@ def format_lmdeploy_record(factors: dict, where: str = "record") -> str:
     return "\n".join(lines) + "\n"
 
 
-def export_lmdeploy_ascend(record_file: str | os.PathLike, out_path: str | os.PathLike) -> str:
+def export_lmdeploy_ascend(record_file: str | os.PathLike, out_path: str | os.PathLike,
+                           num_layers: int | None = None) -> str:
     """Write ``out_path`` for ``ASCEND_QUANT_RECORD_FILE``; returns the text written.
-    Refuses per-channel records (the reason is in the message) and records lacking a
-    layer's key or value, before touching ``out_path``."""
+    Refuses per-channel records (the reason is in the message), records lacking a
+    layer's key or value, and, given the model's ``num_layers``, a record of another
+    layer count, before touching ``out_path``."""
     record_file, out_path = os.fspath(record_file), os.fspath(out_path)
     factors, where = load_kv_factors(record_file)
+    check_layer_count(factors, num_layers, where)
     check_output_path(record_file, out_path)
     text = format_lmdeploy_record(factors, where=where)
 
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_replace(out_path, write)
+    write_text_atomic(out_path, text)
     return text
+
+
+def check_layer_count(factors: dict, num_layers: int | None, where: str) -> None:
+    """Refuse a record whose decoder layers are not the model's ``num_layers``: lmdeploy
+    counts the pairs only, so a record of 15 layers of a 30-layer model (30 pairs) would
+    be read as one shared K/V pair per layer, silently. None: not checked."""
+    if num_layers is None:
+        return
+    layers = {layer_index(name) for name in factors}
+    if len(layers) != num_layers:
+        raise ExportError(f"{where} holds {len(layers)} decoder layer(s), but the model has "
+                          f"{num_layers}; lmdeploy pairs entries with layers by count only and would "
+                          f"misread it: calibrate every layer of this model")

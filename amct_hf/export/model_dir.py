@@ -26,17 +26,16 @@ import shutil
 from collections.abc import Callable, Mapping
 
 from ..errors import ExportError
-from ..fileio import fsync_dir
+from ..fileio import exclusive_lock, fsync_dir
+from ..settings.validate import size_in_bytes
+from .checks import check_written_tensors
 from .source_model import SourceModel, TensorInfo
 
-__all__ = ["DEFAULT_MAX_SHARD_SIZE", "parse_size", "check_out_dir", "write_model_dir"]
+__all__ = ["DEFAULT_MAX_SHARD_SIZE", "parse_size", "check_out_dir", "write_model_dir",
+           "remove_dead_writers_leftovers"]
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10 ** 9  # "5GB", transformers' unit convention (10**9)
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
-          "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40,
-          "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12}
 # Weight files of any format are never copied as "other files"; hidden files (caches,
 # our own conversion marker) neither.
 _WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.gguf|\.h5|\.msgpack"
@@ -45,29 +44,23 @@ _WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.ckpt|\.gguf|\.h5|\
 
 def parse_size(size: int | str) -> int:
     """Bytes from ``5000000000``, ``"5GB"`` (10**9) or ``"4GiB"`` (2**30); must be > 0."""
-    if isinstance(size, bool):
-        raise ExportError(f"bad shard size {size!r}")
-    if isinstance(size, int):
-        n = size
-    else:
-        m = _SIZE.match(str(size))
-        unit = m.group(2).upper() if m else None
-        if not m or unit not in _UNITS:
-            raise ExportError(f"bad shard size {size!r}: expected e.g. 5GB, 200MB or 4GiB")
-        n = int(float(m.group(1)) * _UNITS[unit])
-    if n <= 0:
-        raise ExportError(f"bad shard size {size!r}: must be positive")
-    return n
+    return size_in_bytes(size, "shard size", ExportError)
 
 
 def check_out_dir(out_dir: str | os.PathLike, model_dir: str | os.PathLike, overwrite: bool) -> str:
     """Refuse an existing non-empty ``out_dir`` (unless ``overwrite``) and any ``out_dir``
-    that is, or contains, the model directory (overwriting it would delete the source)."""
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    that is, contains or lies inside the model directory (overwriting it would delete the
+    source; inside it, it would change the source). A symlink is followed, as the record
+    writer follows one: the directory it points to is replaced, the link kept; the path
+    returned is the one written."""
+    out_dir = _followed(os.path.abspath(os.fspath(out_dir)))
     src = os.path.realpath(os.fspath(model_dir))
     real_out = os.path.realpath(out_dir)
     if real_out == src or src.startswith(real_out.rstrip(os.sep) + os.sep):
         raise ExportError(f"output {out_dir} is (or contains) the model directory; choose another --out")
+    if real_out.startswith(src.rstrip(os.sep) + os.sep):
+        raise ExportError(f"output {out_dir} is inside the model directory {src}; the export would "
+                          f"add a directory to the source model: choose an --out outside it")
     if os.path.lexists(out_dir):
         if not os.path.isdir(out_dir):
             raise ExportError(f"output {out_dir} exists and is not a directory")
@@ -158,11 +151,15 @@ def write_model_dir(source: SourceModel, out_dir: str | os.PathLike, *,
     n = len(shards)
     shard_names = [f"{weights_prefix}-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
 
+    check_written_tensors({**added_tensors, **replaced}, f"export of {source.model_dir} to {out_dir}")
+
     parent = os.path.dirname(out_dir) or "."
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{secrets.token_hex(4)}")
-    os.mkdir(tmp)
+    remove_dead_writers_leftovers(out_dir)
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    restore_sigterm = _sigterm_raises()  # so that the except below removes tmp on SIGTERM too
     try:
+        os.mkdir(tmp)
         weight_map: dict[str, str] = {}
         for shard_name, infos_k in zip(shard_names, shards):
             _write_shard(os.path.join(tmp, shard_name), infos_k, {**added_tensors, **replaced})
@@ -190,10 +187,12 @@ def write_model_dir(source: SourceModel, out_dir: str | os.PathLike, *,
                 f.flush()
                 os.fsync(f.fileno())
         fsync_dir(tmp)
-        _replace_dir(tmp, out_dir)
+        _replace_dir_checked(tmp, out_dir, source.model_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        restore_sigterm()
     return {"out_dir": out_dir, "files": sorted(os.listdir(out_dir)), "weight_map": weight_map,
             "total_size": total}
 
@@ -204,7 +203,7 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
     parent = os.path.dirname(out_dir) or "."
     old = None
     if os.path.lexists(out_dir):
-        old = os.path.join(parent, f".{os.path.basename(out_dir)}.old-{secrets.token_hex(4)}")
+        old = os.path.join(parent, f".{os.path.basename(out_dir)}.old-{os.getpid()}-{secrets.token_hex(4)}")
         os.rename(out_dir, old)
     try:
         os.rename(tmp, out_dir)
@@ -215,3 +214,65 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
     fsync_dir(parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _followed(out_dir: str) -> str:
+    """``out_dir`` with a symlink at its end followed (to the path it names, made absolute)."""
+    if os.path.islink(out_dir):
+        return os.path.realpath(out_dir)
+    return out_dir
+
+
+def _leftover_pattern(out_dir: str) -> re.Pattern:
+    return re.compile(rf"\.{re.escape(os.path.basename(out_dir))}\.tmp-([0-9]+)-[0-9a-f]{{8}}")
+
+
+def remove_dead_writers_leftovers(out_dir: str) -> list[str]:
+    """Remove the ``.<out>.tmp-<pid>-<hex>`` directories a writer of ``out_dir`` killed
+    before its cleanup (SIGKILL, power loss) left beside it, when that pid is no longer
+    alive on this machine; a live writer's are never touched. A ``.old-`` directory is
+    never removed here: a writer killed between its two renames leaves the previous
+    output only there."""
+    from ..fileio import pid_alive
+
+    parent = os.path.dirname(out_dir) or "."
+    pattern = _leftover_pattern(out_dir)
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def _sigterm_raises():
+    """Make SIGTERM raise SystemExit(143) in the main thread (the default handler would end
+    the process without the cleanup of the temp directory); returns the undo."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous not in (signal.SIG_DFL, None):
+        return lambda: None  # the application handles SIGTERM itself
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _replace_dir_checked(tmp: str, out_dir: str, model_dir: str, overwrite: bool) -> None:
+    """The final rename, under a lock beside ``out_dir`` and after checking ``out_dir``
+    again: another export that finished into the same ``out_dir`` since the first check
+    is refused (unless ``overwrite``) instead of being silently replaced."""
+    parent = os.path.dirname(out_dir) or "."
+    with exclusive_lock(os.path.join(parent, f".{os.path.basename(out_dir)}.lock")):
+        check_out_dir(out_dir, model_dir, overwrite)
+        _replace_dir(tmp, out_dir)

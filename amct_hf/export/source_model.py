@@ -99,7 +99,7 @@ def read_source_model(model_dir: str | os.PathLike, *, trust_remote_code: bool =
     """Config, tensor headers, tied weights and KV layout of a HF model directory.
 
     The model is built on the ``meta`` device (no memory for weights) and run on two
-    tokens through amct_hf's calibration hooks (:func:`amct_hf.cache.kv_layout`), so the
+    tokens through amct_hf's calibration hooks (:func:`amct_hf.modeling.layout.kv_layout`), so the
     record keys and channel counts are exactly the ones calibration produces.
     """
     import torch
@@ -108,6 +108,9 @@ def read_source_model(model_dir: str | os.PathLike, *, trust_remote_code: bool =
     from ..modeling.layout import kv_layout
 
     model_dir = os.fspath(model_dir)
+    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+        raise ExportError(f"model directory {model_dir!r} is a file; pass the folder that holds "
+                          f"config.json and the safetensors weights")
     if not os.path.isdir(model_dir):
         raise ExportError(f"model directory {model_dir!r} does not exist")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):

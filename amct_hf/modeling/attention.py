@@ -20,12 +20,12 @@ from torch import nn
 
 from ..errors import InvalidArgumentError, UnpatchableModelError
 from ..naming import kv_record_keys
+from ..settings.options import TAPS
 
 __all__ = ["KVCalibrationHooks", "KVStatesComplete", "kv_calibration", "kv_transform", "Observe",
            "key_value_names", "TAPS"]
 
 Observe = Callable[[str, torch.Tensor], object]  # (record key, [tokens, channels])
-TAPS = ("cache", "proj")
 _PREFIX = "amct_hf_kv_"
 _STATES: weakref.WeakKeyDictionary[nn.Module, _ModelState] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()

@@ -3,6 +3,7 @@ cache, and whether a record fits the model."""
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -10,10 +11,12 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from ..errors import RecordMismatchError
+from ..errors import RecordFileError, RecordMismatchError
+from ..naming import layer_kind
+from ..record.files import uneditable_keys
 from .loading import input_device
 
-__all__ = ["KVSlot", "kv_layout", "check_record", "broadcast_factor", "cache_kwarg"]
+__all__ = ["KVSlot", "kv_layout", "check_record", "check_record_editable", "broadcast_factor", "cache_kwarg"]
 
 
 def broadcast_factor(values: torch.Tensor, states: torch.Tensor, name: str = "layer") -> torch.Tensor:
@@ -105,4 +108,39 @@ def check_record(factors: Mapping[str, tuple[Sequence[float], Sequence[int]]],
     if unknown:
         raise RecordMismatchError(
             f"{where} does not match the model: layer {unknown[0]!r} is in the record but the "
-            f"model has no such layer (the model's layers are {next(iter(layout))!r} ...)")
+            f"model has no such layer (the model's layers are {next(iter(layout))!r} ...)"
+            f"{_other_model_hint(unknown, layout)}")
+
+
+def _other_model_hint(unknown, layout) -> str:
+    # calibrate merges into an existing record on purpose (one record, several models);
+    # every consumer needs one model's entries, so say how to get there
+    return (f"; {len(unknown)} record entr{'ies' if len(unknown) != 1 else 'y'} belong to no layer of this "
+            f"model (a record calibrate merged several models into?): calibrate this model into its own "
+            f"--record file, or copy its entries into a new record")
+
+
+def _model_keys(model) -> set[str]:
+    """Every record key the model's modules can give (a superset: ``k_proj`` / ``v_proj``
+    modules, and the fused-attention names of every module)."""
+    names = [name for name, _ in model.named_modules() if name]
+    keys = {n for n in names if layer_kind(n) is not None}
+    keys.update(f"{n}.{suffix}" for n in names for suffix in ("key_states", "value_states"))
+    return keys
+
+
+def check_record_editable(record_file, model) -> None:
+    """Refuse (RecordFileError, one line) a record holding one of ``model``'s keys in an
+    entry the write cannot edit, before anything is calibrated."""
+    if not os.path.isfile(record_file):
+        return
+    blocked = uneditable_keys(record_file)
+    if not blocked:
+        return
+    keys = _model_keys(model)
+    hit = next((k for k in blocked if k in keys), None)
+    if hit is not None:
+        raise RecordFileError(
+            f"record {os.fspath(record_file)}: the entry for layer {hit!r} {blocked[hit]}, which the "
+            f"write after calibrating cannot edit without loss; rewrite that entry as 'record {{ ... }}' "
+            f"or use another --record")

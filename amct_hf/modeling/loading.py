@@ -9,13 +9,21 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError, MissingFileError, ModelLoadError
-from ..fileio import looks_like_path
 
-__all__ = ["load_model", "load_tokenizer", "input_device", "no_logits_kwargs", "resolve_dtype",
+__all__ = ["looks_like_path", "load_model", "load_tokenizer", "input_device", "no_logits_kwargs", "resolve_dtype",
            "text_config"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a name was meant as a local path rather than a hub id (``name`` or
+    ``owner/name``): absolute, starting with ``.`` or ``~``, ending in ``/``, holding a
+    backslash, or with more than one ``/``. A typo in such a name then fails at once as
+    a missing path instead of after minutes of hub retries."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.endswith("/")
+            or "\\" in name or name.count("/") > 1)
 
 
 def resolve_dtype(dtype):

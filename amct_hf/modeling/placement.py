@@ -11,13 +11,14 @@ import os
 import re
 
 from ..errors import ModelLoadError
+from ..settings.validate import size_in_bytes
 
 __all__ = ["check_max_memory", "offload_kwargs", "parse_max_memory"]
 
 # accelerate's device names besides integer (GPU/XPU/NPU) indices
 _NAMED_DEVICES = ("cpu", "disk", "mps")
-# a size as accelerate's convert_file_size_to_int reads it: digits then a unit, or bytes
-_SIZE = re.compile(r"^\d+(\.\d+)?\s*(GIB|MIB|KIB|GB|MB|KB)$", re.IGNORECASE)
+# the units accelerate's convert_file_size_to_int reads
+_ACCELERATE_UNITS = re.compile(r"^\d+(\.\d+)?\s*(GIB|MIB|KIB|GB|MB|KB)$", re.IGNORECASE)
 
 
 def _device_key(key):
@@ -39,17 +40,15 @@ def _device_key(key):
 
 
 def _size(device, value):
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ModelLoadError(f"max_memory[{device!r}] = {value!r}: give bytes (int) or a size such as '2GiB'")
+    what = f"max_memory[{device!r}]"
+    size_in_bytes(value, what, ModelLoadError, allow_zero=True)
     if isinstance(value, int):
-        if value < 0:
-            raise ModelLoadError(f"max_memory[{device!r}] = {value}: a size cannot be negative")
         return value
     text = value.strip()
     if text.isdigit():
         return int(text)
-    if not _SIZE.match(text):
-        raise ModelLoadError(f"max_memory[{device!r}] = {value!r}: not a size; use e.g. '2GiB', '500MB' or bytes")
+    if not _ACCELERATE_UNITS.match(text):
+        raise ModelLoadError(f"{what} = {value!r}: not a size; use e.g. '2GiB', '500MB' or bytes")
     return text.replace(" ", "")
 
 

@@ -5,7 +5,7 @@
 ``value_quant_algo_params``, ``channel_groups``, ``range_margin``, ``target``) into one
 :class:`KVSettings`. A ``target`` names the engine that will serve the factors and picks
 the configuration measured best for what that engine can load
-(``benchmarks/accuracy_smollm2.py``, README "Accuracy"):
+(``benchmarks/accuracy_smollm2.py``, docs/accuracy.md):
 
 * ``"ascend-c8"``: vllm-ascend / MindIE C8 dequantize with the scale alone and read
   ``[kv_heads * head_dim]`` tensors (the Ascend export repeats a per-tensor scale onto the
@@ -32,17 +32,18 @@ from dataclasses import dataclass
 from ..algorithms.grouping import CHANNEL_GROUPS
 from ..errors import InvalidArgumentError
 from .quant_params import QuantParams, parse_quant_algo_params
+from .validate import range_margin as check_margin
 
 __all__ = ["TARGETS", "WITHOUT_VALUE_CENTERING", "KVSettings", "resolve_kv_settings"]
 
 KINDS = ("key", "value")
 
 #: target -> what it sets: "key"/"value" quant_algo_params, "channel_groups" and
-#: "range_margin" per kind. Measured on SmolLM2-135M (README "Accuracy").
+#: "range_margin" per kind. Measured on SmolLM2-135M (docs/accuracy.md).
 TARGETS: dict[str, dict] = {
     # Keys: one symmetric HFMG range per tensor (the export repeats it onto the channels).
     # Values: one asymmetric HFMG range per tensor, served through the bias fold; the
-    # symmetric value ranges cost 0.3% perplexity on newsgroups (README "Accuracy")
+    # symmetric value ranges cost 0.3% perplexity on newsgroups (docs/accuracy.md)
     "ascend-c8": {
         "key": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": "per_tensor"},
         "value": {"act_algo": "hfmg", "asymmetric": True, "quant_granularity": "per_tensor"},
@@ -71,7 +72,7 @@ TARGETS: dict[str, dict] = {
 WITHOUT_VALUE_CENTERING: dict[str, dict] = {
     # symmetric only. Values: HFMG per channel, widened by 25% -- fitted per channel on a
     # few thousand tokens they clip on other text; per-tensor or per-head symmetric values
-    # cost more (README "Accuracy")
+    # cost more (docs/accuracy.md)
     "ascend-c8": {
         **TARGETS["ascend-c8"],
         "value": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": "per_channel"},
@@ -107,13 +108,9 @@ def _per_kind(name: str, value, default, check) -> dict:
     return out
 
 
-def _check_margin(kind, margin):
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 10:
-        raise InvalidArgumentError(f"range_margin must be a number in [0, 10), got {margin!r} for the {kind}s")
-
-
 def _margins(range_margin) -> dict:
-    return {k: float(v) for k, v in _per_kind("range_margin", range_margin, 0.0, _check_margin).items()}
+    given = _per_kind("range_margin", range_margin, 0.0, lambda kind, margin: check_margin(margin, kind))
+    return {k: float(v) for k, v in given.items()}
 
 
 def _groups(channel_groups) -> dict:
@@ -139,7 +136,9 @@ def _merge(target: str, kind: str, fixed: dict, given) -> QuantParams:
         return parse_quant_algo_params(fixed)
     if isinstance(given, QuantParams):
         given = given.to_dict()
-    parse_quant_algo_params(given)  # the user's own fields are valid on their own
+    # the user's fields are validated against the algorithm that will run: the target's,
+    # unless they name their own (then a conflict is reported below, naming both)
+    parse_quant_algo_params(given if "act_algo" in given else {**fixed, **given})
     want = parse_quant_algo_params(fixed).to_dict()
     got = parse_quant_algo_params({**fixed, **given}).to_dict()
     for field in ("act_algo", "asymmetric", "quant_granularity", "num_bits"):

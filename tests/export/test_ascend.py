@@ -1,5 +1,5 @@
 """ascend-c8 on the real SmolLM2: the directory msModelSlim's KV-cache C8 flow writes
-(issue 11), checked file by file, tensor by tensor."""
+checked file by file, tensor by tensor."""
 import json
 import os
 import shutil

@@ -169,3 +169,24 @@ def test_load_export_refuses_what_the_exporter_refuses(record, tmp_path, edit, p
     from amct_hf.errors import ExportError
     with pytest.raises(ExportError, match=rf"k_proj' has unusable factors: {problem}\[0\]"):
         load_export(out)
+
+
+def test_safetensors_export_is_the_same_bytes_in_every_process(tmp_path):
+    import subprocess
+    import sys
+
+    from amct_hf.record.files import write_kv_factors
+    rec = tmp_path / "r.txt"
+    write_kv_factors(rec, {f"model.layers.{i}.self_attn.{kv}_proj": ([0.01 * (i + 1)], [i])
+                           for i in range(3) for kv in "kv"})
+    code = "import sys; from amct_hf.export.factors import export_safetensors; export_safetensors(*sys.argv[1:])"
+    outs = []
+    for i in range(6):  # the safetensors library's metadata order changes between processes
+        out = tmp_path / f"f{i}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(rec), str(out)], check=True, timeout=120)
+        outs.append(out.read_bytes())
+    assert all(o == outs[0] for o in outs)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "f0.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "amct_hf.kv_cache_factors", "source_record": "r.txt"}
+        assert float(f.get_tensor("model.layers.2.self_attn.v_proj.kv_cache_scale")[0]) == pytest.approx(0.03)

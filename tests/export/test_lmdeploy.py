@@ -9,7 +9,8 @@ import pytest
 from amct_hf.errors import ExportError
 from amct_hf.export import export_lmdeploy_ascend
 from amct_hf.export.lmdeploy import format_fixed_point
-from amct_hf.record.files import format_record, read_kv_factors, write_kv_factors
+from amct_hf.record.files import read_kv_factors, write_kv_factors
+from amct_hf.record.schema import format_record
 
 LAYERS = 30
 

@@ -162,7 +162,7 @@ def test_smollm2_memory_and_greedy_agreement(smollm2):
     agreement (the int8 run's own greedy tokens against the fp32 run's). It is chaotic:
     after a flip at an fp32 near-tie (top-2 logit margins of 0.005-0.1 here) the
     continuations differ wholesale, so records of similar perplexity score anywhere from
-    0.5 to 1.0 (README, Accuracy) and a bound on it fails on the last float.
+    0.5 to 1.0 (docs/accuracy.md) and a bound on it fails on the last float.
     """
     from transformers import DynamicCache
     model, tok, record = smollm2
@@ -251,7 +251,7 @@ def test_smollm2_cache_dequantizes_within_half_a_step(smollm2):
     (float("nan"), 0, "scale"), (0.0, 0, "scale"), (-0.5, 0, "scale"), (float("inf"), 0, "scale"),
     (0.5, 1000, "offset"), (0.5, 2 ** 40, "offset"), (0.5, -129, "offset")])
 def test_unusable_factors_are_refused_by_the_cache_and_by_eval(tmp_path, scale, offset, problem):
-    """One validator wherever factors are read (issue 9 §4): the cache, the evaluator and
+    """One validator wherever factors are read: the cache, the evaluator and
     the export reader refuse what the exporter refuses."""
     from amct_hf.errors import RecordFileError
     model = tiny("llama")

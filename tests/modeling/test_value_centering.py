@@ -1,5 +1,5 @@
 """The identity a symmetric-only engine would rely on to serve an asymmetric value record
-(README "Accuracy", next ideas): attention weights sum to one, so quantizing ``v - mu``
+(docs/accuracy.md): attention weights sum to one, so quantizing ``v - mu``
 symmetrically, with ``mu = -offset * scale`` moved into a ``v_proj`` bias and
 ``W_o @ repeat_kv(mu)`` into an ``o_proj`` bias, gives the logits of quantizing ``v``
 with the asymmetric (scale, offset). Checked through the real routed attention

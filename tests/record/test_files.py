@@ -17,14 +17,10 @@ from google.protobuf import text_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amct_hf.record.files import (
-    RecordFileError,
-    RecordOverwriteWarning,
-    format_record,
-    parse_record_text,
-    read_kv_factors,
-    write_kv_factors,
-)
+from amct_hf.errors import RecordFileError, RecordOverwriteWarning
+from amct_hf.record.files import read_kv_factors, write_kv_factors
+from amct_hf.record.merge import index_record, parse_record_text
+from amct_hf.record.schema import format_record
 
 RECORD_PY = Path(__file__).resolve().parents[2] / "amct_hf" / "record" / "files.py"
 K0 = "model.layers.0.self_attn.k_proj"
@@ -212,7 +208,7 @@ def test_foreign_entries_survive_merge(tmp_path):
     # The parsed values of the foreign entries are unchanged too.
     from google.protobuf import text_format
 
-    from amct_hf.record.files import ScaleOffsetRecord
+    from amct_hf.record.schema import ScaleOffsetRecord
     rec = ScaleOffsetRecord()
     text_format.Parse(text, rec, allow_unknown_field=True)
     conv1 = next(e for e in rec.record if e.key == "conv1").value
@@ -413,7 +409,7 @@ def test_sigkill_mid_write_leaves_complete_file(tmp_path):
 
 
 # --------------------------------------------------------------------------- fast scanner vs protobuf
-# The merge no longer parses the whole file with protobuf (issue 12): canonical entries are
+# The merge no longer parses the whole file with protobuf: canonical entries are
 # matched by a pattern, other fields parsed alone. These tests hold the scanner to protobuf.
 _SCALE_TOKENS = ["0.5", "1", "1.", ".5", "-.5", "01.5", "0.027280478", "1e-30", "3.4e+38", "1e39",
                  "1e-50", "1E5", "1.0f", "+1", "0x1", "inf", "-inf", "nan", "-nan", "Infinity",
@@ -457,7 +453,7 @@ def _random_text(rng):
 def _protobuf_read(text):
     from google.protobuf import text_format
 
-    from amct_hf.record.files import ScaleOffsetRecord
+    from amct_hf.record.schema import ScaleOffsetRecord
     rec = ScaleOffsetRecord()
     text_format.Parse(text, rec, allow_unknown_field=True)
     return {e.key: (list(e.kv_cache_value.scale), list(e.kv_cache_value.offset))
@@ -532,7 +528,7 @@ def test_merge_of_random_records_matches_protobuf(tmp_path):
     assert merged >= 100
 
 
-# ------------------------------------------------ issue 9: invalid entries, paths, litter, waits
+# ------------------------------------------------ invalid entries, paths, litter, waits
 def test_invalid_foreign_entry_is_kept_and_named_on_read(tmp_path):
     from amct_hf import QuantCalibrationOp
     p = tmp_path / "r.txt"
@@ -697,11 +693,11 @@ def test_stopped_writer_does_not_block_others_forever(tmp_path):
     # the child stops itself (SIGSTOP) while it holds the lock, just before its file write
     child = _LOAD + textwrap.dedent("""
         import os, signal
-        real = rec.atomic_replace
+        real = rec.write_text_atomic
         def stop_then_write(*a):
             os.kill(os.getpid(), signal.SIGSTOP)
             real(*a)
-        rec.atomic_replace = stop_then_write
+        rec.write_text_atomic = stop_then_write
         rec.write_kv_factors(sys.argv[1], {"child": ([0.5], [1])})
     """)
     pr = subprocess.Popen([sys.executable, "-c", child, str(p)])
@@ -780,7 +776,7 @@ def test_index_kept_from_our_last_write_equals_a_fresh_scan(tmp_path):
             want[layer] = (f32(value[0]), value[1])
             out = p.read_text()
             kept_text, kept = record._last_write[os.path.realpath(p)]
-            assert kept_text == out and kept == record._index(out, "x")
+            assert kept_text == out and kept == index_record(out, "x")
             assert _protobuf_read(out) == want
         # someone else rewrites the file in place, same size: our index must not be used
         changed = out.replace("scale: 0.5\n", "scale: 0.7\n") if "scale: 0.5\n" in out else None
@@ -799,7 +795,7 @@ def test_index_kept_from_our_last_write_equals_a_fresh_scan(tmp_path):
 def test_fast_record_printer_is_protobufs(entries):
     """format_record (and every merge) prints kv_cache_value itself; byte for byte what
     protobuf's text printer writes."""
-    from amct_hf.record import files as rec
+    from amct_hf.record import schema as rec
     factors = {name: (scales, [off] * len(scales)) for name, scales, off in entries}
     msg = rec.ScaleOffsetRecord()
     for name, (scales, offsets) in factors.items():

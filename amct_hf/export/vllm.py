@@ -15,10 +15,11 @@ read:
 * ``config.json`` with ``quantization_config``: ``quant_method: compressed-tensors``, no
   ``config_groups`` (weights stay as they are), ``kv_cache_scheme`` {num_bits 8, type
   float, strategy tensor or attn_head, dynamic false, symmetric true}. vLLM's
-  compressed-tensors KV validation accepts ``tensor`` and, since vLLM PR #30141,
+  compressed-tensors KV validation accepts ``tensor`` and, in current releases,
   ``attn_head`` (per-head scales are used by the FlashAttention 3 backend only;
-  docs/serving.md). No ``q_scale`` is written: vLLM then quantizes the query to FP8 with
-  1.0 on the backends that quantize it.
+  docs/serving.md). ``<attn>.q_scale`` is written only with ``query_scales``
+  (:mod:`amct_hf.export.query`); without it vLLM quantizes the query to FP8 with 1.0 on
+  the backends that quantize it.
 
 The scale transfers the calibrated INT8 clip range to FP8: the record clips channel c to
 ``[s_c * (-128 - o_c), s_c * (127 - o_c)]``, so its largest magnitude is

@@ -379,14 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser("export", help="export a record's factors for serving engines and other tools",
-                       description="Export the kv_cache_value entries of an AMCT record file: json or "
-                                   "safetensors (the factors alone); ascend-c8 (a model directory "
-                                   "vllm-ascend / MindIE load with an INT8 KV cache; symmetric records "
-                                   "only); vllm-fp8 (a checkpoint vLLM loads with kv_cache_dtype=fp8); "
-                                   "modelopt-fp8 (ModelOpt's unified HF layout, for TensorRT-LLM / "
-                                   "SGLang); "
-                                   "lmdeploy-ascend (the per-tensor record lmdeploy's Ascend backend "
-                                   "parses).")
+                       description="Export the kv_cache_value entries of an AMCT record file. Formats: "
+                                   + "; ".join(f"{f.name} ({f.writes} for {f.engines})" for f in FORMATS.values())
+                                   + ".")
     p.add_argument("--record", required=True, metavar="FILE", help="AMCT record file")
     p.add_argument("--format", choices=list(FORMATS), default="json", help="output format (default: json)")
     p.add_argument("--out", metavar="PATH",

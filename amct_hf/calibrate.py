@@ -217,45 +217,13 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
                            padding_side=getattr(tok, "padding_side", "right") or "right")
     if device_map is None and state.device.type != "cpu" and input_device(model).type == "cpu":
         model.to(state.device)  # this process's accelerator (one per rank when distributed)
-    device = input_device(model)
     bins = quant.stream_bins
     # the token count over all processes sizes the exact IFMR extremes; on an accelerator the
     # NaN/Inf checks stay on the device until check_pending() (no host sync per batch)
     bank = KVBank(settings.kv.params, quant.mode, settings.kv.groups, head_dim=_head_dim(model),
                   tokens=int(sum(len(s) for s in samples)), defer_checks=True,
                   **({"bins": bins} if bins and quant.mode == "streaming" else {}))
-    skip_logits = no_logits_kwargs(model)
-    bar = None
-    if progress and comm.rank == 0:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(batches), desc="calibrating", unit="batch")
-    failure = None
-    try:
-        # The forward stops once the last layer's K/V are observed, except under accelerate's
-        # dispatch hooks: their post-forward (offloading weights back) must run.
-        dispatched = any(hasattr(m, "_hf_hook") for m in model.modules())
-        with torch.no_grad(), KVCalibrationHooks(model, bank, tap=quant.tap, stop_when_complete=not dispatched):
-            for batch in batches:
-                ids = batch["input_ids"].to(device)
-                mask = batch["attention_mask"]
-                kwargs = {}
-                if not bool(mask.all()):
-                    # positions count real tokens only, so left padding does not shift RoPE;
-                    # without padding the mask is omitted: no per-batch token selection
-                    kwargs = {"attention_mask": mask.to(device),
-                              "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device)}
-                try:
-                    model(input_ids=ids, use_cache=False, **skip_logits, **kwargs)
-                except KVStatesComplete:
-                    pass
-                if bar is not None:
-                    bar.update(1)
-            bank.check_pending()
-    except CalibrationInputError as err:
-        failure = err  # the other processes are told before anyone raises: nobody hangs
-    finally:
-        if bar is not None:
-            bar.close()
+    failure = _observe(model, batches, bank, quant.tap, show_progress=progress and comm.rank == 0)
     if comm.any(failure is not None):
         raise failure or CalibrationInputError(
             "another process stopped on an unusable activation (its error names the layer); "
@@ -273,6 +241,45 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     comm.barrier()
     return CalibrationResult(record_file, factors, params, len(samples), tokens, time.time() - started,
                              tolerance, _shortfall(samples, data.num_samples, data.seq_len), settings.kv, chat)
+
+
+def _observe(model, batches, bank, tap: str, show_progress: bool) -> CalibrationInputError | None:
+    """Run every batch through the model with its K/V routed into ``bank``; the first
+    unusable activation stops the loop and is returned (not raised), so the caller can
+    tell the other processes before anyone raises and nobody hangs."""
+    device = input_device(model)
+    skip_logits = no_logits_kwargs(model)
+    bar = None
+    if show_progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(batches), desc="calibrating", unit="batch")
+    try:
+        # The forward stops once the last layer's K/V are observed, except under accelerate's
+        # dispatch hooks: their post-forward (offloading weights back) must run.
+        dispatched = any(hasattr(m, "_hf_hook") for m in model.modules())
+        with torch.no_grad(), KVCalibrationHooks(model, bank, tap=tap, stop_when_complete=not dispatched):
+            for batch in batches:
+                ids = batch["input_ids"].to(device)
+                mask = batch["attention_mask"]
+                kwargs = {}
+                if not bool(mask.all()):
+                    # positions count real tokens only, so left padding does not shift RoPE;
+                    # without padding the mask is omitted: no per-batch token selection
+                    kwargs = {"attention_mask": mask.to(device),
+                              "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device)}
+                try:
+                    model(input_ids=ids, use_cache=False, **skip_logits, **kwargs)
+                except KVStatesComplete:
+                    pass
+                if bar is not None:
+                    bar.update(1)
+            bank.check_pending()
+    except CalibrationInputError as err:
+        return err
+    finally:
+        if bar is not None:
+            bar.close()
+    return None
 
 
 def options_from_keywords(*, quant_algo_params=None, split="train", text_column="text", num_samples=128,

@@ -29,7 +29,7 @@ from ..modeling.loading import input_device, load_model
 from ..naming import attention_path, record_order
 from ..record.files import load_kv_factors
 from ..settings.validate import positive_int
-from .perplexity import _StaticFakeQuant, _batches, _format_rows, _interval, _nll, _ppl
+from .perplexity import _batches, _format_rows, _interval, _nll, _ppl, _StaticFakeQuant
 
 __all__ = ["per_layer_cost", "PerLayerResult", "layer_index", "skip_layers_arg"]
 

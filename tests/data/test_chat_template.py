@@ -10,8 +10,14 @@ import torch
 
 from amct_hf import calibrate_kv_cache
 from amct_hf.cli import main
-from amct_hf.data.samples import (chat_messages, has_chat_template, load_texts, render_chat, tokenize_samples,
-                                  use_chat_template)
+from amct_hf.data.samples import (
+    chat_messages,
+    has_chat_template,
+    load_texts,
+    render_chat,
+    tokenize_samples,
+    use_chat_template,
+)
 from amct_hf.errors import DatasetError, InvalidArgumentError
 from amct_hf.settings.options import DataOptions
 

@@ -15,10 +15,11 @@ from typing import Any
 
 from ..errors import DatasetError, MissingFileError
 from ..modeling.loading import looks_like_path
+from ..settings.options import check_chat_template_option
 from ..settings.validate import positive_int
 
 __all__ = ["load_texts", "tokenize_samples", "make_batches", "shard", "FILE_BUILDERS",
-           "CHAT_TEMPLATE_CHOICES", "check_chat_template_option", "has_chat_template", "use_chat_template",
+           "has_chat_template", "use_chat_template",
            "chat_messages", "render_chat"]
 
 logger = logging.getLogger("amct_hf")
@@ -307,18 +308,6 @@ def _lengths(samples) -> str:
 
 # --------------------------------------------------------------------------- chat template
 
-#: the values of the chat-template option: off, on (the tokenizer must have a template),
-#: or on exactly when the tokenizer has one
-CHAT_TEMPLATE_CHOICES = (False, True, "auto")
-
-
-def check_chat_template_option(value, error=DatasetError):
-    """``value`` if it is one of :data:`CHAT_TEMPLATE_CHOICES`, else a one-line ``error``."""
-    if not any(value is c if isinstance(c, bool) else value == c for c in CHAT_TEMPLATE_CHOICES):
-        raise error(f"chat_template must be True, False or 'auto', got {value!r}")
-    return value
-
-
 def has_chat_template(tokenizer) -> bool:
     """Whether ``tokenizer`` carries a chat template."""
     return bool(getattr(tokenizer, "chat_template", None))
@@ -328,7 +317,7 @@ def use_chat_template(tokenizer, chat_template: bool | str) -> bool:
     """Whether texts are rendered through ``tokenizer``'s chat template: the option
     resolved for this tokenizer ("auto": when it has one). True for a tokenizer without
     a template is a one-line ``DatasetError``, raised before any forward pass."""
-    check_chat_template_option(chat_template)
+    check_chat_template_option(chat_template, DatasetError)
     if chat_template == "auto":
         return has_chat_template(tokenizer)
     if chat_template and not has_chat_template(tokenizer):

@@ -17,12 +17,23 @@ from ..errors import InvalidArgumentError
 from .presets import KVSettings
 from .validate import positive_int
 
-__all__ = ["LoadOptions", "DataOptions", "QuantOptions", "CalibrationSettings", "TAPS", "DRIVER_MODES"]
+__all__ = ["LoadOptions", "DataOptions", "QuantOptions", "CalibrationSettings", "TAPS", "DRIVER_MODES",
+           "CHAT_TEMPLATE_CHOICES", "check_chat_template_option"]
 
 #: where K/V are read: as the KV cache stores them (post-RoPE) or as k_proj/v_proj emit them
 TAPS = ("cache", "proj")
 #: bounded-memory histograms, or every value kept (AMCT's exact factors for any count)
 DRIVER_MODES = ("streaming", "exact")
+#: the values of the chat-template option: off, on (the tokenizer must have a template),
+#: or on exactly when the tokenizer has one
+CHAT_TEMPLATE_CHOICES = (False, True, "auto")
+
+
+def check_chat_template_option(value, error=InvalidArgumentError):
+    """``value`` if it is one of :data:`CHAT_TEMPLATE_CHOICES`, else a one-line ``error``."""
+    if not any(value is c if isinstance(c, bool) else value == c for c in CHAT_TEMPLATE_CHOICES):
+        raise error(f"chat_template must be True, False or 'auto', got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -54,11 +65,9 @@ class DataOptions:
     chat_template: bool | str = False
 
     def __post_init__(self):
-        from ..data.samples import check_chat_template_option
-
         for name in ("num_samples", "seq_len", "batch_size"):
             positive_int(name, getattr(self, name))
-        check_chat_template_option(self.chat_template, InvalidArgumentError)
+        check_chat_template_option(self.chat_template)
 
     @property
     def num_tokens(self) -> int:

@@ -68,6 +68,7 @@ def smollm2_setup(samples: int, seq_len: int):
         from amct_hf.data.samples import load_texts, make_batches, tokenize_samples
     except ImportError:  # an older checkout (compare_checkouts.py), before the data package
         from amct_hf.assets import news_corpus_path, smollm2_folder
+
         from amct_hf.data import load_texts, make_batches, tokenize_samples
     set_threads()
     folder = smollm2_folder()

@@ -318,7 +318,7 @@ def _check_per_layer_flags(args) -> None:
 
 
 def _run_per_layer(args, model, dataset, record) -> int:
-    from .evaluation.perplexity import per_layer_cost, skip_layers_arg
+    from .evaluation.per_layer import per_layer_cost, skip_layers_arg
     from .fileio import write_text_atomic
     result = per_layer_cost(
         model, dataset, record, num_samples=args.num_samples, seq_len=args.seq_len,

@@ -53,7 +53,6 @@ import hashlib
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -66,14 +65,15 @@ from ..errors import InvalidArgumentError
 from ..modeling.attention import kv_calibration, kv_transform
 from ..modeling.layout import broadcast_factor, check_record, kv_layout
 from ..modeling.loading import input_device, load_model, resolve_dtype
-from ..naming import attention_path, layer_kind, record_order
+from ..naming import attention_path, layer_kind
 from ..observers.minmax import MinMaxRanges
 from ..record.files import load_kv_factors
 from ..settings.validate import positive_int
 from .intervals import paired_relative_increase
 from .served import fp8_e4m3, load_export_model, read_served_export
 
-__all__ = ["evaluate_kv_quant", "EvalResult", "per_layer_cost", "PerLayerResult", "layer_index", "skip_layers_arg"]
+__all__ = ["evaluate_kv_quant", "EvalResult", "StaticFakeQuant", "check_chunk_args", "chunk_batches",
+           "chunk_interval", "chunk_nll", "evaluation_samples", "format_rows", "perplexity_of"]
 
 logger = logging.getLogger("amct_hf")
 _LABELS = {"baseline": "full precision", "quantized": "record (static INT8)",
@@ -102,7 +102,7 @@ class _LayerError:
         return self.err / self.ref if self.ref > 0 else (0.0 if self.err == 0 else math.inf)
 
 
-class _StaticFakeQuant:
+class StaticFakeQuant:
     """kv_transform callback: quantize-dequantize with fixed factors per record key."""
 
     def __init__(self, factors: dict):
@@ -211,7 +211,7 @@ class EvalResult:
             rows.append((_LABELS.get(name, name), f"{ref['ppl']:.4f}", f"{100 * ref['relative_increase']:+.3f}%",
                          _interval_cell(ref.get("interval"))))
         lines = [f"{self.num_samples} x {self.seq_len} tokens ({self.num_tokens} predicted), "
-                 f"{'export' if served else 'record'} {self.record_file}", *_format_rows(rows), ""]
+                 f"{'export' if served else 'record'} {self.record_file}", *format_rows(rows), ""]
 
         pairs: dict[str, dict[str, str]] = {}  # attention module -> {"K": key name, "V": ...}
         for name in self.layers:
@@ -235,7 +235,7 @@ class EvalResult:
                                f"{st.get('rel_mse_dynamic_per_token', math.nan):.2e}")
             rows.append(tuple(row))
         lines += ["per-layer relative MSE ||x_hat - x||^2 / ||x||^2 over the eval tokens "
-                  f"(record; * = worst {worst}; mm/dyn = references):", *_format_rows(rows)]
+                  f"(record; * = worst {worst}; mm/dyn = references):", *format_rows(rows)]
         return "\n".join(lines)
 
 
@@ -247,7 +247,7 @@ def _interval_cell(interval) -> str:
     return f"[{100 * interval['low']:+.3f}%, {100 * interval['high']:+.3f}%]" if interval else ""
 
 
-def _interval(baseline_chunks, chunks, tokens) -> dict | None:
+def chunk_interval(baseline_chunks, chunks, tokens) -> dict | None:
     """Paired bootstrap over the chunks (None when there are too few to resample)."""
     if len(chunks) < 2:
         return None
@@ -273,7 +273,7 @@ def _check_reuse(baseline, digest: str, references: bool) -> None:
                                    "seq_len, num_samples, skip_tokens and batch_size must match)")
 
 
-def _format_rows(rows) -> list[str]:
+def format_rows(rows) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     out.insert(1, "  ".join("-" * w for w in widths))
@@ -282,7 +282,7 @@ def _format_rows(rows) -> list[str]:
 
 # --------------------------------------------------------------------------- evaluation
 
-def _nll(model: nn.Module, batches, device, desc: str, progress: bool) -> tuple[float, int, list]:
+def chunk_nll(model: nn.Module, batches, device, desc: str, progress: bool) -> tuple[float, int, list]:
     """Summed next-token NLL (float64), the number of predicted tokens and each chunk's
     summed NLL (in batch order)."""
     total, count, chunks = 0.0, 0, []
@@ -307,7 +307,7 @@ def _nll(model: nn.Module, batches, device, desc: str, progress: bool) -> tuple[
     return total, count, chunks
 
 
-def _ppl(nll: float, count: int) -> float:
+def perplexity_of(nll: float, count: int) -> float:
     return math.exp(nll / count)
 
 
@@ -316,7 +316,7 @@ def _granularity(factors: dict) -> str:
     return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
-def _batches(samples, batch_size):
+def chunk_batches(samples, batch_size):
     # packed samples all have seq_len tokens (a lone shorter one stays alone): no padding
     by_len: dict[int, list] = {}
     for s in samples:
@@ -326,6 +326,33 @@ def _batches(samples, batch_size):
         for i in range(0, len(group), batch_size):
             out.append(torch.tensor(group[i:i + batch_size], dtype=torch.long))
     return out
+
+
+def check_chunk_args(num_samples, seq_len, batch_size, skip_tokens) -> None:
+    """The chunk arguments of an evaluation, refused before anything is loaded."""
+    for arg, value in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
+        positive_int(arg, value)
+    if seq_len < 2:
+        raise InvalidArgumentError(f"seq_len must be at least 2 (one token to predict), got {seq_len}")
+    if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
+        raise InvalidArgumentError(f"skip_tokens must be a non-negative int, got {skip_tokens!r}")
+
+
+def evaluation_samples(tok, texts, seq_len: int, num_samples: int, skip_tokens: int, chat_template) -> list:
+    """``num_samples`` packed chunks of ``seq_len`` tokens after the first ``skip_tokens``
+    (rounded up to whole chunks)."""
+    from ..data.samples import tokenize_samples
+
+    skip = -(-skip_tokens // seq_len)
+    samples = tokenize_samples(tok, texts, seq_len=seq_len, num_samples=skip + num_samples,
+                               chat_template=chat_template)
+    if skip and len(samples) <= skip:
+        raise InvalidArgumentError(f"skip_tokens={skip_tokens} leaves no evaluation text: the dataset "
+                                   f"packs into only {len(samples)} chunk(s) of {seq_len} tokens")
+    samples = samples[skip:]
+    if sum(len(s) - 1 for s in samples) == 0:
+        raise InvalidArgumentError("the evaluation text has a single token: nothing to predict")
+    return samples
 
 
 def evaluate_kv_quant(model, dataset, record_file=None, *, tokenizer=None, num_samples: int = 8,
@@ -361,15 +388,10 @@ def evaluate_kv_quant(model, dataset, record_file=None, *, tokenizer=None, num_s
     one; the scale-1.0 reference likewise), as vLLM's FlashAttention 3, Triton and
     FlashInfer backends do with an FP8 KV cache.
     """
-    from ..data.samples import load_texts, tokenize_samples
+    from ..data.samples import load_texts
 
     started = time.time()
-    for arg, value in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
-        positive_int(arg, value)
-    if seq_len < 2:
-        raise InvalidArgumentError(f"seq_len must be at least 2 (one token to predict), got {seq_len}")
-    if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
-        raise InvalidArgumentError(f"skip_tokens must be a non-negative int, got {skip_tokens!r}")
+    check_chunk_args(num_samples, seq_len, batch_size, skip_tokens)
     served = None
     if export_dir is not None:
         if record_file is not None or model is not None:
@@ -409,16 +431,8 @@ def evaluate_kv_quant(model, dataset, record_file=None, *, tokenizer=None, num_s
                 for name in layout:
                     served.scale_for(name)  # every attention layer has its scales
 
-            skip = -(-skip_tokens // seq_len)
-            samples = tokenize_samples(tok, texts, seq_len=seq_len, num_samples=skip + num_samples,
-                                       chat_template=chat_template)
-            if skip and len(samples) <= skip:
-                raise InvalidArgumentError(f"skip_tokens={skip_tokens} leaves no evaluation text: the dataset "
-                                 f"packs into only {len(samples)} chunk(s) of {seq_len} tokens")
-            samples = samples[skip:]
-            if sum(len(sample) - 1 for sample in samples) == 0:
-                raise InvalidArgumentError("the evaluation text has a single token: nothing to predict")
-            batches = _batches(samples, batch_size)
+            samples = evaluation_samples(tok, texts, seq_len, num_samples, skip_tokens, chat_template)
+            batches = chunk_batches(samples, batch_size)
             digest = _digest(batches)
             _check_reuse(baseline, digest, references)
             device = input_device(model)
@@ -447,10 +461,10 @@ def _evaluate(model, batches, device, factors, layout, references, progress, reu
         nll, count, base_chunks = sum(reuse.baseline_chunk_nll), reuse.num_tokens, reuse.baseline_chunk_nll
     elif references and ranges is not None:  # the baseline pass also collects the min-max ranges
         with kv_calibration(model, ranges):
-            nll, count, base_chunks = _nll(model, batches, device, "full precision", progress)
+            nll, count, base_chunks = chunk_nll(model, batches, device, "full precision", progress)
     else:
-        nll, count, base_chunks = _nll(model, batches, device, "full precision", progress)
-    baseline = _ppl(nll, count)
+        nll, count, base_chunks = chunk_nll(model, batches, device, "full precision", progress)
+    baseline = perplexity_of(nll, count)
     tokens = [int(b.shape[1]) - 1 for b in batches for _ in range(b.shape[0])]
     if not math.isfinite(baseline):
         raise InvalidArgumentError(
@@ -458,11 +472,11 @@ def _evaluate(model, batches, device, factors, layout, references, progress, reu
             "finite (NaN/Inf weights, or float16 overflow: load it in float32 or bfloat16)")
 
     fp8_query = served is not None and getattr(served, "fp8_query", False)
-    record = _StaticFakeQuant(factors) if served is None else \
+    record = StaticFakeQuant(factors) if served is None else \
         _Measured(served.function(), served.query_function() if fp8_query else None)
     with kv_transform(model, record):
-        q_nll, q_count, q_chunks = _nll(model, batches, device, "record", progress)
-    quantized = _ppl(q_nll, q_count)
+        q_nll, q_count, q_chunks = chunk_nll(model, batches, device, "record", progress)
+    quantized = perplexity_of(q_nll, q_count)
 
     layers = {name: {"rel_mse": err.rel_mse,
                      "clip_fraction": err.clipped / err.values if err.values else 0.0,
@@ -472,159 +486,16 @@ def _evaluate(model, batches, device, factors, layout, references, progress, reu
               for name, err in record.errors.items()}
     refs = {}
     if references:
-        first = ("minmax", _StaticFakeQuant(ranges.factors(factors))) if served is None \
+        first = ("minmax", StaticFakeQuant(ranges.factors(factors))) if served is None \
             else ("fp8_scale_1", _Measured(_fp8_unit_scale, _fp8_unit_query if fp8_query else None))
         for ref_name, transform in (first, ("dynamic_per_token", _DynamicPerToken())):
             with kv_transform(model, transform):
-                r_nll, r_count, r_chunks = _nll(model, batches, device, ref_name, progress)
-            ppl = _ppl(r_nll, r_count)
+                r_nll, r_count, r_chunks = chunk_nll(model, batches, device, ref_name, progress)
+            ppl = perplexity_of(r_nll, r_count)
             refs[ref_name] = {"ppl": ppl, "relative_increase": ppl / baseline - 1.0,
-                              "interval": _interval(base_chunks, r_chunks, tokens)}
+                              "interval": chunk_interval(base_chunks, r_chunks, tokens)}
             for name, err in transform.errors.items():
                 layers.setdefault(name, {})[f"rel_mse_{ref_name}"] = err.rel_mse
     chunks = {"baseline_chunk_nll": base_chunks, "quantized_chunk_nll": q_chunks, "chunk_tokens": tokens,
-              "interval": _interval(base_chunks, q_chunks, tokens)}
+              "interval": chunk_interval(base_chunks, q_chunks, tokens)}
     return baseline, quantized, refs, layers, count, chunks
-
-
-# --------------------------------------------------------------------------- per-layer cost
-#
-# Which attention layers a record's static INT8 K/V hurts most: the full-precision pass
-# once, then one pass per attention layer with only that layer's K and V quantize-dequantized
-# by the record (every other layer full precision), on the same packed chunks
-# evaluate_kv_quant uses, the layers ranked by the perplexity increase. The most costly
-# ones are the candidates to keep in 16 bits; skip_layers_arg writes them as vLLM's
-# --kv-cache-dtype-skip-layers takes them. vLLM (CacheConfig.kv_cache_dtype_skip_layers:
-# list[str]) compares str(extract_layer_index(prefix)) of each attention layer -- the one
-# integer in its module path -- with the listed strings (besides the attention-type name
-# "sliding_window"), so the list holds decimal layer indices.
-
-
-class _OneLayer:
-    """kv_transform callback: the record's fake quantization for one attention layer's
-    K and V, every other layer's states unchanged."""
-
-    def __init__(self, factors: dict, names: list[str]):
-        self.quant = _StaticFakeQuant({n: factors[n] for n in names})
-
-    def __call__(self, name: str, states: torch.Tensor) -> torch.Tensor:
-        return self.quant(name, states) if name in self.quant.factors else states
-
-
-@dataclass
-class PerLayerResult:
-    """The full-precision perplexity and, per attention layer (most costly first), the
-    perplexity with only that layer's K/V quantized by the record."""
-    baseline_ppl: float
-    #: [{"layer": attention module path, "index": layer index or None, "ppl",
-    #:   "relative_increase", "interval"}], most costly first
-    layers: list
-    record_file: str
-    num_samples: int
-    seq_len: int
-    num_tokens: int
-    seconds: float = 0.0
-    baseline_chunk_nll: list = field(default_factory=list)
-
-    def most_costly(self, n: int) -> list[dict]:
-        """The ``n`` most costly layers."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise InvalidArgumentError(f"the number of layers to keep must be a non-negative int, got {n!r}")
-        return self.layers[:n]
-
-    def table(self) -> str:
-        rows = [("rank", "layer", "ppl", "rel. increase", "95% interval")]
-        for rank, row in enumerate(self.layers, 1):
-            iv = row["interval"]
-            rows.append((str(rank), row["layer"], f"{row['ppl']:.4f}", f"{100 * row['relative_increase']:+.3f}%",
-                         f"[{100 * iv['low']:+.3f}%, {100 * iv['high']:+.3f}%]" if iv else ""))
-        head = (f"{self.num_samples} x {self.seq_len} tokens ({self.num_tokens} predicted), record "
-                f"{self.record_file}; full precision ppl {self.baseline_ppl:.4f}; one layer's K and V "
-                "quantized at a time, most costly first:")
-        return "\n".join([head, *_format_rows(rows)])
-
-
-def layer_index(path: str) -> int | None:
-    """The layer index vLLM reads from an attention module path: its one integer
-    component (``model.layers.7.self_attn`` -> 7); None when there is not exactly one."""
-    numbers = [int(p) for p in path.split(".") if re.fullmatch(r"\d+", p)]
-    return numbers[0] if len(numbers) == 1 else None
-
-
-def skip_layers_arg(layers: list[dict]) -> str:
-    """The value of vLLM's ``--kv-cache-dtype-skip-layers`` for these layers: their
-    indices, ascending, space-separated (``vllm serve M --kv-cache-dtype fp8
-    --kv-cache-dtype-skip-layers 3 11``; in Python ``kv_cache_dtype_skip_layers=["3", "11"]``)."""
-    missing = [row["layer"] for row in layers if row["index"] is None]
-    if missing:
-        raise InvalidArgumentError(f"layer {missing[0]!r} has no single layer index in its module path, "
-                                   "which is how vLLM names the layers it skips")
-    return " ".join(str(i) for i in sorted(row["index"] for row in layers))
-
-
-def per_layer_cost(model, dataset, record_file, *, tokenizer=None, num_samples: int = 8, seq_len: int = 512,
-                   batch_size: int = 1, skip_tokens: int = 0, split: str = "train", text_column: str = "text",
-                   chat_template: bool | str = False, device_map=None, dtype=None,
-                   trust_remote_code: bool = False, progress: bool = False, max_memory=None,
-                   offload_folder=None) -> PerLayerResult:
-    """Rank the attention layers by what quantizing that layer alone (its K and V, with
-    ``record_file``'s factors) costs in perplexity, on the chunks
-    :func:`~amct_hf.evaluation.perplexity.evaluate_kv_quant` evaluates with the same
-    arguments. One full-precision pass, then one pass per layer; each layer's increase
-    comes with a paired-bootstrap 95% interval over the chunks. Ties keep the model's
-    layer order."""
-    from ..data.samples import load_texts, tokenize_samples
-
-    started = time.time()
-    for arg, value in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
-        positive_int(arg, value)
-    if seq_len < 2:
-        raise InvalidArgumentError(f"seq_len must be at least 2 (one token to predict), got {seq_len}")
-    if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
-        raise InvalidArgumentError(f"skip_tokens must be a non-negative int, got {skip_tokens!r}")
-    factors, where = load_kv_factors(record_file)
-    texts = load_texts(dataset, split=split, text_column=text_column, messages=chat_template is not False)
-    model, tok = load_model(model, device_map=device_map, dtype=dtype, trust_remote_code=trust_remote_code,
-                            tokenizer=tokenizer, max_memory=max_memory, offload_folder=offload_folder)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            layout = kv_layout(model)
-            check_record(factors, layout, where)
-            skip = -(-skip_tokens // seq_len)
-            samples = tokenize_samples(tok, texts, seq_len=seq_len, num_samples=skip + num_samples,
-                                       chat_template=chat_template)
-            if skip and len(samples) <= skip:
-                raise InvalidArgumentError(f"skip_tokens={skip_tokens} leaves no evaluation text: the dataset "
-                                           f"packs into only {len(samples)} chunk(s) of {seq_len} tokens")
-            samples = samples[skip:]
-            if sum(len(s) - 1 for s in samples) == 0:
-                raise InvalidArgumentError("the evaluation text has a single token: nothing to predict")
-            batches = _batches(samples, batch_size)
-            device = input_device(model)
-            nll, count, base_chunks = _nll(model, batches, device, "full precision", progress)
-            baseline = _ppl(nll, count)
-            if not math.isfinite(baseline):
-                raise InvalidArgumentError(f"the model's own full-precision perplexity is {baseline}: "
-                                           "its outputs are not finite")
-            tokens = [int(b.shape[1]) - 1 for b in batches for _ in range(b.shape[0])]
-            groups: dict[str, list[str]] = {}
-            for name in record_order(layout):
-                groups.setdefault(attention_path(name), []).append(name)
-            rows = []
-            for path, names in groups.items():
-                with kv_transform(model, _OneLayer(factors, names)):
-                    q_nll, q_count, q_chunks = _nll(model, batches, device, path, progress)
-                ppl = _ppl(q_nll, q_count)
-                rows.append({"layer": path, "index": layer_index(path), "ppl": ppl,
-                             "relative_increase": ppl / baseline - 1.0,
-                             "interval": _interval(base_chunks, q_chunks, tokens)})
-    finally:
-        model.train(was_training)
-    rows.sort(key=lambda r: -r["relative_increase"])  # stable: ties keep the layer order
-    return PerLayerResult(
-        baseline_ppl=baseline, layers=rows,
-        record_file=os.fspath(record_file) if isinstance(record_file, (str, os.PathLike)) else "<factors>",
-        num_samples=len(samples), seq_len=seq_len, num_tokens=count, seconds=time.time() - started,
-        baseline_chunk_nll=base_chunks)

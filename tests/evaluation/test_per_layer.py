@@ -1,4 +1,4 @@
-"""amct_hf.evaluation.perplexity.per_layer_cost: the per-layer ranking checked against one-layer
+"""amct_hf.evaluation.per_layer.per_layer_cost: the per-layer ranking checked against one-layer
 evaluations written here (own fake quantization, own NLL), and the skip-layers file."""
 import math
 import re
@@ -11,7 +11,8 @@ from amct_hf import calibrate_kv_cache, write_kv_factors
 from amct_hf.cli import main
 from amct_hf.data.samples import load_texts, tokenize_samples
 from amct_hf.errors import InvalidArgumentError
-from amct_hf.evaluation.perplexity import layer_index, per_layer_cost, skip_layers_arg
+from amct_hf.evaluation.per_layer import per_layer_cost, skip_layers_arg
+from amct_hf.evaluation.per_layer import vllm_layer_index as layer_index
 from amct_hf.modeling.attention import kv_transform
 
 from ..conftest import corpus_lines

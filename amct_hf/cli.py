@@ -258,11 +258,18 @@ def run_eval(args) -> int:
     elif args.skip_tokens == 0 and os.path.abspath(str(dataset)) == os.path.abspath(str(default_corpus_file())):
         log("warning: evaluating on the calibration corpus from its first token scores the very "
             "tokens calibration used; pass --skip-tokens N (N = calibration samples x seq-len)")
-    model = _default_model(args, log)
+    if args.export is not None:
+        from .errors import InvalidArgumentError
+        if args.model is not None or args.record is not None:
+            raise InvalidArgumentError("--export evaluates the export's own model and scales; drop "
+                                       "--model/--record")
+        model, record, served = None, None, {"export_dir": args.export, "fp8_query": args.fp8_query}
+    else:
+        model, record, served = _default_model(args, log), args.record or "kv_cache.txt", {}
     _quiet_loading(args)
     from .evaluation.perplexity import evaluate_kv_quant
     result = evaluate_kv_quant(
-        model, dataset, args.record, num_samples=args.num_samples, seq_len=args.seq_len,
+        model, dataset, record, **served, num_samples=args.num_samples, seq_len=args.seq_len,
         batch_size=args.batch_size, skip_tokens=args.skip_tokens, split=args.split,
         text_column=args.text_column, references=not args.no_references,
         device_map=args.device_map, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
@@ -270,7 +277,7 @@ def run_eval(args) -> int:
     print(result.table(worst=args.worst))
     if args.json:
         from .fileio import write_text_atomic
-        data = {**result.to_dict(), "model": model, "dataset": [str(d) for d in dataset]
+        data = {**result.to_dict(), "model": model or args.export, "dataset": [str(d) for d in dataset]
                 if isinstance(dataset, list) else str(dataset)}
 
         write_text_atomic(args.json, json.dumps(data, indent=2, allow_nan=False) + "\n")
@@ -284,6 +291,20 @@ def run_export(args) -> int:
     from .export.formats import export_format
     options = {"overwrite": args.overwrite, "max_shard_size": args.max_shard_size,
                "trust_remote_code": args.trust_remote_code}
+    if args.kv_strategy is not None:
+        if args.format != "vllm-fp8":
+            from .errors import InvalidArgumentError
+            raise InvalidArgumentError(f"--kv-strategy is for --format vllm-fp8, not {args.format}")
+        options["kv_strategy"] = args.kv_strategy
+    if args.query_dataset is not None:
+        from .errors import InvalidArgumentError
+        if args.format != "vllm-fp8" or args.model is None:
+            raise InvalidArgumentError("--query-dataset calibrates vllm-fp8 query scales: it needs "
+                                       "--format vllm-fp8 and --model")
+        from .export.query import calibrate_query_scales
+        options["query_scales"] = calibrate_query_scales(
+            args.model, args.query_dataset, num_samples=args.query_samples, seq_len=512,
+            per_head=args.kv_strategy == "attn_head", trust_remote_code=args.trust_remote_code)
     print(export_format(args.format).export(args.record, args.out, model=args.model, **options))
     return 0
 
@@ -301,6 +322,17 @@ def run_report(args) -> int:
     elif any(s["channels"] > 1 for s in summary["layers"].values()):
         print("no outlier layers")
     return 0
+
+
+def run_verify(args) -> int:
+    from .export.verify import verify_export
+    report = verify_export(args.path, num_layers=args.num_layers)
+    if report.rows:
+        print(report.table())
+    for problem in report.problems[1:]:
+        print(f"also: {problem}", file=sys.stderr)
+    print(report.verdict())
+    return 0 if report.ok else 1
 
 
 # --------------------------------------------------------------------------- parser
@@ -329,8 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Shakespeare plays (text calibration never saw).")
     _add_model_data(p, num_samples=8, seq_len=512,
                     dataset_default="the bundled Shakespeare plays, held out from calibration")
-    p.add_argument("--record", default="kv_cache.txt", metavar="FILE",
-                   help="AMCT record file (default: kv_cache.txt)")
+    p.add_argument("--record", metavar="FILE", help="AMCT record file (default: kv_cache.txt)")
+    p.add_argument("--export", metavar="DIR",
+                   help="instead of a record: an ascend-c8, vllm-fp8 or modelopt-fp8 export directory, "
+                        "evaluated as its engine serves it (its own weights; scale-only INT8 or FP8 "
+                        "E4M3 with its scales), beside FP8 with scale 1.0 and dynamic per-token INT8")
+    p.add_argument("--fp8-query", action="store_true",
+                   help="with an FP8 --export: also quantize the query to FP8 with the export's q_scale "
+                        "(1.0 without one), as vLLM's FlashAttention 3 / Triton / FlashInfer backends do")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     p.add_argument("--skip-tokens", type=int, default=0, metavar="N",
                    help="skip the first N tokens of the packed text, e.g. the calibration tokens "
@@ -345,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "safetensors (the factors alone); ascend-c8 (a model directory "
                                    "vllm-ascend / MindIE load with an INT8 KV cache; symmetric records "
                                    "only); vllm-fp8 (a checkpoint vLLM loads with kv_cache_dtype=fp8); "
+                                   "modelopt-fp8 (ModelOpt's unified HF layout, for TensorRT-LLM / "
+                                   "SGLang); "
                                    "lmdeploy-ascend (the per-tensor record lmdeploy's Ascend backend "
                                    "parses).")
     p.add_argument("--record", required=True, metavar="FILE", help="AMCT record file")
@@ -355,12 +395,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="MODEL_DIR",
                    help="ascend-c8 / vllm-fp8 / lmdeploy-ascend (checks the layer count): the local model "
                         "folder the record was calibrated on")
+    p.add_argument("--kv-strategy", choices=("tensor", "attn_head"),
+                   help="vllm-fp8: one FP8 scale per K/V tensor (default; every vLLM backend) or one "
+                        "per KV head (attn_head: read by vLLM's FlashAttention 3 backend only)")
+    p.add_argument("--query-dataset", metavar="FILE_OR_NAME",
+                   help="vllm-fp8: also write calibrated q_scale tensors, the query amax / 448 over "
+                        "--query-samples chunks of 512 tokens of this text (without: vLLM uses 1.0)")
+    p.add_argument("--query-samples", type=int, default=16, metavar="N",
+                   help="chunks of 512 tokens for --query-dataset (default 16)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="ascend-c8 / vllm-fp8: weight shard size cap, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow custom model code when reading the model's config")
     p.set_defaults(func=run_export)
+
+    p = sub.add_parser("verify", help="check an export as its engine would read it",
+                       description="Read an ascend-c8, vllm-fp8 or modelopt-fp8 directory, or an "
+                                   "lmdeploy-ascend record, as its engine does: file set, names, shapes, "
+                                   "dtypes, description/config keys, offsets zero where the engine ignores "
+                                   "them, scales finite and positive and not the placeholder 1.0, every "
+                                   "attention layer covered. Prints a per-layer table and one verdict line; "
+                                   "exits 1 on a problem.")
+    p.add_argument("path", metavar="DIR_OR_FILE", help="the export directory (or lmdeploy record file)")
+    p.add_argument("--num-layers", type=int, metavar="N",
+                   help="lmdeploy-ascend record: the model's decoder layers (pairs must be N or 2N)")
+    p.set_defaults(func=run_verify)
 
     p = sub.add_parser("report", help="plot the clip ranges of a record's factors",
                        description="Plot per-layer (and, for per-channel records, per-channel) INT8 "

@@ -35,6 +35,12 @@ the keys of every layer clip ~1%).
 The record is checked against the model (names, channel counts, per-tensor vs
 per-channel sizes) with one 2-token probe forward before any evaluation pass; a
 mismatch is refused naming the first mismatching layer.
+
+With ``export_dir`` instead of a record, the export directory is read the way its engine
+reads it (:mod:`amct_hf.evaluation.served`): its own weights (folded biases included) and
+its scales in the engine's arithmetic (scale-only INT8 for ``ascend-c8``, E4M3 for
+``vllm-fp8`` / ``modelopt-fp8``); the references are then E4M3 with scale 1.0 (the engines'
+uncalibrated default) and dynamic per-token INT8.
 """
 from __future__ import annotations
 
@@ -53,18 +59,20 @@ from ..algorithms.convention import fake_quantize, minmax_factors
 from ..errors import InvalidArgumentError
 from ..modeling.attention import kv_calibration, kv_transform
 from ..modeling.layout import broadcast_factor, check_record, kv_layout
-from ..modeling.loading import input_device, load_model
+from ..modeling.loading import input_device, load_model, resolve_dtype
 from ..naming import attention_path, layer_kind
 from ..observers.minmax import MinMaxRanges
 from ..record.files import load_kv_factors
 from ..settings.validate import positive_int
 from .intervals import paired_relative_increase
+from .served import fp8_e4m3, load_export_model, read_served_export
 
 __all__ = ["evaluate_kv_quant", "EvalResult"]
 
 logger = logging.getLogger("amct_hf")
 _LABELS = {"baseline": "full precision", "quantized": "record (static INT8)",
-           "minmax": "min-max on eval data (oracle)", "dynamic_per_token": "dynamic per-token INT8"}
+           "minmax": "min-max on eval data (oracle)", "dynamic_per_token": "dynamic per-token INT8",
+           "fp8_scale_1": "FP8 E4M3, scale 1.0 (uncalibrated)"}
 
 
 class _LayerError:
@@ -110,6 +118,30 @@ class _StaticFakeQuant:
         x_hat, clipped = fake_quantize(x, s, o, clipped=True)
         self.errors.setdefault(name, _LayerError()).add(x, x_hat, clipped)
         return x_hat.to(states.dtype)
+
+
+class _Measured:
+    """kv_transform callback around ``function(name, x float32) -> (x_hat, clipped)``,
+    recording each layer's error."""
+
+    def __init__(self, function, query=None):
+        self.function = function
+        self.query = query  # kv_transform also routes the query through it when set
+        self.errors: dict[str, _LayerError] = {}
+
+    def __call__(self, name: str, states: torch.Tensor) -> torch.Tensor:
+        x = states.float()
+        x_hat, clipped = self.function(name, x)
+        self.errors.setdefault(name, _LayerError()).add(x, x_hat, clipped)
+        return x_hat.to(states.dtype)
+
+
+def _fp8_unit_scale(name: str, x: torch.Tensor):
+    return fp8_e4m3(x, torch.ones((), device=x.device))
+
+
+def _fp8_unit_query(path: str, q: torch.Tensor) -> torch.Tensor:
+    return fp8_e4m3(q.float(), torch.ones((), device=q.device))[0].to(q.dtype)
 
 
 class _DynamicPerToken:
@@ -164,15 +196,16 @@ class EvalResult:
     def table(self, worst: int = 3) -> str:
         """The perplexity table, then per-layer relative MSE of K and V (the ``worst``
         layers by record error marked with ``*``)."""
+        served = self.meta.get("served")
         rows = [("run", "ppl", "rel. increase", _interval_head(self.interval)),
                 (_LABELS["baseline"], f"{self.baseline_ppl:.4f}", "-", ""),
-                (f"{_LABELS['quantized']}, {self.granularity}", f"{self.quantized_ppl:.4f}",
+                (served or f"{_LABELS['quantized']}, {self.granularity}", f"{self.quantized_ppl:.4f}",
                  f"{100 * self.relative_increase:+.3f}%", _interval_cell(self.interval))]
         for name, ref in self.references.items():
             rows.append((_LABELS.get(name, name), f"{ref['ppl']:.4f}", f"{100 * ref['relative_increase']:+.3f}%",
                          _interval_cell(ref.get("interval"))))
         lines = [f"{self.num_samples} x {self.seq_len} tokens ({self.num_tokens} predicted), "
-                 f"record {self.record_file}", *_format_rows(rows), ""]
+                 f"{'export' if served else 'record'} {self.record_file}", *_format_rows(rows), ""]
 
         pairs: dict[str, dict[str, str]] = {}  # attention module -> {"K": key name, "V": ...}
         for name in self.layers:
@@ -289,12 +322,13 @@ def _batches(samples, batch_size):
     return out
 
 
-def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_samples: int = 8,
+def evaluate_kv_quant(model, dataset, record_file=None, *, tokenizer=None, num_samples: int = 8,
                       seq_len: int = 512, batch_size: int = 1, skip_tokens: int = 0,
                       split: str = "train", text_column: str = "text", references: bool = True,
                       device_map=None, dtype=None, trust_remote_code: bool = False,
                       progress: bool = False, max_memory=None, offload_folder=None,
-                      baseline: EvalResult | None = None) -> EvalResult:
+                      baseline: EvalResult | None = None, export_dir=None, fp8_query: bool = False
+                      ) -> EvalResult:
     """Perplexity with the full-precision KV cache vs K/V quantized by ``record_file``'s
     factors (plus min-max and dynamic per-token references), on ``num_samples`` packed
     chunks of ``seq_len`` tokens of ``dataset``, and per-layer K/V relative MSE.
@@ -310,6 +344,14 @@ def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_sample
     ``baseline``: an earlier result on the very same chunks (checked by their digest),
     whose full-precision pass is reused instead of run again, to compare several records
     at the cost of one pass each; it needs ``references=False``.
+
+    ``export_dir``: an ``ascend-c8``, ``vllm-fp8`` or ``modelopt-fp8`` export directory,
+    evaluated as its engine serves it (module doc), in place of ``record_file``; the model
+    and tokenizer are the export's own, so ``model`` must be None (it is built from the
+    export's config and shards in CPU memory). ``fp8_query``: with an
+    FP8 export, also quantize the query to E4M3 with the export's ``q_scale`` (1.0 without
+    one; the scale-1.0 reference likewise), as vLLM's FlashAttention 3, Triton and
+    FlashInfer backends do with an FP8 KV cache.
     """
     from ..data.samples import load_texts, tokenize_samples
 
@@ -320,17 +362,44 @@ def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_sample
         raise InvalidArgumentError(f"seq_len must be at least 2 (one token to predict), got {seq_len}")
     if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
         raise InvalidArgumentError(f"skip_tokens must be a non-negative int, got {skip_tokens!r}")
-    factors, where = load_kv_factors(record_file)  # a bad file fails before the model loads
-    texts = load_texts(dataset, split=split, text_column=text_column)
-    model, tok = load_model(model, device_map=device_map, dtype=dtype,
-                            trust_remote_code=trust_remote_code, tokenizer=tokenizer,
-                            max_memory=max_memory, offload_folder=offload_folder)
+    served = None
+    if export_dir is not None:
+        if record_file is not None or model is not None:
+            raise InvalidArgumentError("export_dir= evaluates an export with its own model and scales; "
+                                       "pass neither a record nor a model with it")
+        if device_map is not None or max_memory is not None or offload_folder is not None:
+            raise InvalidArgumentError("export_dir= builds the export's model on the CPU from its shards; "
+                                       "device_map/max_memory/offload_folder are not supported with it")
+        factors, where = None, os.fspath(export_dir)
+        texts = load_texts(dataset, split=split, text_column=text_column)
+        model, tensors = load_export_model(export_dir, resolve_dtype(dtype), trust_remote_code)
+        served = read_served_export(export_dir, next(model.parameters()).dtype, tensors)
+        served.fp8_query = bool(fp8_query)
+        if fp8_query:
+            served.query_function()  # refused for an INT8 export, before any pass
+        del tensors
+        model, tok = load_model(model, tokenizer=tokenizer if tokenizer is not None else os.fspath(export_dir),
+                                trust_remote_code=trust_remote_code)
+    elif fp8_query:
+        raise InvalidArgumentError("fp8_query= simulates an FP8 engine; it needs export_dir=")
+    elif record_file is None:
+        raise InvalidArgumentError("pass a record file (record_file=) or an export directory (export_dir=)")
+    else:
+        factors, where = load_kv_factors(record_file)  # a bad file fails before the model loads
+        texts = load_texts(dataset, split=split, text_column=text_column)
+        model, tok = load_model(model, device_map=device_map, dtype=dtype,
+                                trust_remote_code=trust_remote_code, tokenizer=tokenizer,
+                                max_memory=max_memory, offload_folder=offload_folder)
     was_training = model.training
     model.eval()  # dropout would make the runs incomparable
     try:
         with torch.no_grad():
             layout = kv_layout(model)  # the one probe forward, before any evaluation pass
-            check_record(factors, layout, where)
+            if served is None:
+                check_record(factors, layout, where)
+            else:
+                for name in layout:
+                    served.scale_for(name)  # every attention layer has its scales
 
             skip = -(-skip_tokens // seq_len)
             samples = tokenize_samples(tok, texts, seq_len=seq_len, num_samples=skip + num_samples)
@@ -344,23 +413,30 @@ def evaluate_kv_quant(model, dataset, record_file, *, tokenizer=None, num_sample
             digest = _digest(batches)
             _check_reuse(baseline, digest, references)
             device = input_device(model)
-            result = _evaluate(model, batches, device, factors, layout, references, progress, baseline)
+            result = _evaluate(model, batches, device, factors, layout, references, progress, baseline,
+                               served)
     finally:
         model.train(was_training)
 
     baseline, quantized, refs, layers, count, chunks = result
+    source = export_dir if served is not None else record_file
+    meta = {"served": served.label + (", query FP8" if fp8_query else ""), "export_format": served.format,
+            "fp8_query": bool(fp8_query)} if served is not None else {}
     return EvalResult(
         baseline_ppl=baseline, quantized_ppl=quantized, references=refs, layers=layers,
-        record_file=os.fspath(record_file) if isinstance(record_file, (str, os.PathLike)) else "<factors>",
-        granularity=_granularity(factors), num_samples=len(samples), seq_len=seq_len, num_tokens=count,
-        seconds=time.time() - started, chunks_digest=digest, **chunks)
+        record_file=os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<factors>",
+        granularity=served.granularity if served is not None else _granularity(factors),
+        num_samples=len(samples), seq_len=seq_len, num_tokens=count,
+        seconds=time.time() - started, chunks_digest=digest, meta=meta, **chunks)
 
 
-def _evaluate(model, batches, device, factors, layout, references, progress, reuse=None):
+def _evaluate(model, batches, device, factors, layout, references, progress, reuse=None, served=None):
     ranges = MinMaxRanges()
+    if served is not None:  # min-max needs a record's granularity; it has no meaning here
+        ranges = None
     if reuse is not None:  # an earlier result's full-precision pass over these very chunks
         nll, count, base_chunks = sum(reuse.baseline_chunk_nll), reuse.num_tokens, reuse.baseline_chunk_nll
-    elif references:  # the baseline pass also collects the min-max reference's ranges
+    elif references and ranges is not None:  # the baseline pass also collects the min-max ranges
         with kv_calibration(model, ranges):
             nll, count, base_chunks = _nll(model, batches, device, "full precision", progress)
     else:
@@ -372,7 +448,9 @@ def _evaluate(model, batches, device, factors, layout, references, progress, reu
             f"the model's own full-precision perplexity is {baseline}: its outputs are not "
             "finite (NaN/Inf weights, or float16 overflow: load it in float32 or bfloat16)")
 
-    record = _StaticFakeQuant(factors)
+    fp8_query = served is not None and getattr(served, "fp8_query", False)
+    record = _StaticFakeQuant(factors) if served is None else \
+        _Measured(served.function(), served.query_function() if fp8_query else None)
     with kv_transform(model, record):
         q_nll, q_count, q_chunks = _nll(model, batches, device, "record", progress)
     quantized = _ppl(q_nll, q_count)
@@ -380,12 +458,14 @@ def _evaluate(model, batches, device, factors, layout, references, progress, reu
     layers = {name: {"rel_mse": err.rel_mse,
                      "clip_fraction": err.clipped / err.values if err.values else 0.0,
                      "channels": layout[name].channels,
-                     "granularity": "per_tensor" if len(factors[name][0]) == 1 else "per_channel"}
+                     "granularity": served.granularity if served is not None
+                     else "per_tensor" if len(factors[name][0]) == 1 else "per_channel"}
               for name, err in record.errors.items()}
     refs = {}
     if references:
-        for ref_name, transform in (("minmax", _StaticFakeQuant(ranges.factors(factors))),
-                                    ("dynamic_per_token", _DynamicPerToken())):
+        first = ("minmax", _StaticFakeQuant(ranges.factors(factors))) if served is None \
+            else ("fp8_scale_1", _Measured(_fp8_unit_scale, _fp8_unit_query if fp8_query else None))
+        for ref_name, transform in (first, ("dynamic_per_token", _DynamicPerToken())):
             with kv_transform(model, transform):
                 r_nll, r_count, r_chunks = _nll(model, batches, device, ref_name, progress)
             ppl = _ppl(r_nll, r_count)

@@ -6,13 +6,14 @@ its consumers read:
 * every tensor of the model, bit-identical, plus per attention module
   ``<attn>.k_proj.kv_cache_scale`` / ``.kv_cache_offset`` and the same for ``v_proj``,
   each of shape ``[num_key_value_heads * head_dim]`` in the model's dtype.
-  vllm-ascend's C8 KV method (``vllm_ascend/quantization``, ``AscendW8A8C8KVCacheMethod``
-  and the Qwen2 C8 method) creates ``key_antiquant_scale`` / ``value_antiquant_scale``
-  parameters of exactly that length and dtype (``params_dtype``), quantizes with
-  ``key.view(-1, num_kv_heads * head_size)`` and the scale ``.view(-1)``, and dequantizes
-  with the scale alone (``npu_anti_quant`` / ``npu_incre_flash_attention`` with
-  ``antiquant_scale`` only): a one-element scale breaks those views, and a non-zero
-  offset would be ignored. So the exported offsets are zeros: keys must be symmetric; value
+  vllm-ascend's C8 KV method (``AscendC8KVCacheAttentionMethod`` in
+  ``vllm_ascend/quantization/methods/kv_c8.py``, enabled by ``kv_cache_type == "C8"`` in
+  the description) creates the KV scale parameters of exactly that length, casts them to
+  the default dtype on load, views them as ``(num_kv_heads, 1, head_size)``, and
+  dequantizes with the scale alone in paged decode, chunked prefill and graph mode: a
+  one-element scale breaks those views, and a non-zero offset would be ignored there.
+  MindIE bit-casts the float offsets to int32, so only zeros read back as zeros.
+  So the exported offsets are zeros: keys must be symmetric; value
   offsets of a Llama-family model are folded into its attention biases
   (:mod:`amct_hf.export.folding`: ``v_proj.bias`` and ``o_proj.bias`` changed or created,
   ``config.json`` ``attention_bias: true``), which serves the asymmetric value record

@@ -7,8 +7,12 @@ offsets, so ``load_export(out) == read_kv_factors(record)``:
 * JSON: each float32 scale is written as the Python float of that same value; the
   JSON repr of a float round-trips exactly, and reading back gives the same float32.
 * safetensors: ``<layer>.kv_cache_scale`` (float32, [C]) and ``<layer>.kv_cache_offset``
-  (int32, [C]) per record layer, the names Ascend inference engines look up for
-  per-channel INT8 KV (C = 1 for per-tensor factors).
+  (int32, [C]) per record layer (C = 1 for per-tensor factors): amct_hf's own layout, not
+  one an engine loads. The names are those Ascend engines use, but their layout differs:
+  MindIE reads ``kv_cache_offset`` as float32 and bit-casts it to int32, so a non-zero
+  int32 offset here would be misread, and vllm-ascend wants the model's dtype and the
+  record layer named ``<attn>.k_proj`` / ``v_proj``. For an engine use ``--format
+  ascend-c8`` (float offsets, zeros).
 
 safetensors is imported only when a safetensors file is written or read.
 """

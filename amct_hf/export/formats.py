@@ -43,7 +43,8 @@ def _lmdeploy(record, out, model, options):
     export_lmdeploy_ascend(record, out, num_layers=num_layers)
     checked = (f"{num_layers} layers, as the model" if num_layers is not None
                else "layer count not checked: pass --model")
-    return f"wrote the lmdeploy Ascend record (per-tensor, k then v per layer; {checked}) to {out}"
+    return (f"wrote the lmdeploy Ascend record (per-tensor, k then v per layer; {checked}; offsets "
+            f"negated to dlinfer's round(x/s - o)) to {out}")
 
 
 def model_layer_count(model) -> int:
@@ -67,9 +68,10 @@ def model_layer_count(model) -> int:
 
 def _model_dir(function_name: str, name: str):
     def run(record, out, model, options):
-        from . import ascend, vllm
+        from . import ascend, modelopt, vllm
         export = {"export_ascend_c8": ascend.export_ascend_c8,
-                  "export_vllm_fp8": vllm.export_vllm_fp8}[function_name]
+                  "export_vllm_fp8": vllm.export_vllm_fp8,
+                  "export_modelopt_fp8": modelopt.export_modelopt_fp8}[function_name]
         written = export(record, model, out, **options)
         lines = [f"wrote {name} model directory {written['out_dir']} ({len(written['files'])} files, "
                  f"{written['total_size'] / 1e6:.0f} MB of weights)"]
@@ -124,6 +126,8 @@ FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
                  _model_dir("export_ascend_c8", "ascend-c8")),
     ExportFormat("vllm-fp8", "model directory", "vLLM (compressed-tensors FP8 KV scales)", True, None,
                  _model_dir("export_vllm_fp8", "vllm-fp8")),
+    ExportFormat("modelopt-fp8", "model directory", "TensorRT-LLM, SGLang (ModelOpt unified HF, FP8 KV)",
+                 True, None, _model_dir("export_modelopt_fp8", "modelopt-fp8")),
     ExportFormat("lmdeploy-ascend", "engine record", "lmdeploy (dlinfer, Ascend)", False, ".lmdeploy.txt",
                  _lmdeploy),
 )}

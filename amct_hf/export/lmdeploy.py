@@ -15,9 +15,21 @@ layer i's key, 2i+1 its value). Hence, in what is written here:
   which the regex cannot read, so that entry drops out and the pair count breaks.
 * entries ordered layer by layer, key then value, for layers 0..n-1 with none missing
   (the regex ignores keys; order and count are all it has).
+* offsets in dlinfer's convention, i.e. negated: dlinfer's Ascend ``fill_kv_cache``
+  (``dlinfer/vendor/ascend/torch_npu_ops.py``) quantizes ``round(x / s - o)`` and the
+  attention dequantizes ``(q + o) * s`` (``antiquant_offset``), where AMCT and amct_hf
+  quantize ``round(x / s) + o`` and dequantize ``(q - o) * s``. Written unchanged, every
+  non-zero offset would be applied with the wrong sign.
 
-The file is still a valid AMCT record (:func:`amct_hf.read_kv_factors` reads it back to
-the same float32 values): the shortest fixed-point digits that round-trip each float32.
+Scales are the shortest fixed-point digits that round-trip each float32. The file keeps
+the record's syntax, but its offsets are dlinfer's: read by an AMCT tool it would give
+the negated offsets (zero offsets, the symmetric case, are the same in both).
+
+Served correctly only where dlinfer passes the factors to its attention: dlinfer up to
+v0.2.4 (from v0.2.5 the paged attention no longer passes ``kv_scales`` / ``kv_zeros`` to
+the kernel, so an INT8 cache is read without dequantization), lmdeploy in eager mode
+(the record is read only when graph mode is off) and ``ASCEND_QUANT_RECORD_FILE`` an
+absolute path (docs/serving.md).
 """
 from __future__ import annotations
 
@@ -30,13 +42,20 @@ from ..fileio import check_output_path, write_text_atomic
 from ..naming import layer_index, layer_kind
 from ..record.files import load_kv_factors
 
-__all__ = ["format_fixed_point", "format_lmdeploy_record", "export_lmdeploy_ascend", "check_layer_count"]
+__all__ = ["format_fixed_point", "format_lmdeploy_record", "export_lmdeploy_ascend", "check_layer_count",
+           "dlinfer_offset"]
 
 
 
 def format_fixed_point(x: float) -> str:
     """Shortest fixed-point digits that read back as the same float32 (never ``4e-05``)."""
     return np.format_float_positional(np.float32(x), unique=True, trim="0")
+
+
+def dlinfer_offset(amct_offset: int) -> int:
+    """The offset dlinfer needs for an AMCT offset: ``round(x/s) + o == round(x/s - (-o))``
+    for an integer ``o``, and ``(q - o) * s == (q + (-o)) * s``."""
+    return -int(amct_offset)
 
 
 def _ordered_layers(factors: dict, where: str) -> list[tuple[str, str]]:
@@ -78,7 +97,7 @@ def format_lmdeploy_record(factors: dict, where: str = "record") -> str:
         for name in (k_name, v_name):
             (scale,), (offset,) = factors[name]
             lines += ["record {", f'  key: "{name}"', "  kv_cache_value {",
-                      f"    scale: {format_fixed_point(scale)}", f"    offset: {int(offset)}",
+                      f"    scale: {format_fixed_point(scale)}", f"    offset: {dlinfer_offset(offset)}",
                       "  }", "}"]
     return "\n".join(lines) + "\n"
 

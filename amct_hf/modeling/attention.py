@@ -57,8 +57,12 @@ def _original_attention(module: nn.Module, impl: str):
 def _routed_attention(module, query, key, value, attention_mask, *args, **kwargs):
     state: _ModelState = module.__dict__["_amct_hf_kv_state"]
     if state.transform is not None:
-        k_name, v_name = key_value_names(state.paths.get(id(module), type(module).__name__), module)
+        path = state.paths.get(id(module), type(module).__name__)
+        k_name, v_name = key_value_names(path, module)
         key, value = state.transform(k_name, key), state.transform(v_name, value)
+        transform_query = getattr(state.transform, "query", None)
+        if transform_query is not None:  # e.g. an engine that also quantizes the query
+            query = transform_query(path, query)
     else:
         state.observe_attention(module, query, key, value)
     original = state.originals.get(type(module))
@@ -275,7 +279,9 @@ def kv_transform(model: nn.Module, transform) -> KVCalibrationHooks:
     """Replace the key/value states every attention layer computes with
     ``transform(record_key, states[B, kv_heads, S, head_dim])`` (e.g. INT8
     quantize-dequantize for evaluation). With a cache, ``states`` holds past and new
-    tokens, exactly what the attention reads."""
+    tokens, exactly what the attention reads. A transform with a ``query`` attribute
+    also replaces the (post-RoPE) query with ``transform.query(attention_path,
+    query[B, heads, S, head_dim])``."""
     if not callable(transform):
         raise TypeError(f"transform must be callable, got {transform!r}")
     return KVCalibrationHooks(model, _no_observer, "cache", transform=transform)

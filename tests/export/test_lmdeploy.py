@@ -56,10 +56,52 @@ def test_written_record_reads_back_through_lmdeploys_parser(tiny_scale_record, t
     for i, (ks, ko, vs, vo) in enumerate(layers):
         (k_scale,), (k_off,) = record[f"model.layers.{i}.self_attn.k_proj"]
         (v_scale,), (v_off,) = record[f"model.layers.{i}.self_attn.v_proj"]
-        assert np.float32(ks) == np.float32(k_scale) and ko == k_off, i
-        assert np.float32(vs) == np.float32(v_scale) and vo == v_off, i
-    assert layers[17][3] == -7
-    assert read_kv_factors(tmp_path / "lmdeploy.txt") == record  # still a valid AMCT record
+        assert np.float32(ks) == np.float32(k_scale) and ko == -k_off, i
+        assert np.float32(vs) == np.float32(v_scale) and vo == -v_off, i
+    assert layers[17][3] == 7  # dlinfer's sign: AMCT's offset -7 is written as 7
+    # still the record's syntax; its scales read back unchanged, its offsets negated
+    back = read_kv_factors(tmp_path / "lmdeploy.txt")
+    assert back == {n: (s, [-o for o in offs]) for n, (s, offs) in record.items()}
+
+
+def dlinfer_quantize(x, scale, offset):
+    """dlinfer's Ascend fill_kv_cache for quant_bits 8: round(x / s - o), clamped to int8
+    (round half to even, as torch.round)."""
+    import torch
+    return (x / scale - offset).round().clamp(-128, 127).to(torch.int8)
+
+
+def npu_anti_quant(q, scale, offset):
+    """torch_npu's antiquant (the attention's antiquant_scale / antiquant_offset):
+    (q + offset) * scale."""
+    return (q.float() + offset) * scale
+
+
+@pytest.mark.parametrize("offset", [0, -7, 23, -128, 127])
+def test_offsets_round_trip_through_dlinfers_quantize_and_antiquant(offset, tmp_path):
+    """What lmdeploy/dlinfer compute from the written pair equals what the record means
+    (AMCT: q = clip(round(x/s) + o), x_hat = (q - o) * s), for asymmetric offsets too."""
+    import torch
+
+    from amct_hf.algorithms.convention import fake_quantize
+
+    scale = 0.0371
+    name = "model.layers.{}.self_attn.{}_proj"
+    factors = {name.format(i, kind): ([scale], [offset]) for i in range(2) for kind in "kv"}
+    write_kv_factors(tmp_path / "rec.txt", factors)
+    text = export_lmdeploy_ascend(tmp_path / "rec.txt", tmp_path / "lmdeploy.txt")
+    (k_scale, k_off, _, _), _ = lmdeploy_read(text, 2)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, generator=g) * 3.0 + offset * scale * -0.5
+    x[:3] = torch.tensor([-1e3, 1e3, 0.0])  # clipped at both ends, and zero
+    s32 = torch.tensor(np.float32(k_scale))
+    theirs = npu_anti_quant(dlinfer_quantize(x, s32, k_off), s32, k_off)
+    ours = fake_quantize(x, torch.tensor([scale]), torch.tensor([float(offset)]))
+    assert torch.equal(theirs, ours)
+    if offset:  # the offset as AMCT writes it would shift every value by 2 * offset steps
+        wrong = npu_anti_quant(dlinfer_quantize(x, s32, offset), s32, offset)
+        assert not torch.allclose(wrong, ours, atol=scale)
 
 
 def test_per_channel_record_refused_with_the_reason(sym_record, tmp_path):

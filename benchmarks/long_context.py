@@ -25,6 +25,7 @@ def main():
     args = ap.parse_args()
 
     from accuracy_smollm2 import shakespeare_excerpts
+
     from amct_hf import calibrate_kv_cache, evaluate_kv_quant
     from amct_hf.data.bundled import load_smollm2, news_corpus_path
     from amct_hf.data.samples import load_texts

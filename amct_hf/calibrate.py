@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data.samples import load_texts, make_batches, shard, tokenize_samples
+from .data.samples import load_texts, make_batches, shard, tokenize_samples, use_chat_template
 from .distributed import Comm
 from .errors import CalibrationInputError, InvalidArgumentError
 from .modeling.attention import KVCalibrationHooks, KVStatesComplete
@@ -60,6 +60,8 @@ class CalibrationResult(Mapping):
     shortfall: str | None = None
     #: the settings per kind (``params`` is the keys'), target and channel groups
     settings: KVSettings | None = None
+    #: whether the texts were rendered through the tokenizer's chat template
+    chat_template: bool = False
 
     def __getitem__(self, layer):
         return self.factors[layer]
@@ -92,8 +94,9 @@ class CalibrationResult(Mapping):
     def totals(self) -> str:
         layers = len({n.rpartition(".")[0] for n in self.factors})
         samples = f"{self.num_samples} sample{'s' if self.num_samples != 1 else ''}"
+        text = "chat-template text" if self.chat_template else "plain text"
         return (f"{len(self.factors)} K/V entries ({layers} attention layers), {samples}, "
-                f"{self.num_tokens} tokens, {self.seconds:.1f} s -> {self.record_file}")
+                f"{self.num_tokens} tokens of {text}, {self.seconds:.1f} s -> {self.record_file}")
 
 
 def _shortfall(samples, num_samples, seq_len) -> str | None:
@@ -111,7 +114,7 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
                        trust_remote_code=False, mode="streaming", stream_bins=None, pack=True,
                        range_margin=0.0, progress=True, write=True, lock_timeout=None,
                        max_memory=None, offload_folder=None, value_quant_algo_params=None,
-                       channel_groups=None, target=None, value_centering=True,
+                       channel_groups=None, target=None, value_centering=True, chat_template=False,
                        settings: CalibrationSettings | None = None) -> CalibrationResult:
     """Calibrate INT8 K/V factors of every decoder layer and merge them into ``record_file``.
 
@@ -151,6 +154,13 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     the symmetric settings on any model (for an engine that does not read
     ``attention_bias``).
 
+    ``chat_template``: render every text through the tokenizer's chat template before
+    packing (True), as one user turn (its first half) and one assistant turn (the rest),
+    or a conversation entry (a ``messages`` column, ``text_column="messages"``) as it is;
+    ``"auto"``: when the tokenizer has a template. True with a tokenizer without one is a
+    one-line :class:`~amct_hf.errors.DatasetError` before any forward pass. The result's
+    ``chat_template`` (and its summary line) says which text was used.
+
     ``settings``: the result of :func:`resolve_calibration` (the command line resolves
     once, early, and hands it over); then the keywords it resolves stay at their defaults.
 
@@ -166,7 +176,7 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
                   trust_remote_code=trust_remote_code, mode=mode, stream_bins=stream_bins, pack=pack,
                   range_margin=range_margin, max_memory=max_memory, offload_folder=offload_folder,
                   value_quant_algo_params=value_quant_algo_params, channel_groups=channel_groups,
-                  target=target, value_centering=value_centering)
+                  target=target, value_centering=value_centering, chat_template=chat_template)
     if settings is None:
         settings = resolve_calibration(model, **options_from_keywords(**facade))
     else:
@@ -179,7 +189,8 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     device_map = load.device_map
     if device_map is None and (load.max_memory is not None or load.offload_folder is not None):
         device_map = "auto"  # the only map that reads max_memory and offloads
-    texts = load_texts(dataset, split=data.split, text_column=data.text_column)
+    texts = load_texts(dataset, split=data.split, text_column=data.text_column,
+                       messages=data.chat_template is not False)
     record_file = os.path.abspath(os.fspath(record_file))
     if write:
         check_record_file(record_file)  # refuse a record the write would refuse, before any work
@@ -191,10 +202,12 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
                             max_memory=load.max_memory, offload_folder=load.offload_folder)
     if write:
         check_record_editable(record_file, model)  # the model's keys are known now, not the factors
+    chat = use_chat_template(tok, data.chat_template)  # a missing template fails before any forward
     _warn_long_context(model, data.seq_len)
     logger.info("model %s loaded (%s, %s)", type(model).__name__, input_device(model),
                 next(model.parameters()).dtype)
-    samples = tokenize_samples(tok, texts, seq_len=data.seq_len, num_samples=data.num_samples, pack=data.pack)
+    samples = tokenize_samples(tok, texts, seq_len=data.seq_len, num_samples=data.num_samples, pack=data.pack,
+                               chat_template=chat)
     mine = shard(samples, comm.rank, comm.world_size)
     logger.info("%d calibration sample(s), %d on process %d of %d; %s %s, %s mode, tap=%s",
                 len(samples), len(mine), comm.rank, comm.world_size, params.act_algo,
@@ -204,24 +217,47 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
                            padding_side=getattr(tok, "padding_side", "right") or "right")
     if device_map is None and state.device.type != "cpu" and input_device(model).type == "cpu":
         model.to(state.device)  # this process's accelerator (one per rank when distributed)
-    device = input_device(model)
     bins = quant.stream_bins
     # the token count over all processes sizes the exact IFMR extremes; on an accelerator the
     # NaN/Inf checks stay on the device until check_pending() (no host sync per batch)
     bank = KVBank(settings.kv.params, quant.mode, settings.kv.groups, head_dim=_head_dim(model),
                   tokens=int(sum(len(s) for s in samples)), defer_checks=True,
                   **({"bins": bins} if bins and quant.mode == "streaming" else {}))
+    failure = _observe(model, batches, bank, quant.tap, show_progress=progress and comm.rank == 0)
+    if comm.any(failure is not None):
+        raise failure or CalibrationInputError(
+            "another process stopped on an unusable activation (its error names the layer); "
+            "nothing was written")
+    solve_started = time.time()
+    factors, tolerance = bank.finalize_all(comm, order=record_order)
+    logger.info("solved %d K/V entries in %.2f s", len(factors), time.time() - solve_started)
+    if any(margins.values()):
+        factors = {name: widen_ranges({name: f}, margins[layer_kind(name)])[name] for name, f in factors.items()}
+    _check_complete(model, factors)
+    tokens = int(sum(len(s) for s in samples))
+    if write and comm.rank == 0:
+        write_kv_factors(record_file, factors, lock_timeout=lock_timeout)
+        logger.info("merged %d K/V entries into %s", len(factors), record_file)
+    comm.barrier()
+    return CalibrationResult(record_file, factors, params, len(samples), tokens, time.time() - started,
+                             tolerance, _shortfall(samples, data.num_samples, data.seq_len), settings.kv, chat)
+
+
+def _observe(model, batches, bank, tap: str, show_progress: bool) -> CalibrationInputError | None:
+    """Run every batch through the model with its K/V routed into ``bank``; the first
+    unusable activation stops the loop and is returned (not raised), so the caller can
+    tell the other processes before anyone raises and nobody hangs."""
+    device = input_device(model)
     skip_logits = no_logits_kwargs(model)
     bar = None
-    if progress and comm.rank == 0:
+    if show_progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(batches), desc="calibrating", unit="batch")
-    failure = None
     try:
         # The forward stops once the last layer's K/V are observed, except under accelerate's
         # dispatch hooks: their post-forward (offloading weights back) must run.
         dispatched = any(hasattr(m, "_hf_hook") for m in model.modules())
-        with torch.no_grad(), KVCalibrationHooks(model, bank, tap=quant.tap, stop_when_complete=not dispatched):
+        with torch.no_grad(), KVCalibrationHooks(model, bank, tap=tap, stop_when_complete=not dispatched):
             for batch in batches:
                 ids = batch["input_ids"].to(device)
                 mask = batch["attention_mask"]
@@ -239,27 +275,11 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
                     bar.update(1)
             bank.check_pending()
     except CalibrationInputError as err:
-        failure = err  # the other processes are told before anyone raises: nobody hangs
+        return err
     finally:
         if bar is not None:
             bar.close()
-    if comm.any(failure is not None):
-        raise failure or CalibrationInputError(
-            "another process stopped on an unusable activation (its error names the layer); "
-            "nothing was written")
-    solve_started = time.time()
-    factors, tolerance = bank.finalize_all(comm, order=record_order)
-    logger.info("solved %d K/V entries in %.2f s", len(factors), time.time() - solve_started)
-    if any(margins.values()):
-        factors = {name: widen_ranges({name: f}, margins[layer_kind(name)])[name] for name, f in factors.items()}
-    _check_complete(model, factors)
-    tokens = int(sum(len(s) for s in samples))
-    if write and comm.rank == 0:
-        write_kv_factors(record_file, factors, lock_timeout=lock_timeout)
-        logger.info("merged %d K/V entries into %s", len(factors), record_file)
-    comm.barrier()
-    return CalibrationResult(record_file, factors, params, len(samples), tokens, time.time() - started,
-                             tolerance, _shortfall(samples, data.num_samples, data.seq_len), settings.kv)
+    return None
 
 
 def options_from_keywords(*, quant_algo_params=None, split="train", text_column="text", num_samples=128,
@@ -267,12 +287,12 @@ def options_from_keywords(*, quant_algo_params=None, split="train", text_column=
                           dtype=None, trust_remote_code=False, mode="streaming", stream_bins=None,
                           pack=True, range_margin=0.0, max_memory=None, offload_folder=None,
                           value_quant_algo_params=None, channel_groups=None, target=None,
-                          value_centering=True) -> dict:
+                          value_centering=True, chat_template=False) -> dict:
     """:func:`calibrate_kv_cache`'s keywords sorted into the three option objects
     (``{"quant": ..., "data": ..., "load": ...}``, each validated as it is built)."""
     return {"quant": QuantOptions(target, quant_algo_params, value_quant_algo_params, channel_groups,
                                   range_margin, value_centering, tap, mode, stream_bins),
-            "data": DataOptions(split, text_column, num_samples, seq_len, batch_size, pack),
+            "data": DataOptions(split, text_column, num_samples, seq_len, batch_size, pack, chat_template),
             "load": LoadOptions(device_map, dtype, trust_remote_code, max_memory, offload_folder, tokenizer)}
 
 

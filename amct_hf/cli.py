@@ -23,6 +23,10 @@ _FLAG_FIELDS = (("algo", "act_algo"), ("granularity", "quant_granularity"),
 #: what ``amct-hf calibrate`` runs without quantization flags: the measured-best general
 #: setting (docs/accuracy.md); AMCT's own defaults are one flag away (e.g. ``--algo ifmr``)
 DEFAULT_TARGET = "transformers"
+#: how ``amct-hf calibrate`` renders its text without --chat-template/--no-chat-template: through
+#: the tokenizer's chat template when it has one (instruct models serve chat-formatted text;
+#: docs/accuracy.md); the library's own default is plain text
+DEFAULT_CHAT_TEMPLATE = "auto"
 
 # --------------------------------------------------------------------------- shared arguments
 
@@ -55,8 +59,20 @@ def _add_model_data(p, *, num_samples: int, seq_len: int, dataset_default: str) 
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_chat_template(p, default_help: str) -> None:
+    chat = p.add_argument_group("chat template").add_mutually_exclusive_group()
+    chat.add_argument("--chat-template", dest="chat_template", action="store_const", const=True,
+                      help="render every text through the tokenizer's chat template (its first half as a "
+                           "user turn, the rest as the assistant's reply; a conversation column such as "
+                           f"--text-column messages as it is) before packing; {default_help}")
+    chat.add_argument("--no-chat-template", dest="chat_template", action="store_const", const=False,
+                      help="plain text, even for a tokenizer with a chat template")
+
+
 def _add_calibrate_arguments(p) -> None:
     _add_model_data(p, num_samples=128, seq_len=2048, dataset_default="the bundled news corpus")
+    _add_chat_template(p, "default: when the tokenizer has a template (docs/accuracy.md: it serves "
+                          "chat-formatted text better)")
     q = p.add_argument_group(
         "quantization (override the fields of --params; unset fields keep the library defaults: "
         "IFMR, per-tensor, asymmetric)")
@@ -180,7 +196,8 @@ def calibration_options(args) -> dict:
         channel_groups=args.channel_groups, split=args.split, text_column=args.text_column,
         num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size, tap=args.tap,
         device_map=args.device_map, dtype=args.dtype, **_placement(args),
-        trust_remote_code=args.trust_remote_code, mode=args.mode, range_margin=args.range_margin)
+        trust_remote_code=args.trust_remote_code, mode=args.mode, range_margin=args.range_margin,
+        chat_template=DEFAULT_CHAT_TEMPLATE if args.chat_template is None else args.chat_template)
 
 
 def run_calibrate(args) -> int:
@@ -249,6 +266,7 @@ def _is_main_process() -> bool:
 def run_eval(args) -> int:
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     _check_positive(args, ("num_samples", "seq_len", "batch_size"))
+    _check_per_layer_flags(args)
     dataset = args.dataset
     from .data.bundled import default_corpus_file, shakespeare_texts
     if dataset is None:
@@ -267,19 +285,57 @@ def run_eval(args) -> int:
     else:
         model, record, served = _default_model(args, log), args.record or "kv_cache.txt", {}
     _quiet_loading(args)
+    if args.per_layer:
+        if args.export is not None:
+            from .errors import InvalidArgumentError
+            raise InvalidArgumentError("--per-layer ranks the layers of a record (--record); it does not "
+                                       "evaluate an export (--export)")
+        return _run_per_layer(args, model, dataset, record)
     from .evaluation.perplexity import evaluate_kv_quant
     result = evaluate_kv_quant(
         model, dataset, record, **served, num_samples=args.num_samples, seq_len=args.seq_len,
         batch_size=args.batch_size, skip_tokens=args.skip_tokens, split=args.split,
         text_column=args.text_column, references=not args.no_references,
         device_map=args.device_map, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-        progress=not args.no_progress, **_placement(args))
+        progress=not args.no_progress, chat_template=bool(args.chat_template), **_placement(args))
     print(result.table(worst=args.worst))
     if args.json:
         from .fileio import write_text_atomic
         data = {**result.to_dict(), "model": model or args.export, "dataset": [str(d) for d in dataset]
                 if isinstance(dataset, list) else str(dataset)}
 
+        write_text_atomic(args.json, json.dumps(data, indent=2, allow_nan=False) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _check_per_layer_flags(args) -> None:
+    from .errors import InvalidArgumentError
+    if args.skip_layers_out and not args.per_layer:
+        raise InvalidArgumentError("--skip-layers-out needs --per-layer (it lists the layers --per-layer ranks)")
+    if args.skip_layers < 0:
+        raise InvalidArgumentError(f"--skip-layers must be a non-negative integer, got {args.skip_layers}")
+
+
+def _run_per_layer(args, model, dataset, record) -> int:
+    from .evaluation.perplexity import per_layer_cost, skip_layers_arg
+    from .fileio import write_text_atomic
+    result = per_layer_cost(
+        model, dataset, record, num_samples=args.num_samples, seq_len=args.seq_len,
+        batch_size=args.batch_size, skip_tokens=args.skip_tokens, split=args.split,
+        text_column=args.text_column, chat_template=bool(args.chat_template), device_map=args.device_map,
+        dtype=args.dtype, trust_remote_code=args.trust_remote_code, progress=not args.no_progress,
+        **_placement(args))
+    print(result.table())
+    if args.skip_layers_out:
+        value = skip_layers_arg(result.most_costly(args.skip_layers))
+        write_text_atomic(args.skip_layers_out, value + "\n")
+        print(f"wrote the {args.skip_layers} most costly layer(s) to {args.skip_layers_out}: serve with "
+              f"--kv-cache-dtype-skip-layers {value}")
+    if args.json:
+        data = {"baseline_ppl": result.baseline_ppl, "layers": result.layers, "num_samples": result.num_samples,
+                "seq_len": result.seq_len, "num_tokens": result.num_tokens, "record_file": result.record_file,
+                "model": model}
         write_text_atomic(args.json, json.dumps(data, indent=2, allow_nan=False) + "\n")
         print(f"wrote {args.json}")
     return 0
@@ -376,17 +432,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-references", action="store_true",
                    help="skip the min-max and dynamic per-token reference runs")
     p.add_argument("--worst", type=int, default=3, help="layers to mark as worst (default 3)")
+    _add_chat_template(p, "default: plain text")
+    pl = p.add_argument_group("per-layer cost")
+    pl.add_argument("--per-layer", action="store_true",
+                    help="quantize one attention layer (K and V) at a time with the record and rank the "
+                         "layers by perplexity cost (one full-precision pass, then one pass per layer)")
+    pl.add_argument("--skip-layers-out", metavar="FILE",
+                    help="with --per-layer: write the --skip-layers most costly layer indices as vLLM's "
+                         "--kv-cache-dtype-skip-layers takes them (space-separated, ascending)")
+    pl.add_argument("--skip-layers", type=int, default=2, metavar="N",
+                    help="how many layers --skip-layers-out lists (default 2)")
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser("export", help="export a record's factors for serving engines and other tools",
-                       description="Export the kv_cache_value entries of an AMCT record file: json or "
-                                   "safetensors (the factors alone); ascend-c8 (a model directory "
-                                   "vllm-ascend / MindIE load with an INT8 KV cache; symmetric records "
-                                   "only); vllm-fp8 (a checkpoint vLLM loads with kv_cache_dtype=fp8); "
-                                   "modelopt-fp8 (ModelOpt's unified HF layout, for TensorRT-LLM / "
-                                   "SGLang); "
-                                   "lmdeploy-ascend (the per-tensor record lmdeploy's Ascend backend "
-                                   "parses).")
+                       description="Export the kv_cache_value entries of an AMCT record file. Formats: "
+                                   + "; ".join(f"{f.name} ({f.writes} for {f.engines})" for f in FORMATS.values())
+                                   + ".")
     p.add_argument("--record", required=True, metavar="FILE", help="AMCT record file")
     p.add_argument("--format", choices=list(FORMATS), default="json", help="output format (default: json)")
     p.add_argument("--out", metavar="PATH",

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator
 
 from .errors import OutputPathError
 
-__all__ = ["atomic_replace", "write_text_atomic", "exclusive_lock", "remove_stale_temps",
+__all__ = ["atomic_replace", "write_text_atomic", "exclusive_lock", "remove_stale_temps", "dead_writers_names",
            "replace_refusal", "check_output_path", "fsync_dir", "writable_dir_problem", "pid_alive"]
 
 logger = logging.getLogger("amct_hf")
@@ -79,7 +79,8 @@ def _temp_pattern(path: str) -> re.Pattern:
     return re.compile(rf"\.{re.escape(os.path.basename(path))}\.([0-9]+)\.[0-9a-f]{{8}}\.tmp")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` may be a live process of this machine (True when unsure)."""
     if pid <= 0:
         return True  # not a pid we wrote: leave the file alone
     try:
@@ -91,28 +92,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` may be a live process of this machine (True when unsure)."""
-    return _pid_alive(pid)
+def dead_writers_names(directory: str, pattern: re.Pattern) -> list[str]:
+    """Names in ``directory`` matching ``pattern`` (group 1: the writer's pid) whose writer
+    is neither this process nor alive: what a killed writer left behind."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    dead = []
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            dead.append(name)
+    return dead
 
 
 def remove_stale_temps(path: str) -> list[str]:
     """Remove the temp files :func:`atomic_replace` left for ``path`` whose writer is dead."""
     d = os.path.dirname(path) or "."
-    pattern = _temp_pattern(path)
     removed = []
-    try:
-        names = os.listdir(d)
-    except OSError:
-        return removed
-    for name in names:
-        m = pattern.fullmatch(name)
-        if m and not _pid_alive(int(m.group(1))):
-            try:
-                os.unlink(os.path.join(d, name))
-                removed.append(name)
-            except OSError:
-                pass
+    for name in dead_writers_names(d, _temp_pattern(path)):
+        try:
+            os.unlink(os.path.join(d, name))
+            removed.append(name)
+        except OSError:
+            pass
     return removed
 
 

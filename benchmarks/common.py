@@ -63,8 +63,13 @@ def smollm2_setup(samples: int, seq_len: int):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from amct_hf.data.bundled import news_corpus_path, smollm2_folder
-    from amct_hf.data.samples import load_texts, make_batches, tokenize_samples
+    try:
+        from amct_hf.data.bundled import news_corpus_path, smollm2_folder
+        from amct_hf.data.samples import load_texts, make_batches, tokenize_samples
+    except ImportError:  # an older checkout (compare_checkouts.py), before the data package
+        from amct_hf.assets import news_corpus_path, smollm2_folder
+
+        from amct_hf.data import load_texts, make_batches, tokenize_samples
     set_threads()
     folder = smollm2_folder()
     model = AutoModelForCausalLM.from_pretrained(folder).eval().to(os.environ.get("BENCH_DEVICE", "cpu"))

@@ -9,15 +9,18 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import DatasetError, MissingFileError
 from ..modeling.loading import looks_like_path
+from ..settings.options import check_chat_template_option
 from ..settings.validate import positive_int
 
-__all__ = ["load_texts", "tokenize_samples", "make_batches", "shard", "FILE_BUILDERS"]
+__all__ = ["load_texts", "tokenize_samples", "make_batches", "shard", "FILE_BUILDERS",
+           "has_chat_template", "use_chat_template",
+           "chat_messages", "render_chat"]
 
 logger = logging.getLogger("amct_hf")
 
@@ -37,7 +40,7 @@ _TOKENIZE_CHUNK = 256
 # --------------------------------------------------------------------------- loading
 
 def load_texts(dataset: Any, *, split: str = "train", text_column: str = "text",
-               cache_dir: str | os.PathLike | None = None) -> list[str]:
+               cache_dir: str | os.PathLike | None = None, messages: bool = False) -> list:
     """The non-blank texts of ``dataset``, in order.
 
     ``dataset`` is one of:
@@ -51,6 +54,9 @@ def load_texts(dataset: Any, *, split: str = "train", text_column: str = "text",
 
     Blank entries are dropped: the text loader yields one row per line, and blank lines
     only separate paragraphs. ``cache_dir`` is passed to ``datasets.load_dataset``.
+    ``messages=True`` also keeps entries that are conversations (a list of
+    ``{"role": ..., "content": ...}`` dicts, e.g. a dataset's ``messages`` column), for
+    :func:`render_chat`.
 
     Raises ``FileNotFoundError`` for a path that does not exist, ``ValueError`` for a
     missing split or column, non-string entries, an unknown dataset name or a dataset
@@ -61,9 +67,9 @@ def load_texts(dataset: Any, *, split: str = "train", text_column: str = "text",
     if isinstance(dataset, (list, tuple)):
         if dataset and all(isinstance(p, os.PathLike) for p in dataset):
             texts = [t for p in dataset for t in load_texts(
-                p, split=split, text_column=text_column, cache_dir=cache_dir)]
+                p, split=split, text_column=text_column, cache_dir=cache_dir, messages=messages)]
             return _check_not_empty(texts, f"list of {len(dataset)} files")
-        return _check_not_empty(_clean(dataset, "list entry"), f"list of {len(dataset)} texts")
+        return _check_not_empty(_clean(dataset, "list entry", messages), f"list of {len(dataset)} texts")
 
     if isinstance(dataset, datasets.DatasetDict):
         ds, name = _pick_split(dataset, split, "DatasetDict"), f"DatasetDict split {split!r}"
@@ -79,7 +85,7 @@ def load_texts(dataset: Any, *, split: str = "train", text_column: str = "text",
     if text_column not in ds.column_names:
         raise DatasetError(f"dataset {name} has no column {text_column!r}; "
                          f"columns present: {ds.column_names}")
-    texts = _clean(ds[text_column], f"column {text_column!r} of dataset {name}, row")
+    texts = _clean(ds[text_column], f"column {text_column!r} of dataset {name}, row", messages)
     return _check_not_empty(texts, name)
 
 
@@ -173,14 +179,30 @@ def _blank_file(path: Path) -> bool:
     return True
 
 
-def _clean(values, what: str) -> list[str]:
+def _clean(values, what: str, messages: bool = False) -> list:
     texts = []
     for i, v in enumerate(values):
+        if messages and isinstance(v, (list, tuple)):
+            texts.append(_check_messages(v, f"{what} {i}"))
+            continue
         if not isinstance(v, str):
-            raise DatasetError(f"{what} {i} is {type(v).__name__} ({v!r:.60}), expected a string")
+            hint = (" (a conversation: render it with the chat template, --chat-template)"
+                    if isinstance(v, (list, tuple)) else "")
+            raise DatasetError(f"{what} {i} is {type(v).__name__} ({v!r:.60}), expected a string{hint}")
         if v.strip():
             texts.append(v)
     return texts
+
+
+def _check_messages(turns, what: str) -> list[dict]:
+    for turn in turns:
+        if not (isinstance(turn, Mapping) and isinstance(turn.get("role"), str)
+                and isinstance(turn.get("content"), str)):
+            raise DatasetError(f"{what} is not a conversation: every turn needs a string 'role' and "
+                               f"'content', got {turn!r:.80}")
+    if not turns:
+        raise DatasetError(f"{what} is an empty conversation")
+    return [{"role": t["role"], "content": t["content"]} for t in turns]
 
 
 def _check_not_empty(texts: list[str], name: str) -> list[str]:
@@ -191,8 +213,8 @@ def _check_not_empty(texts: list[str], name: str) -> list[str]:
 
 # --------------------------------------------------------------------------- tokenizing
 
-def tokenize_samples(tokenizer, texts: Sequence[str], *, seq_len: int, num_samples: int,
-                     pack: bool = True) -> list[list[int]]:
+def tokenize_samples(tokenizer, texts: Sequence, *, seq_len: int, num_samples: int,
+                     pack: bool = True, chat_template: bool | str = False) -> list[list[int]]:
     """Up to ``num_samples`` token-id lists of at most ``seq_len`` tokens.
 
     ``pack=True`` (default): the texts are tokenized without special tokens, joined into
@@ -207,19 +229,30 @@ def tokenize_samples(tokenizer, texts: Sequence[str], *, seq_len: int, num_sampl
     either), from the first ``num_samples`` texts with any tokens. Lengths differ; padding
     happens in ``make_batches``.
 
+    ``chat_template`` (True, False or "auto": True when the tokenizer has a template):
+    every text is first rendered through the tokenizer's chat template as one
+    conversation (:func:`render_chat`), and packing joins the rendered conversations
+    without an extra separator (the template ends every turn itself). True with a
+    tokenizer that has no template is a one-line ``DatasetError``.
+
     Fewer samples than asked is logged as a warning on the ``amct_hf`` logger; no tokens
     at all is a ``ValueError``.
     """
     for arg, value in (("seq_len", seq_len), ("num_samples", num_samples)):
         positive_int(arg, value, DatasetError)
     texts = list(texts)
+    chat = use_chat_template(tokenizer, chat_template)
+    if not chat and any(not isinstance(t, str) for t in texts):
+        raise DatasetError("the calibration data holds conversations, which need a chat template, "
+                           "and the tokenizer has none (or chat_template=False)")
+    render = (lambda chunk: render_chat(tokenizer, chunk)) if chat else (lambda chunk: chunk)
 
     if pack:
-        samples = _pack(tokenizer, texts, seq_len, num_samples)
+        samples = _pack(tokenizer, texts, seq_len, num_samples, render, separate=not chat)
     else:
         samples = []
         for chunk in _chunks(texts):
-            enc = _encode(tokenizer, chunk, truncation=True, max_length=seq_len)
+            enc = _encode(tokenizer, render(chunk), truncation=True, max_length=seq_len)
             samples.extend(ids for ids in enc if ids)
             if len(samples) >= num_samples:
                 break
@@ -235,13 +268,13 @@ def tokenize_samples(tokenizer, texts: Sequence[str], *, seq_len: int, num_sampl
     return samples
 
 
-def _pack(tokenizer, texts, seq_len, num_samples) -> list[list[int]]:
+def _pack(tokenizer, texts, seq_len, num_samples, render, separate=True) -> list[list[int]]:
     eos = getattr(tokenizer, "eos_token_id", None)
-    sep = [eos] if isinstance(eos, int) else []
+    sep = [eos] if isinstance(eos, int) and separate else []
     need = seq_len * num_samples
     stream: list[int] = []
     for chunk in _chunks(texts):
-        for ids in _encode(tokenizer, chunk):
+        for ids in _encode(tokenizer, render(chunk)):
             if not ids:
                 continue  # would leave two separators in a row
             if stream:
@@ -271,6 +304,62 @@ def _lengths(samples) -> str:
     if len(lengths) == 1:
         return f"{lengths[0]} tokens each" if len(samples) > 1 else f"{lengths[0]} tokens"
     return f"{lengths[0]}..{lengths[-1]} tokens"
+
+
+# --------------------------------------------------------------------------- chat template
+
+def has_chat_template(tokenizer) -> bool:
+    """Whether ``tokenizer`` carries a chat template."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def use_chat_template(tokenizer, chat_template: bool | str) -> bool:
+    """Whether texts are rendered through ``tokenizer``'s chat template: the option
+    resolved for this tokenizer ("auto": when it has one). True for a tokenizer without
+    a template is a one-line ``DatasetError``, raised before any forward pass."""
+    check_chat_template_option(chat_template, DatasetError)
+    if chat_template == "auto":
+        return has_chat_template(tokenizer)
+    if chat_template and not has_chat_template(tokenizer):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DatasetError(f"chat_template=True (--chat-template), but the tokenizer {name} has no chat "
+                           "template; calibrate on plain text or use a tokenizer that has one")
+    return bool(chat_template)
+
+
+def chat_messages(text: str) -> list[dict]:
+    """One conversation from a plain text: its first half as the user turn, the rest as
+    the assistant's reply, split at the whitespace nearest the middle. Every token of the
+    text stays in the conversation; the template only adds its role markers (and any
+    default system turn of its own). A text without whitespace is the user turn alone,
+    with an empty reply."""
+    text = text.strip()
+    middle = len(text) // 2
+    cuts = [i for i, ch in enumerate(text) if ch.isspace()]
+    if not cuts:
+        return [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+    cut = min(cuts, key=lambda i: (abs(i - middle), i))
+    return [{"role": "user", "content": text[:cut].rstrip()},
+            {"role": "assistant", "content": text[cut:].strip()}]
+
+
+def render_chat(tokenizer, texts: Sequence) -> list[str]:
+    """Each entry rendered through ``tokenizer``'s chat template: a plain text as one
+    user and one assistant turn (:func:`chat_messages`), a conversation (list of
+    ``{"role", "content"}`` dicts, e.g. a dataset's ``messages`` column) as it is."""
+    if not has_chat_template(tokenizer):
+        use_chat_template(tokenizer, True)  # the one-line error
+    from jinja2 import TemplateError
+
+    out = []
+    for entry in texts:
+        messages = chat_messages(entry) if isinstance(entry, str) else list(entry)
+        try:
+            out.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        except TemplateError as err:  # a template's own raise_exception(): role order, missing turns
+            raise DatasetError(f"the tokenizer's chat template refused a conversation "
+                               f"({' '.join(str(err).split())})") from err
+    return out
 
 
 # --------------------------------------------------------------------------- batching

@@ -41,6 +41,11 @@ reads it (:mod:`amct_hf.evaluation.served`): its own weights (folded biases incl
 its scales in the engine's arithmetic (scale-only INT8 for ``ascend-c8``, E4M3 for
 ``vllm-fp8`` / ``modelopt-fp8``); the references are then E4M3 with scale 1.0 (the engines'
 uncalibrated default) and dynamic per-token INT8.
+
+``per_layer_cost(model, dataset, record_file)`` ranks the attention layers by what
+quantizing that layer alone costs (one full-precision pass, then one pass per layer), and
+``skip_layers_arg`` writes the most costly ones as vLLM's ``--kv-cache-dtype-skip-layers``
+takes them (section "per-layer cost" below).
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -60,14 +66,14 @@ from ..errors import InvalidArgumentError
 from ..modeling.attention import kv_calibration, kv_transform
 from ..modeling.layout import broadcast_factor, check_record, kv_layout
 from ..modeling.loading import input_device, load_model, resolve_dtype
-from ..naming import attention_path, layer_kind
+from ..naming import attention_path, layer_kind, record_order
 from ..observers.minmax import MinMaxRanges
 from ..record.files import load_kv_factors
 from ..settings.validate import positive_int
 from .intervals import paired_relative_increase
 from .served import fp8_e4m3, load_export_model, read_served_export
 
-__all__ = ["evaluate_kv_quant", "EvalResult"]
+__all__ = ["evaluate_kv_quant", "EvalResult", "per_layer_cost", "PerLayerResult", "layer_index", "skip_layers_arg"]
 
 logger = logging.getLogger("amct_hf")
 _LABELS = {"baseline": "full precision", "quantized": "record (static INT8)",
@@ -327,8 +333,8 @@ def evaluate_kv_quant(model, dataset, record_file=None, *, tokenizer=None, num_s
                       split: str = "train", text_column: str = "text", references: bool = True,
                       device_map=None, dtype=None, trust_remote_code: bool = False,
                       progress: bool = False, max_memory=None, offload_folder=None,
-                      baseline: EvalResult | None = None, export_dir=None, fp8_query: bool = False
-                      ) -> EvalResult:
+                      baseline: EvalResult | None = None, export_dir=None, fp8_query: bool = False,
+                      chat_template: bool | str = False) -> EvalResult:
     """Perplexity with the full-precision KV cache vs K/V quantized by ``record_file``'s
     factors (plus min-max and dynamic per-token references), on ``num_samples`` packed
     chunks of ``seq_len`` tokens of ``dataset``, and per-layer K/V relative MSE.
@@ -344,6 +350,8 @@ def evaluate_kv_quant(model, dataset, record_file=None, *, tokenizer=None, num_s
     ``baseline``: an earlier result on the very same chunks (checked by their digest),
     whose full-precision pass is reused instead of run again, to compare several records
     at the cost of one pass each; it needs ``references=False``.
+    ``chat_template``: evaluate on the texts rendered through the tokenizer's chat template
+    (as calibration's option of that name renders them).
 
     ``export_dir``: an ``ascend-c8``, ``vllm-fp8`` or ``modelopt-fp8`` export directory,
     evaluated as its engine serves it (module doc), in place of ``record_file``; the model
@@ -371,7 +379,7 @@ def evaluate_kv_quant(model, dataset, record_file=None, *, tokenizer=None, num_s
             raise InvalidArgumentError("export_dir= builds the export's model on the CPU from its shards; "
                                        "device_map/max_memory/offload_folder are not supported with it")
         factors, where = None, os.fspath(export_dir)
-        texts = load_texts(dataset, split=split, text_column=text_column)
+        texts = load_texts(dataset, split=split, text_column=text_column, messages=chat_template is not False)
         model, tensors = load_export_model(export_dir, resolve_dtype(dtype), trust_remote_code)
         served = read_served_export(export_dir, next(model.parameters()).dtype, tensors)
         served.fp8_query = bool(fp8_query)
@@ -386,7 +394,7 @@ def evaluate_kv_quant(model, dataset, record_file=None, *, tokenizer=None, num_s
         raise InvalidArgumentError("pass a record file (record_file=) or an export directory (export_dir=)")
     else:
         factors, where = load_kv_factors(record_file)  # a bad file fails before the model loads
-        texts = load_texts(dataset, split=split, text_column=text_column)
+        texts = load_texts(dataset, split=split, text_column=text_column, messages=chat_template is not False)
         model, tok = load_model(model, device_map=device_map, dtype=dtype,
                                 trust_remote_code=trust_remote_code, tokenizer=tokenizer,
                                 max_memory=max_memory, offload_folder=offload_folder)
@@ -402,7 +410,8 @@ def evaluate_kv_quant(model, dataset, record_file=None, *, tokenizer=None, num_s
                     served.scale_for(name)  # every attention layer has its scales
 
             skip = -(-skip_tokens // seq_len)
-            samples = tokenize_samples(tok, texts, seq_len=seq_len, num_samples=skip + num_samples)
+            samples = tokenize_samples(tok, texts, seq_len=seq_len, num_samples=skip + num_samples,
+                                       chat_template=chat_template)
             if skip and len(samples) <= skip:
                 raise InvalidArgumentError(f"skip_tokens={skip_tokens} leaves no evaluation text: the dataset "
                                  f"packs into only {len(samples)} chunk(s) of {seq_len} tokens")
@@ -476,3 +485,146 @@ def _evaluate(model, batches, device, factors, layout, references, progress, reu
     chunks = {"baseline_chunk_nll": base_chunks, "quantized_chunk_nll": q_chunks, "chunk_tokens": tokens,
               "interval": _interval(base_chunks, q_chunks, tokens)}
     return baseline, quantized, refs, layers, count, chunks
+
+
+# --------------------------------------------------------------------------- per-layer cost
+#
+# Which attention layers a record's static INT8 K/V hurts most: the full-precision pass
+# once, then one pass per attention layer with only that layer's K and V quantize-dequantized
+# by the record (every other layer full precision), on the same packed chunks
+# evaluate_kv_quant uses, the layers ranked by the perplexity increase. The most costly
+# ones are the candidates to keep in 16 bits; skip_layers_arg writes them as vLLM's
+# --kv-cache-dtype-skip-layers takes them. vLLM (CacheConfig.kv_cache_dtype_skip_layers:
+# list[str]) compares str(extract_layer_index(prefix)) of each attention layer -- the one
+# integer in its module path -- with the listed strings (besides the attention-type name
+# "sliding_window"), so the list holds decimal layer indices.
+
+
+class _OneLayer:
+    """kv_transform callback: the record's fake quantization for one attention layer's
+    K and V, every other layer's states unchanged."""
+
+    def __init__(self, factors: dict, names: list[str]):
+        self.quant = _StaticFakeQuant({n: factors[n] for n in names})
+
+    def __call__(self, name: str, states: torch.Tensor) -> torch.Tensor:
+        return self.quant(name, states) if name in self.quant.factors else states
+
+
+@dataclass
+class PerLayerResult:
+    """The full-precision perplexity and, per attention layer (most costly first), the
+    perplexity with only that layer's K/V quantized by the record."""
+    baseline_ppl: float
+    #: [{"layer": attention module path, "index": layer index or None, "ppl",
+    #:   "relative_increase", "interval"}], most costly first
+    layers: list
+    record_file: str
+    num_samples: int
+    seq_len: int
+    num_tokens: int
+    seconds: float = 0.0
+    baseline_chunk_nll: list = field(default_factory=list)
+
+    def most_costly(self, n: int) -> list[dict]:
+        """The ``n`` most costly layers."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise InvalidArgumentError(f"the number of layers to keep must be a non-negative int, got {n!r}")
+        return self.layers[:n]
+
+    def table(self) -> str:
+        rows = [("rank", "layer", "ppl", "rel. increase", "95% interval")]
+        for rank, row in enumerate(self.layers, 1):
+            iv = row["interval"]
+            rows.append((str(rank), row["layer"], f"{row['ppl']:.4f}", f"{100 * row['relative_increase']:+.3f}%",
+                         f"[{100 * iv['low']:+.3f}%, {100 * iv['high']:+.3f}%]" if iv else ""))
+        head = (f"{self.num_samples} x {self.seq_len} tokens ({self.num_tokens} predicted), record "
+                f"{self.record_file}; full precision ppl {self.baseline_ppl:.4f}; one layer's K and V "
+                "quantized at a time, most costly first:")
+        return "\n".join([head, *_format_rows(rows)])
+
+
+def layer_index(path: str) -> int | None:
+    """The layer index vLLM reads from an attention module path: its one integer
+    component (``model.layers.7.self_attn`` -> 7); None when there is not exactly one."""
+    numbers = [int(p) for p in path.split(".") if re.fullmatch(r"\d+", p)]
+    return numbers[0] if len(numbers) == 1 else None
+
+
+def skip_layers_arg(layers: list[dict]) -> str:
+    """The value of vLLM's ``--kv-cache-dtype-skip-layers`` for these layers: their
+    indices, ascending, space-separated (``vllm serve M --kv-cache-dtype fp8
+    --kv-cache-dtype-skip-layers 3 11``; in Python ``kv_cache_dtype_skip_layers=["3", "11"]``)."""
+    missing = [row["layer"] for row in layers if row["index"] is None]
+    if missing:
+        raise InvalidArgumentError(f"layer {missing[0]!r} has no single layer index in its module path, "
+                                   "which is how vLLM names the layers it skips")
+    return " ".join(str(i) for i in sorted(row["index"] for row in layers))
+
+
+def per_layer_cost(model, dataset, record_file, *, tokenizer=None, num_samples: int = 8, seq_len: int = 512,
+                   batch_size: int = 1, skip_tokens: int = 0, split: str = "train", text_column: str = "text",
+                   chat_template: bool | str = False, device_map=None, dtype=None,
+                   trust_remote_code: bool = False, progress: bool = False, max_memory=None,
+                   offload_folder=None) -> PerLayerResult:
+    """Rank the attention layers by what quantizing that layer alone (its K and V, with
+    ``record_file``'s factors) costs in perplexity, on the chunks
+    :func:`~amct_hf.evaluation.perplexity.evaluate_kv_quant` evaluates with the same
+    arguments. One full-precision pass, then one pass per layer; each layer's increase
+    comes with a paired-bootstrap 95% interval over the chunks. Ties keep the model's
+    layer order."""
+    from ..data.samples import load_texts, tokenize_samples
+
+    started = time.time()
+    for arg, value in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
+        positive_int(arg, value)
+    if seq_len < 2:
+        raise InvalidArgumentError(f"seq_len must be at least 2 (one token to predict), got {seq_len}")
+    if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
+        raise InvalidArgumentError(f"skip_tokens must be a non-negative int, got {skip_tokens!r}")
+    factors, where = load_kv_factors(record_file)
+    texts = load_texts(dataset, split=split, text_column=text_column, messages=chat_template is not False)
+    model, tok = load_model(model, device_map=device_map, dtype=dtype, trust_remote_code=trust_remote_code,
+                            tokenizer=tokenizer, max_memory=max_memory, offload_folder=offload_folder)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            layout = kv_layout(model)
+            check_record(factors, layout, where)
+            skip = -(-skip_tokens // seq_len)
+            samples = tokenize_samples(tok, texts, seq_len=seq_len, num_samples=skip + num_samples,
+                                       chat_template=chat_template)
+            if skip and len(samples) <= skip:
+                raise InvalidArgumentError(f"skip_tokens={skip_tokens} leaves no evaluation text: the dataset "
+                                           f"packs into only {len(samples)} chunk(s) of {seq_len} tokens")
+            samples = samples[skip:]
+            if sum(len(s) - 1 for s in samples) == 0:
+                raise InvalidArgumentError("the evaluation text has a single token: nothing to predict")
+            batches = _batches(samples, batch_size)
+            device = input_device(model)
+            nll, count, base_chunks = _nll(model, batches, device, "full precision", progress)
+            baseline = _ppl(nll, count)
+            if not math.isfinite(baseline):
+                raise InvalidArgumentError(f"the model's own full-precision perplexity is {baseline}: "
+                                           "its outputs are not finite")
+            tokens = [int(b.shape[1]) - 1 for b in batches for _ in range(b.shape[0])]
+            groups: dict[str, list[str]] = {}
+            for name in record_order(layout):
+                groups.setdefault(attention_path(name), []).append(name)
+            rows = []
+            for path, names in groups.items():
+                with kv_transform(model, _OneLayer(factors, names)):
+                    q_nll, q_count, q_chunks = _nll(model, batches, device, path, progress)
+                ppl = _ppl(q_nll, q_count)
+                rows.append({"layer": path, "index": layer_index(path), "ppl": ppl,
+                             "relative_increase": ppl / baseline - 1.0,
+                             "interval": _interval(base_chunks, q_chunks, tokens)})
+    finally:
+        model.train(was_training)
+    rows.sort(key=lambda r: -r["relative_increase"])  # stable: ties keep the layer order
+    return PerLayerResult(
+        baseline_ppl=baseline, layers=rows,
+        record_file=os.fspath(record_file) if isinstance(record_file, (str, os.PathLike)) else "<factors>",
+        num_samples=len(samples), seq_len=seq_len, num_tokens=count, seconds=time.time() - started,
+        baseline_chunk_nll=base_chunks)

@@ -120,15 +120,15 @@ class ExportFormat:
 
 
 FORMATS: dict[str, ExportFormat] = {f.name: f for f in (
-    ExportFormat("json", "factor file", "any (our own layout)", False, ".json", _json),
-    ExportFormat("safetensors", "factor file", "any (our own layout)", False, ".safetensors", _safetensors),
+    ExportFormat("json", "factor file", "any reader of our own layout", False, ".json", _json),
+    ExportFormat("safetensors", "factor file", "any reader of our own layout", False, ".safetensors", _safetensors),
     ExportFormat("ascend-c8", "model directory", "vllm-ascend, MindIE", True, None,
                  _model_dir("export_ascend_c8", "ascend-c8")),
-    ExportFormat("vllm-fp8", "model directory", "vLLM (compressed-tensors FP8 KV scales)", True, None,
+    ExportFormat("vllm-fp8", "model directory", "vLLM, compressed-tensors FP8 KV scales", True, None,
                  _model_dir("export_vllm_fp8", "vllm-fp8")),
-    ExportFormat("modelopt-fp8", "model directory", "TensorRT-LLM, SGLang (ModelOpt unified HF, FP8 KV)",
+    ExportFormat("modelopt-fp8", "model directory", "TensorRT-LLM and SGLang, ModelOpt unified HF layout",
                  True, None, _model_dir("export_modelopt_fp8", "modelopt-fp8")),
-    ExportFormat("lmdeploy-ascend", "engine record", "lmdeploy (dlinfer, Ascend)", False, ".lmdeploy.txt",
+    ExportFormat("lmdeploy-ascend", "engine record", "lmdeploy with dlinfer on Ascend", False, ".lmdeploy.txt",
                  _lmdeploy),
 )}
 

@@ -233,20 +233,12 @@ def remove_dead_writers_leftovers(out_dir: str) -> list[str]:
     alive on this machine; a live writer's are never touched. A ``.old-`` directory is
     never removed here: a writer killed between its two renames leaves the previous
     output only there."""
-    from ..fileio import pid_alive
+    from ..fileio import dead_writers_names
 
     parent = os.path.dirname(out_dir) or "."
-    pattern = _leftover_pattern(out_dir)
-    removed = []
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return removed
-    for name in names:
-        m = pattern.fullmatch(name)
-        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-            removed.append(name)
+    removed = dead_writers_names(parent, _leftover_pattern(out_dir))
+    for name in removed:
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     return removed
 
 

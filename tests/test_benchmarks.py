@@ -27,3 +27,25 @@ def test_bench_gpu_small_prints_every_row():
     assert set(dec) == {"dynamic", "int8"}
     # bf16 model: the int8 cache holds half the bytes
     assert dec["int8"]["cache_bytes"] * 2 == dec["dynamic"]["cache_bytes"] > 0
+
+
+def test_accuracy_table_names_the_targets_over_the_goal(tmp_path):
+    """benchmarks/accuracy.py --table-only: the table of a saved run, and every target cell
+    over +0.15% named under it (and only those)."""
+    def iv(point):
+        return {"interval": {"point": point, "low": point - 0.001, "high": point + 0.001}}
+    run = {"setup": {"model": "gemma3", "cal_samples": 2, "cal_len": 8, "eval_samples": 2, "eval_len": 8},
+           "fp32_ppl": {"Shakespeare": 40.0, "newsgroups": 30.0},
+           "references": {c: {"dynamic_per_token": iv(0.0004), "fp8_scale_1": iv(0.01)}
+                          for c in ("Shakespeare", "newsgroups")},
+           "rows": [{"target": "transformers", "served": "record", "Shakespeare": iv(0.001), "newsgroups": iv(0.0)},
+                    {"target": "vllm-fp8", "served": "export", "Shakespeare": iv(0.0), "newsgroups": iv(0.0031)}]}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--table-only",
+                          str(tmp_path / "run.json")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Gemma 3 270M fp32" in out.stdout
+    assert "| target `vllm-fp8` (export) | +0.00% [-0.10%, +0.10%] | +0.31% [+0.21%, +0.41%] |" in out.stdout
+    assert "| FP8 E4M3, scale 1.0 (no calibration) | +1.00% [+0.90%, +1.10%] |" in out.stdout
+    over = [line for line in out.stdout.splitlines() if line.startswith("over +0.15%")]
+    assert over == ["over +0.15%: vllm-fp8 on newsgroups: +0.31%"]

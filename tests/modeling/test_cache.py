@@ -12,7 +12,7 @@ import torch
 
 from amct_hf import write_kv_factors
 from amct_hf.errors import RecordMismatchError
-from amct_hf.evaluation.perplexity import _StaticFakeQuant
+from amct_hf.evaluation.perplexity import StaticFakeQuant
 from amct_hf.modeling.attention import kv_calibration, kv_transform
 from amct_hf.modeling.cache import StaticInt8KVCache, StaticInt8Layer, StaticInt8SlidingWindowLayer, cache_nbytes
 from amct_hf.modeling.layout import kv_layout
@@ -77,7 +77,7 @@ def test_cache_steps_equal_fake_quant_full_forward(kind, per_channel, tmp_path):
     expected = StaticInt8Layer if kind == "llama" else StaticInt8SlidingWindowLayer
     assert all(type(layer) is expected for layer in cache.layers)
     with torch.no_grad():
-        with kv_transform(model, _StaticFakeQuant(factors)):
+        with kv_transform(model, StaticFakeQuant(factors)):
             full = model(ids, use_cache=False).logits
         steps = [model(ids[:, :6], use_cache=True, **cache_kw(model, cache)).logits]
         for t in range(6, ids.shape[1]):
@@ -97,7 +97,7 @@ def test_generate_with_int8_cache_follows_fake_quant_greedy_path(tmp_path):
     cache = StaticInt8KVCache.from_record(factors, model)
     out = model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False,
                          **cache_kw(model, cache))
-    with torch.no_grad(), kv_transform(model, _StaticFakeQuant(factors)):
+    with torch.no_grad(), kv_transform(model, StaticFakeQuant(factors)):
         logits = model(out, use_cache=False).logits
     assert torch.equal(logits[0, 7:-1].argmax(-1), out[0, 8:])
     assert cache.get_seq_length() == out.shape[1] - 1  # the last token was never fed back

@@ -26,11 +26,8 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma 3 270M"}
 TARGETS = ("transformers", "ascend-c8", "vllm-fp8")
@@ -68,12 +65,11 @@ def print_table(out) -> None:
 
 
 def main():
+    from accuracy_smollm2 import add_size_args
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
-    ap.add_argument("--cal-samples", type=int, default=16)
-    ap.add_argument("--cal-len", type=int, default=512)
-    ap.add_argument("--eval-samples", type=int, default=16)
-    ap.add_argument("--eval-len", type=int, default=512)
+    add_size_args(ap, eval_samples=16)
     ap.add_argument("--json", default=None, help="write the rows here (rewritten after every row)")
     ap.add_argument("--table-only", default=None, metavar="JSON", help="print the table of an earlier run")
     args = ap.parse_args()

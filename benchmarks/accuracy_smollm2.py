@@ -139,11 +139,11 @@ def print_table(out, seconds=None):
         print(f"| {row['label']} | " + " | ".join(cell(row[c]["interval"]) for c in names) + " |")
 
 
-def add_size_args(ap: argparse.ArgumentParser) -> None:
+def add_size_args(ap: argparse.ArgumentParser, eval_samples: int = 32) -> None:
     """The calibration and evaluation sizes (tokens per sample, samples)."""
     ap.add_argument("--cal-samples", type=int, default=16)
     ap.add_argument("--cal-len", type=int, default=512)
-    ap.add_argument("--eval-samples", type=int, default=32)
+    ap.add_argument("--eval-samples", type=int, default=eval_samples)
     ap.add_argument("--eval-len", type=int, default=512)
 
 

@@ -15,11 +15,8 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 #: label -> (calibration settings, range margin added afterwards)
 FP8_CANDIDATES = {

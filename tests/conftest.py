@@ -49,15 +49,20 @@ def corpus_lines(n=60):
             for k in torch.randint(3, 30, (n,), generator=g)]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def word_tokenizer():
+    """A word-level tokenizer fitted on :func:`corpus_lines` ([UNK], [PAD], [EOS] specials)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    d = tmp_path_factory.mktemp("tiny_llama")
     tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tk.train_from_iterator(corpus_lines(), trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "[EOS]"]))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_llama")
+    tok = word_tokenizer()
     tok.save_pretrained(d)
     build("llama").save_pretrained(d)
     (d / "corpus.txt").write_text("\n".join(corpus_lines()) + "\n")

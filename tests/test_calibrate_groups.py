@@ -66,13 +66,9 @@ def test_grouped_factors_are_the_operator_run_on_each_groups_values(tiny_dir, tm
 
 def test_head_dim_comes_from_the_config_not_hidden_size(tmp_path):
     import transformers as tf
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from .conftest import corpus_lines
-    tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.train_from_iterator(corpus_lines(), trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "[EOS]"]))
-    tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    from .conftest import corpus_lines, word_tokenizer
+    tok = word_tokenizer()
     torch.manual_seed(0)
     # head_dim 8 while hidden_size / heads = 16: a grouping from hidden_size would be wrong
     model = tf.Qwen3ForCausalLM(tf.Qwen3Config(vocab_size=96, hidden_size=64, intermediate_size=96,

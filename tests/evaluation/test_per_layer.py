@@ -15,7 +15,7 @@ from amct_hf.evaluation.per_layer import per_layer_cost, skip_layers_arg
 from amct_hf.evaluation.per_layer import vllm_layer_index as layer_index
 from amct_hf.modeling.attention import kv_transform
 
-from ..conftest import corpus_lines
+from ..conftest import corpus_lines, word_tokenizer
 
 SEQ, N, LAYERS = 24, 4, 4
 #: how much coarser than calibrated each layer's scales are: distinct costs per layer
@@ -25,14 +25,9 @@ COARSEN = (2.0, 9.0, 1.0, 5.0)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     import transformers as tf
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     d = tmp_path_factory.mktemp("tiny_per_layer")
-    tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.train_from_iterator(corpus_lines(), trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "[EOS]"]))
-    tf.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]",
-                               eos_token="[EOS]").save_pretrained(d)
+    word_tokenizer().save_pretrained(d)
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,

@@ -42,15 +42,13 @@ def _pow2_float32(e: torch.Tensor) -> torch.Tensor:
 
 
 def _floor_index32(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """``floor(x / 2**level)`` without float64: the float32 product with a power of two is
-    exact unless it underflows, and an underflowed product of a negative ``x`` (which
-    may round to -0.0) has floor -1. Equals :func:`_floor_index` for every level the
-    grid uses (|level| <= 126) and every index that fits int64."""
-    x = x.to(torch.float32)
-    p = x * _pow2_float32(-level)
-    idx = torch.floor(p)
-    idx = torch.where((x < 0) & (p == 0), torch.full_like(idx, -1.0), idx)
-    return idx.to(torch.int64)
+    """``floor(x / 2**level)`` without float64, for float32/float16/bfloat16 ``x`` (taken
+    in float32, an exact promotion). ``floor_divide`` computes the floor from the exact
+    remainder (``fmod``), so a tiny negative ``x`` whose quotient underflows still gets -1,
+    and a quotient by a power of two is exact otherwise; one kernel. Equals
+    :func:`_floor_index` for every level the grid uses (|level| <= 126) and every index
+    that fits int64."""
+    return torch.floor_divide(x, _pow2_float32(level)).to(torch.int64)
 
 
 def fit_level(lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
@@ -85,6 +83,20 @@ class AlignedHistogram:
                    torch.zeros(channels, dtype=torch.int64, device=device),
                    torch.full((channels,), float("inf"), device=device),
                    torch.full((channels,), float("-inf"), device=device))
+
+    def rows(self, start: int, stop: int) -> AlignedHistogram:
+        """Channels ``start:stop`` (views: a channel's statistics depend on its own values only)."""
+        return AlignedHistogram(self.counts[start:stop], self.offsets[start:stop], self.level[start:stop],
+                                self.origin[start:stop], self.lo[start:stop], self.hi[start:stop])
+
+    def merge(self, other: AlignedHistogram) -> None:
+        """Add ``other``'s statistics of the same channels (both move to the grid of the union)."""
+        lo, hi = torch.minimum(self.lo, other.lo), torch.maximum(self.hi, other.hi)
+        self.regrid(lo, hi)
+        other.regrid(lo, hi)
+        self.counts = self.counts + other.counts.to(self.counts.dtype)
+        if self.offsets.numel():
+            self.offsets = self.offsets + other.offsets
 
     @property
     def bins(self) -> int:
@@ -135,7 +147,10 @@ class AlignedHistogram:
         """Add a [tokens, C] batch (``channels_first``: a [C, tokens] one). With the compiled
         kernels, also keeps the given sorted per-channel extreme buffers ([C, K]: largest
         descending, smallest ascending) and returns True; otherwise the caller maintains them."""
-        x = x.to(torch.float32)
+        if self._compiled(x):
+            x = x.to(torch.float32)
+        # the torch path takes x in its own dtype: float16/bfloat16 values are float32 values,
+        # and every operation below promotes them exactly (one pass less over the batch)
         if x.shape[1 - channels_first] == 1:  # per-tensor: a flat reduction is much faster
             lo, hi = torch.aminmax(x.reshape(-1))
             lo, hi = lo.reshape(1), hi.reshape(1)
@@ -153,20 +168,27 @@ class AlignedHistogram:
             else:
                 kernels.aligned_update(x.contiguous().numpy(), *args)
             return top is not None
-        if channels_first:
-            x = x.t()
-        c, b = self.counts.shape
-        absolute = _floor_index32(x, self.level[None, :])
-        flat = ((absolute - self.origin).clamp(0, b - 1) + torch.arange(c, device=x.device) * b).reshape(-1)
-        # scatter_add into a fixed-size table: bincount would read max(index) back to the host
-        inc = torch.zeros(c * b, dtype=self.counts.dtype, device=x.device)
-        inc.scatter_add_(0, flat, torch.ones_like(flat, dtype=self.counts.dtype))
-        self.counts += inc.reshape(c, b)
-        if self.offsets.numel():
-            centre = (absolute.double() + 0.5) * self.width[None, :]
-            off = torch.zeros(c * b, dtype=torch.float64, device=x.device)
-            self.offsets += off.scatter_add_(0, flat, (x.double() - centre).reshape(-1)).reshape(c, b)
+        self.add_on_grid(x.t() if channels_first else x)
         return False
+
+    def add_on_grid(self, x: torch.Tensor) -> None:
+        """Count a [tokens, C] batch (any float dtype) that the current grid already covers
+        (after :meth:`regrid` to a range holding it; torch path)."""
+        c, b = self.counts.shape
+        # every finite value lies on the grid of [lo, hi]: the clamp only keeps the index of a
+        # NaN (reported by the caller's check, nothing is written) inside the table
+        absolute = _floor_index32(x, self.level[None, :]).clamp_(self.origin[None, :],
+                                                                  (self.origin + (b - 1))[None, :])
+        if self.offsets.numel():
+            width = self.width[None, :]
+            shift = torch.sub(x, torch.addcmul(0.5 * width, absolute.double(), width))
+        flat = absolute.add_((torch.arange(c, device=x.device) * b - self.origin)[None, :]).reshape(-1)
+        # scatter_add straight into the fixed-size table (bincount would read max(index) back
+        # to the host); the regrid above left fresh tables, so no other tensor shares them
+        one = torch.ones(1, dtype=self.counts.dtype, device=x.device).expand(flat.shape)
+        self.counts.view(-1).scatter_add_(0, flat, one)
+        if self.offsets.numel():
+            self.offsets.view(-1).scatter_add_(0, flat, shift.reshape(-1))
 
     def reduce(self, comm) -> None:
         """Sum the histograms of every process (after agreeing on one grid)."""

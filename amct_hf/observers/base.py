@@ -29,9 +29,11 @@ from ..algorithms import kernels
 from ..algorithms.convention import factor_problem
 from ..errors import CalibrationInputError, InvalidArgumentError
 from ..settings.quant_params import QuantParams
+from .deferred import DeferredChecks, activation_flags, bad_values_error
+from .stacked import EntryStacks
 
 __all__ = ["Observer", "OBSERVERS", "MODES", "register_observer", "make_observer",
-           "check_activation", "activation_flags", "as_channels", "LayerBank"]
+           "check_activation", "as_channels", "LayerBank"]
 
 MODES = ("amct", "exact", "streaming")
 OBSERVERS: dict[tuple[str, str], type[Observer]] = {}
@@ -89,7 +91,7 @@ def make_observer(params: QuantParams, mode: str, channels: int, device=None, **
 def check_activation(layer_name: str, x, batch: int | None = None, values: bool = True) -> None:
     """Refuse what no algorithm can use, naming the layer (and the batch, 1-based).
     ``values=False`` checks the metadata only (the NaN/Inf check is then the caller's,
-    see :func:`activation_flags`)."""
+    see :mod:`amct_hf.observers.deferred`)."""
     at = f"layer {layer_name!r}" + (f", batch {batch}" if batch is not None else "")
     if not isinstance(x, torch.Tensor):
         raise CalibrationInputError(f"{at}: expected a torch.Tensor, got {type(x).__name__}")
@@ -111,32 +113,15 @@ def check_activation(layer_name: str, x, batch: int | None = None, values: bool 
     if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
         kind = " and ".join(k for k, found in (("NaN", torch.isnan(x).any()),
                                                 ("Inf", torch.isinf(x).any())) if bool(found))
-        raise _bad_values_error(at, x.dtype, kind)
+        raise bad_values_error(at, x.dtype, kind)
 
 
-def activation_flags(x: torch.Tensor) -> torch.Tensor:
-    """The NaN/Inf check of :func:`check_activation` left on the device: a [2] bool tensor
-    (any NaN, any Inf), read later. min and max propagate NaN and are Inf if any value
-    is, so one reduction decides (where both occur it reports NaN only)."""
-    lo, hi = torch.aminmax(x.detach())
-    ends = torch.stack([lo, hi])
-    return torch.stack([torch.isnan(ends).any(), torch.isinf(ends).any()])
-
-
-def _bad_values_error(at: str, dtype, kind: str) -> CalibrationInputError:
-    hint = ""
-    if dtype in (torch.float16, torch.bfloat16):
-        other = "float32 or bfloat16" if dtype == torch.float16 else "float32"
-        hint = f" ({dtype} overflow? load the model in {other})"
-    return CalibrationInputError(
-        f"{at}: the activation contains {kind} values{hint}; nothing is recorded for this layer")
-
-
-def as_channels(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    """[tokens, channels] float32 view: channel = last dim, or one channel for per-tensor."""
+def as_channels(x: torch.Tensor, per_channel: bool, dtype=torch.float32) -> torch.Tensor:
+    """[tokens, channels] view: channel = last dim, or one channel for per-tensor; in
+    ``dtype`` (None: as given)."""
     x = x.detach()
-    if x.dtype != torch.float32:
-        x = x.to(torch.float32)
+    if dtype is not None and x.dtype != dtype:
+        x = x.to(dtype)
     return x.reshape(-1, x.shape[-1]) if per_channel else x.reshape(-1, 1)
 
 
@@ -156,111 +141,90 @@ class LayerBank:
 
     ``tokens``: the number of calibration tokens every key will see over all processes,
     where known in advance (the driver): observers that size buffers by it get the count
-    of values per channel (IFMR streaming: its exact extremes). ``defer_checks``: on the
-    torch (accelerator) path the NaN/Inf check of each batch stays on the device: every
-    :attr:`check_every` layer batches the flags are copied to the host without blocking
-    (CUDA) and looked at by a later call once there; :meth:`check_pending` (the driver
-    calls it after the last batch) reads the rest. The error still names the first bad
-    layer and batch.
-    The compiled CPU path checks each batch at once either way. ``once``: a set shared
-    between banks of one run, so that a note is logged once per run."""
+    of values per channel (IFMR streaming: its exact extremes).
 
-    #: deferred NaN/Inf flags read back after this many layer batches (one host read each time)
-    check_every = 256
+    ``defer_checks`` (the driver): on the torch (accelerator) path nothing is read back to
+    the host per batch. The NaN/Inf check stays on the device (:mod:`.deferred`; the
+    error still names the first bad layer and batch, :meth:`check_pending` reads what is
+    left), and the entries of one forward are updated together where the observer allows
+    it (:mod:`.stacked`: one kernel sequence per group of entries and several batches instead
+    of one per entry and batch). The compiled CPU path checks and updates each
+    batch at once either way. ``checks``: the deferred checks to share with another bank
+    of the same run; ``once``: a set shared likewise, so that a note is logged once per run."""
 
     def __init__(self, params: QuantParams, mode: str, *, tokens: int | None = None,
-                 defer_checks: bool = False, once: set | None = None, **options):
+                 defer_checks: bool = False, once: set | None = None, checks: DeferredChecks | None = None,
+                 **options):
         if mode not in MODES:
             raise InvalidArgumentError(f"mode={mode!r} is not supported; use one of {MODES}")
         self.params, self.mode, self.options = params, mode, options
         self.tokens, self.defer_checks = tokens, defer_checks
         self.once = set() if once is None else once
+        self.checks = checks if checks is not None else DeferredChecks()
         self.observers: dict[str, Observer] = {}
-        self._pending: list[tuple[str, int, torch.dtype, torch.Tensor]] = []
-        self._inflight: list = []  # (pending, host flags, event): copies not yet looked at
+        self._fed: dict[str, int] = {}       # batches handed over per key
+        self._channels: dict[str, int] = {}  # channels per key, from its first batch
+        cls = OBSERVERS.get((params.act_algo, mode))
+        self.stacks = EntryStacks(self._make_group, self.checks) \
+            if defer_checks and getattr(cls, "stackable", False) else None
 
     def batches(self, name: str) -> int:
-        obs = self.observers.get(name)
-        return obs.batches if obs is not None else 0
+        return self._fed.get(name, 0)
+
+    def flush(self) -> None:
+        """Feed the batches staged for grouped updates."""
+        if self.stacks is not None:
+            self.stacks.flush()
 
     def check_pending(self) -> None:
-        """Read every deferred NaN/Inf flag and raise for the first bad layer batch, in
-        the order they were fed (waits for flags still on their way to the host)."""
-        self._poll(wait=True)
-        if self._pending:
-            pending = list(self._pending)
-            self._pending.clear()  # in place: banks of one run share the list (see KVBank)
-            self._raise_first(pending, torch.stack([f for *_, f in pending]).cpu())
+        """Feed what is staged, read every deferred NaN/Inf flag and raise for the first
+        bad layer batch in feeding order (waits for flags still on their way to the host)."""
+        self.flush()
+        self.checks.check_all()
 
-    def _ship_pending(self) -> None:
-        """Start copying the pending flags to the host without waiting (CUDA: pinned
-        memory and an event), to be looked at by a later call; elsewhere read them now."""
-        pending = list(self._pending)
-        self._pending.clear()
-        flags = torch.stack([f for *_, f in pending])
-        if flags.device.type != "cuda":
-            self._raise_first(pending, flags.cpu())
-            return
-        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-        host.copy_(flags, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._inflight.append((pending, host, event))
-
-    def _poll(self, wait: bool) -> None:
-        while self._inflight:
-            pending, host, event = self._inflight[0]
-            if not wait and not event.query():
-                return
-            event.synchronize()
-            self._inflight.pop(0)
-            self._raise_first(pending, host)
-
-    @staticmethod
-    def _raise_first(pending: list, flags: torch.Tensor) -> None:
-        bad = flags.any(1)
-        if not bool(bad.any()):
-            return
-        i = int(bad.to(torch.int8).argmax())
-        name, batch, dtype, _ = pending[i]
-        kind = "NaN" if bool(flags[i, 0]) else "Inf"
-        raise _bad_values_error(f"layer {name!r}, batch {batch}", dtype, kind)
-
-    def _observer_options(self, batch: torch.Tensor, x: torch.Tensor, tokens: int | None) -> dict:
+    def _observer_options(self, batch: torch.Tensor, tokens: int | None) -> dict:
         options = dict(self.options)
         cls = OBSERVERS.get((self.params.act_algo, self.mode))
         if self.tokens is not None and tokens and getattr(cls, "sized_by_count", False):
             # values per channel per token (per-tensor: the layer width; a channel group: its size)
             options["expected_count"] = self.tokens * batch.shape[0] // tokens
+            options["entry_channels"] = batch.shape[1]
         return options
+
+    def _make_group(self, channels: int, options: dict, device: torch.device) -> Observer:
+        return make_observer(self.params, self.mode, channels, device, **options)
 
     def __call__(self, name: str, x: torch.Tensor, tokens: int | None = None) -> None:
         """Add ``x`` (its last dim the channels). ``tokens``: how many calibration tokens
         ``x`` holds (default: every row of ``x`` but the last dim is one token)."""
-        obs = self.observers.get(name)
-        batch_no = (obs.batches if obs is not None else 0) + 1
-        defer = self.defer_checks and isinstance(x, torch.Tensor) and not kernels.use_kernels(x)
-        if defer:
+        batch_no = self._fed.get(name, 0) + 1
+        device_path = self.defer_checks and isinstance(x, torch.Tensor) and not kernels.use_kernels(x)
+        if device_path:
             check_activation(name, x, batch_no, values=False)
         else:
             check_activation(name, x, batch_no)
         with torch.no_grad():
-            if defer:
-                self._pending.append((name, batch_no, x.dtype, activation_flags(x)))
-                self._poll(wait=False)
-                if len(self._pending) >= self.check_every:
-                    self._ship_pending()
-            batch = as_channels(x, self.params.per_channel)
+            batch = as_channels(x, self.params.per_channel, dtype=None if device_path else torch.float32)
+            channels = self._channels.setdefault(name, batch.shape[1])
+            if channels != batch.shape[1]:
+                raise CalibrationInputError(
+                    f"layer {name!r}: {batch.shape[1]} channels (last dim of shape "
+                    f"{tuple(x.shape)}) but earlier batches had {channels}")
             if tokens is None:
                 tokens = x.numel() // x.shape[-1]
+            self._fed[name] = batch_no
+            entry = (self.checks.next_sequence(), name, batch_no, x.dtype)
+            if device_path and self.stacks is not None:
+                self.stacks.add(name, batch, entry, self._observer_options(batch, tokens))
+                return
+            if device_path:
+                self.checks.add([entry], activation_flags(x))
+                batch = batch.to(torch.float32)
+            obs = self.observers.get(name)
             if obs is None:
                 obs = self.observers[name] = make_observer(
                     self.params, self.mode, batch.shape[1], batch.device,
-                    **self._observer_options(batch, x, tokens))
-            elif obs.num_channels != batch.shape[1]:
-                raise CalibrationInputError(
-                    f"layer {name!r}: {batch.shape[1]} channels (last dim of shape "
-                    f"{tuple(x.shape)}) but earlier batches had {obs.num_channels}")
+                    **self._observer_options(batch, tokens))
             try:
                 obs.update(batch)
             except ValueError as err:  # the algorithm refuses these values
@@ -268,11 +232,23 @@ class LayerBank:
                 raise CalibrationInputError(f"layer {name!r}: {err}; nothing is recorded for this "
                                             "layer") from err
 
+    def _take_stacks(self) -> None:
+        """Cut the grouped observers back into one per entry (before any solve)."""
+        if self.stacks is None:
+            return
+        self.flush()
+        for name, obs in self.stacks.take().items():
+            if name in self.observers:
+                self.observers[name].merge(obs)
+            else:
+                self.observers[name] = obs
+
     def finalize(self, name: str, comm=None) -> tuple[tuple[list[float], list[int]], float | None]:
         """The layer's factors and its IFMR streaming tolerance (max over channels, None
         where exact). Its statistics are dropped either way, so a failed layer can be
         calibrated again from scratch."""
         self.check_pending()
+        self._take_stacks()
         obs = self.observers.pop(name)
         with torch.no_grad():
             if comm is not None:
@@ -300,6 +276,7 @@ class LayerBank:
         result on every rank. A rank that saw no token of a layer (uneven split) joins
         the reduction with empty statistics."""
         self.check_pending()
+        self._take_stacks()
         # channels, and the extreme buffers' size where the observer has one (every rank's
         # buffers must match for the reduction)
         layers = {n: (o.num_channels, getattr(o, "topk", None)) for n, o in self.observers.items()}

@@ -17,6 +17,7 @@ from ..errors import CalibrationInputError, InvalidArgumentError
 from ..naming import layer_kind
 from ..settings.quant_params import QuantParams
 from .base import LayerBank
+from .deferred import DeferredChecks
 
 __all__ = ["KVBank", "KINDS"]
 
@@ -35,15 +36,20 @@ class KVBank:
             raise InvalidArgumentError(f"KVBank needs settings for exactly {KINDS}")
         self.params, self.groups, self.head_dim = dict(params), dict(groups), head_dim
         once: set = set()
+        # one set of deferred NaN/Inf checks, so the first bad batch of either kind is named
+        self.checks = DeferredChecks()
         self.banks = {kind: LayerBank(params[kind], mode, tokens=tokens, defer_checks=defer_checks,
-                                      once=once, **options) for kind in KINDS}
-        # one list of deferred NaN/Inf flags, in feeding order, so the first bad batch is named
-        self.banks["value"]._pending = self.banks["key"]._pending
-        self.banks["value"]._inflight = self.banks["key"]._inflight
+                                      once=once, checks=self.checks, **options) for kind in KINDS}
+
+    def flush(self) -> None:
+        """Feed the batches staged for grouped updates."""
+        for bank in self.banks.values():
+            bank.flush()
 
     def check_pending(self) -> None:
         """Raise for the first layer batch whose deferred NaN/Inf check failed."""
-        self.banks["key"].check_pending()
+        self.flush()
+        self.checks.check_all()
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
         kind = layer_kind(name)

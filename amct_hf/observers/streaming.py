@@ -7,6 +7,8 @@ does not depend on the number of calibration tokens; the solves are in
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..algorithms import kernels
@@ -40,6 +42,11 @@ def check_grid_bins(value) -> int | None:
     return value
 
 
+#: values counted per step of a grouped update on the torch path (its index and offset
+#: temporaries take about 30 bytes per value)
+CHUNK_VALUES = 1 << 25
+
+
 class _Flushed:
     """An observer attribute that adds the staged values before it is read."""
 
@@ -58,6 +65,8 @@ class _Flushed:
 
 class _Streaming(Observer):
     reduction = "one grid (global min/max), histogram counts summed"
+    #: channels of several entries can share one observer (observers.stacked)
+    stackable = True
     with_offsets = True
     # Values staged per layer before the compiled histogram update runs (CPU only). The
     # update is bound by cache misses into the [C, bins] histogram, which is cold again at
@@ -104,6 +113,35 @@ class _Streaming(Observer):
     def _update_now(self, x, channels_first: bool) -> None:
         self._hist.update(x, channels_first=channels_first)
 
+    def update_parts(self, parts: list, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Several [rows, C] batches at once (torch path), whose per-channel range ``[lo,
+        hi]`` the caller has reduced already: the grid moves once for all of them, and the
+        values are counted in chunks of at most :data:`CHUNK_VALUES` (so the temporaries
+        of the counting stay bounded whatever was staged)."""
+        h = self.hist
+        h.regrid(torch.minimum(h.lo, lo), torch.maximum(h.hi, hi))
+        for part in parts:
+            for chunk in part.split(max(1, CHUNK_VALUES // max(1, part.shape[1]))):
+                self._add_on_grid(chunk)
+            self.count += part.shape[0]
+        self.batches += 1
+
+    def _add_on_grid(self, x) -> None:
+        self._hist.add_on_grid(x)
+
+    def rows(self, start: int, stop: int) -> _Streaming:
+        """The observer of channels ``start:stop`` alone (see :mod:`amct_hf.observers.stacked`)."""
+        part = copy.copy(self)
+        part.num_channels = stop - start
+        part._hist = self.hist.rows(start, stop)
+        return part
+
+    def merge(self, other: _Streaming) -> None:
+        """Add the statistics another observer of the same channels gathered."""
+        self.hist.merge(other.hist)
+        self.count += other.count
+        self.batches += other.batches
+
     def reduce(self, comm) -> None:
         self.hist.reduce(comm)
         self._stage = None
@@ -135,9 +173,11 @@ class StreamingIFMRObserver(_Streaming):
     sized_by_count = True
 
     def __init__(self, params, channels, device=None, bins: int | None = None, topk: int | None = None,
-                 expected_count: int | None = None):
+                 expected_count: int | None = None, entry_channels: int | None = None):
         super().__init__(params, channels, device, bins)
-        self.topk = topk if topk is not None else extremes_for_count(params, channels, expected_count)
+        # grouped entries (observers.stacked) keep what each entry alone would keep
+        self.topk = topk if topk is not None else extremes_for_count(params, entry_channels or channels,
+                                                                    expected_count)
         #: after compute(): False where a rank was beyond the extremes kept (read from the histogram)
         self.extremes_exact: bool | None = None
         # [C, K] rows: the K largest (descending) and smallest (ascending) values seen
@@ -149,12 +189,27 @@ class StreamingIFMRObserver(_Streaming):
 
     def _update_now(self, x, channels_first):
         if not self._hist.update(x, self._top, self._bottom, channels_first=channels_first):
-            if channels_first:
-                x = x.t()
-            k = min(self.topk, x.shape[0])
-            self._top = torch.cat([self._top, x.topk(k, 0).values.t()], 1).topk(self.topk, 1).values
-            self._bottom = torch.cat([self._bottom, x.topk(k, 0, largest=False).values.t()], 1).topk(
-                self.topk, 1, largest=False).values
+            self._keep_extremes(x.t() if channels_first else x)
+
+    def _add_on_grid(self, x):
+        super()._add_on_grid(x)
+        self._keep_extremes(x)
+
+    def _keep_extremes(self, x) -> None:
+        k = min(self.topk, x.shape[0])
+        self._top = torch.cat([self._top, x.topk(k, 0).values.t()], 1).topk(self.topk, 1).values
+        self._bottom = torch.cat([self._bottom, x.topk(k, 0, largest=False).values.t()], 1).topk(
+            self.topk, 1, largest=False).values
+
+    def rows(self, start, stop):
+        part = super().rows(start, stop)
+        part._top, part._bottom = self.top[start:stop], self.bottom[start:stop]
+        return part
+
+    def merge(self, other):
+        super().merge(other)
+        self._top = torch.cat([self.top, other.top], 1).topk(self.topk, 1).values
+        self._bottom = torch.cat([self.bottom, other.bottom], 1).topk(self.topk, 1, largest=False).values
 
     def reduce(self, comm):
         super().reduce(comm)

@@ -30,3 +30,16 @@ def test_edge_cases():
 def test_pow2_is_exact():
     e = torch.arange(-126, 128)
     assert torch.equal(_pow2_float32(e).double(), torch.ldexp(torch.ones(e.shape, dtype=torch.float64), e.double()))
+
+
+@settings(max_examples=100, deadline=None)
+@given(xs=st.lists(FLOATS, min_size=1, max_size=64), level=st.integers(MIN_LEVEL, 126))
+def test_half_precision_values_are_indexed_as_their_float32_values(xs, level):
+    """The torch path indexes bfloat16/float16 batches without converting them first."""
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.tensor(xs, dtype=torch.float32).to(dtype)
+        lv = torch.full(x.shape, level, dtype=torch.int64)
+        finite = torch.isfinite(x)
+        ref = _floor_index(x.float()[finite], lv[finite])
+        fits = (x.float()[finite].double() * 2.0 ** -level).abs() < 2.0 ** 62
+        assert torch.equal(_floor_index32(x[finite], lv[finite])[fits], ref[fits])

@@ -24,16 +24,19 @@ SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "nonzero_static", "equal",
 
 
 class OpLog(TorchDispatchMode):
-    """Every aten op run inside the block, by name, and the host syncs among them."""
+    """Every aten op run inside the block, by name, the host syncs among them, and the ops
+    that run a kernel (``kernels``: all but views, which only make a new tensor header)."""
 
     def __init__(self):
         super().__init__()
-        self.ops, self.syncs = [], []
+        self.ops, self.syncs, self.kernels = [], [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name.split("::")[-1]
         self.ops.append(name)
+        if not func.is_view:
+            self.kernels.append(name)
         if name in SYNC_OPS or self._bool_index(name, args) or self._to_host(name, args, kwargs):
             self.syncs.append(name)
         return func(*args, **kwargs)
@@ -168,24 +171,27 @@ def test_cuda_update_has_no_host_sync(algo, mode, gran):
 
 
 def test_deferred_flags_are_read_back_every_check_every_batches():
-    """Without waiting for the end: after check_every layer batches the flags go to the
-    host (here, CPU: read at once) and the first bad batch stops the run."""
+    """Without waiting for the end: once check_every entries are flagged the flags go to
+    the host (here, CPU: read at once) and the first bad batch stops the run at the end of
+    its forward, before the next one."""
     params = parse_quant_algo_params({"act_algo": "hfmg", "quant_granularity": 1})
     bank = KVBank({"key": params, "value": params}, "streaming", {"key": "channel", "value": "channel"},
                   defer_checks=True)
-    for b in bank.banks.values():
-        b.check_every = 3
-    fed = 0
+    bank.checks.check_every = 3
+    names = ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj",
+             "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"]
+    forwards = 0
     first_bad = r"layers.0.self_attn.v_proj', batch 1: .*NaN"
     with kernels.torch_path(), pytest.raises(CalibrationInputError, match=first_bad):
-        for name in ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj",
-                     "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.v_proj"]:
-            x = torch.randn(8, 4)
-            if "0.self_attn.v" in name:
-                x[3, 3] = float("nan")
-            bank(name, x)
-            fed += 1
-    assert fed == 2  # the third call shipped and read the three flags
+        for _ in range(3):
+            for name in names:
+                x = torch.randn(8, 4)
+                if "0.self_attn.v" in name:
+                    x[3, 3] = float("nan")
+                bank(name, x)  # staged: nothing computed or read yet
+            forwards += 1
+            bank.flush()  # the driver, after each forward
+    assert forwards == 1
 
 
 def test_hfmg_entries_solved_together_equal_each_alone():

@@ -1,0 +1,141 @@
+"""What the statistics cost a device per calibration batch, counted at full model geometry
+without a device: the driver's sink run on the ``meta`` device.
+
+A ``meta`` tensor has a shape and no data, so the sink (``KVBank`` exactly as the driver
+builds it: deferred NaN/Inf checks, entries grouped and staged) runs its whole per-batch
+path at the real geometry in milliseconds, on the torch (accelerator) path. A
+``TorchDispatchMode`` counts, per batch:
+
+* ``kernels``: aten operations that run a kernel on a device (views excluded);
+* ``gbytes``: bytes read and written by them (every tensor argument and result; an
+  upper bound: a fused or cached read costs less);
+* ``scattered``: elements added by ``scatter_add`` (histogram counting: atomics on a GPU);
+* ``host_reads``: any read of a value by the host would fail on ``meta``, so a run that
+  completes has none in its per-batch path (the flags' read-back every
+  ``DeferredChecks.check_every`` entries is switched off here and costs one copy).
+
+``--forward-ms`` (default: the ``logits_to_keep=1`` forward of a Llama-3-8B-geometry
+model, bf16, batch 1 x 2048 tokens, measured on an H200: 3.96 s for 64 batches) and two
+device figures turn the counts into an estimate of the calibration / forward ratio:
+``--kernel-us`` per kernel (the floor of a small kernel's launch-to-finish time) and
+``--tbps`` of memory bandwidth reached by these streaming kernels (default 3.0, about 60%
+of the H200's 4.8 TB/s peak). Atomic contention in ``scatter_add`` is not modelled: it
+is what a device run has to show.
+
+    .venv/bin/python benchmarks/device_cost.py [--layers 32] [--kv-heads 8] [--head-dim 128] \\
+        [--tokens 2048] [--batches 8] [--dtype bfloat16]
+
+One JSON line per configuration and target.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from amct_hf.observers import base
+from amct_hf.observers.kv import KVBank
+from amct_hf.settings.presets import resolve_kv_settings
+from amct_hf.settings.quant_params import parse_quant_algo_params
+
+CONFIGS = [("ifmr", 0), ("ifmr", 1), ("hfmg", 0), ("hfmg", 1)]
+TARGETS = ("ascend-c8", "transformers", "vllm-fp8")
+
+
+class Cost(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.kernels = 0
+        self.bytes = 0
+        self.scattered = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not func.is_view:
+            self.kernels += 1
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            tensors += [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
+            self.bytes += sum(_distinct(t) * t.element_size() for t in tensors)
+            if func._schema.name.endswith("scatter_add_") or func._schema.name.endswith("scatter_add"):
+                self.scattered += args[2].numel()
+        return out
+
+
+def _distinct(t: torch.Tensor) -> int:
+    """Elements a kernel really touches: an expanded (stride 0) dimension is read once."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        n *= size if stride else 1
+    return n
+
+
+def settings(config):
+    if isinstance(config, str):
+        kv = resolve_kv_settings(config)
+        return kv.params, kv.groups
+    algo, gran = config
+    p = parse_quant_algo_params({"act_algo": algo, "quant_granularity": gran})
+    return {"key": p, "value": p}, {"key": "channel", "value": "channel"}
+
+
+def run(config, args) -> dict:
+    # the sink refuses meta tensors (no data to calibrate on); here they stand for device ones
+    base.check_activation = lambda *a, **k: None
+    params, groups = settings(config)
+    width = args.kv_heads * args.head_dim
+    bank = KVBank(params, "streaming", groups, head_dim=args.head_dim,
+                  tokens=args.tokens * args.total_batches, defer_checks=True)
+    bank.checks.check_every = 1 << 62
+    if args.stage_mib:
+        for kind_bank in bank.banks.values():
+            kind_bank.stacks.stage_bytes = args.stage_mib << 20
+    names = [f"model.layers.{i}.self_attn.{k}_proj" for i in range(args.layers) for k in "kv"]
+    dtype = getattr(torch, args.dtype)
+    def feed():
+        for name in names:
+            bank(name, torch.empty(args.tokens, width, dtype=dtype, device="meta"))
+
+    with torch.no_grad():
+        # not counted: the first groups create the observers' tables
+        for _ in range(args.warmup):
+            feed()
+        bank.flush()
+        with Cost() as cost:
+            for _ in range(args.batches):
+                feed()
+            bank.flush()
+    kernels = cost.kernels / args.batches
+    gbytes = cost.bytes / args.batches / 1e9
+    scattered = cost.scattered / args.batches
+    ms = kernels * args.kernel_us / 1e3 + gbytes / args.tbps
+    label = config if isinstance(config, str) else f"{config[0]}/{('per_tensor', 'per_channel')[config[1]]}"
+    return {"config": label, "layers": args.layers, "tokens": args.tokens, "dtype": args.dtype,
+            "kernels_per_batch": round(kernels, 1), "gbytes_per_batch": round(gbytes, 2),
+            "scattered_per_batch": int(scattered), "estimated_ms_per_batch": round(ms, 2),
+            "forward_ms": args.forward_ms, "estimated_ratio": round(1 + ms / args.forward_ms, 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=2048, help="tokens per batch")
+    ap.add_argument("--warmup", type=int, default=2, help="batches fed before counting")
+    ap.add_argument("--batches", type=int, default=8, help="batches counted (staging spans several)")
+    ap.add_argument("--total-batches", type=int, default=64, help="batches of the whole run (sizes IFMR's extremes)")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--stage-mib", type=int, default=0, help="staging limit per bank (default: the library's)")
+    ap.add_argument("--forward-ms", type=float, default=3960 / 64)
+    ap.add_argument("--kernel-us", type=float, default=3.0)
+    ap.add_argument("--tbps", type=float, default=3.0)
+    args = ap.parse_args()
+    for config in [*CONFIGS, *TARGETS]:
+        print(json.dumps(run(config, args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Grouped updates on the torch path: the entries of one forward fed to one observer of all
+their channels give every entry exactly the statistics and factors it has alone, and the
+cost of a batch in operations does not grow with the number of entries."""
+import pytest
+import torch
+
+from amct_hf.algorithms import kernels
+from amct_hf.distributed import Comm
+from amct_hf.observers import LayerBank
+from amct_hf.observers.kv import KVBank
+from amct_hf.settings.quant_params import parse_quant_algo_params
+from tests.observers.test_device_path import OpLog
+
+
+def names(layers):
+    return [f"model.layers.{i}.self_attn.{k}_proj" for i in range(layers) for k in "kv"]
+
+
+def batches(layers, rounds, tokens=48, width=8, seed=0):
+    """Entries with different ranges per layer (so groups really hold different rows)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(rounds):
+        out.append({n: torch.randn(tokens, width, generator=g) * (1 + i) ** 1.5 + 0.3 * i
+                    for i, n in enumerate(names(layers))})
+    return out
+
+
+def factors(bank_kind, params, rounds, stage_bytes=None, flush=True):
+    with kernels.torch_path():
+        if bank_kind == "alone":
+            banks = {k: LayerBank(params, "streaming", tokens=len(rounds) * 48) for k in "kv"}
+        else:
+            bank = KVBank({"key": params, "value": params}, "streaming", {"key": "channel", "value": "channel"},
+                          tokens=len(rounds) * 48, defer_checks=True)
+            banks = {k: bank.banks[kind] for k, kind in (("k", "key"), ("v", "value"))}
+            assert all(b.stacks is not None for b in banks.values())
+            if stage_bytes:
+                for b in banks.values():
+                    b.stacks.stage_bytes = stage_bytes
+        for batch in rounds:
+            for name, x in batch.items():
+                banks[name[-6]](name, x)
+            if flush and bank_kind != "alone":
+                bank.flush()
+        got = {}
+        for b in banks.values():
+            got.update(b.finalize_all(Comm())[0])
+    return got
+
+
+CONFIGS = [("ifmr", 0), ("ifmr", 1), ("hfmg", 0), ("hfmg", 1)]
+
+
+@pytest.mark.parametrize("algo,gran", CONFIGS)
+@pytest.mark.parametrize("flush", [True, False], ids=["one-batch", "batches-staged"])
+def test_grouped_updates_give_each_entry_its_own_factors(algo, gran, flush):
+    """Fed after every forward, or with every batch staged until the solve."""
+    params = parse_quant_algo_params({"act_algo": algo, "quant_granularity": gran})
+    data = batches(3, 3)
+    alone = factors("alone", params, data)
+    grouped = factors("grouped", params, data, flush=flush)
+    assert sorted(alone) == sorted(grouped) == sorted(names(3))
+    for name in alone:
+        assert grouped[name] == alone[name], name
+
+
+@pytest.mark.parametrize("algo,gran", [("ifmr", 1), ("hfmg", 0)])
+def test_an_entry_split_across_groups_is_merged(algo, gran):
+    """A staging limit that flushes in the middle of a forward (and no flush between
+    forwards) puts an entry into several groups; merged, its factors are those it has alone."""
+    params = parse_quant_algo_params({"act_algo": algo, "quant_granularity": gran})
+    data = batches(3, 4)
+    data[-1] = {n: x[:20] for n, x in data[-1].items()}  # a shorter last batch: other groups
+    alone = factors("alone", params, data)
+    split = factors("grouped", params, data, stage_bytes=2 * 48 * 8 * 4 + 1, flush=False)
+    for name in alone:
+        assert split[name][1] == alone[name][1], name  # offsets
+        torch.testing.assert_close(torch.tensor(split[name][0]), torch.tensor(alone[name][0]),
+                                   rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("algo,gran", CONFIGS)
+def test_a_batch_costs_the_same_operations_for_4_and_12_entries(algo, gran):
+    """One forward's entries and the flush after it: no host sync, and the kernels run are
+    those of one update whatever the number of entries (handing an entry over makes views only)."""
+    params = parse_quant_algo_params({"act_algo": algo, "quant_granularity": gran})
+    counts = {}
+    for layers in (2, 6):
+        bank = KVBank({"key": params, "value": params}, "streaming", {"key": "channel", "value": "channel"},
+                      tokens=3 * 48, defer_checks=True)
+        logs = []
+        with kernels.torch_path():
+            for batch in batches(layers, 3):
+                with OpLog() as log:
+                    for name, x in batch.items():
+                        bank(name, x)
+                    bank.flush()
+                logs.append(log)
+            bank.finalize_all(Comm())
+        for log in logs:
+            assert log.ops and log.syncs == [], log.syncs
+        counts[layers] = [len(log.kernels) for log in logs]
+    assert counts[2][1:] == counts[6][1:], counts
+
+
+def test_grouped_nan_names_the_first_bad_layer_and_batch_in_feeding_order():
+    """Key and value entries are flagged by different banks; the first in feeding order wins."""
+    from amct_hf.errors import CalibrationInputError
+    params = parse_quant_algo_params({"act_algo": "hfmg", "quant_granularity": 0})
+    bank = KVBank({"key": params, "value": params}, "streaming", {"key": "channel", "value": "channel"},
+                  defer_checks=True)
+    with kernels.torch_path():
+        for b, batch in enumerate(batches(2, 3)):
+            for name, x in batch.items():
+                if b == 1 and name.endswith("0.self_attn.v_proj"):
+                    x[0, 0] = float("inf")
+                if b == 1 and name.endswith("1.self_attn.k_proj"):
+                    x[0, 0] = float("nan")  # fed later in the same forward
+                if b == 2 and name.endswith("0.self_attn.k_proj"):
+                    x[1, 1] = float("nan")
+                bank(name, x)
+            bank.flush()
+        with pytest.raises(CalibrationInputError, match=r"layers.0.self_attn.v_proj', batch 2: .*Inf"):
+            bank.check_pending()

@@ -123,3 +123,42 @@ def test_grouped_nan_names_the_first_bad_layer_and_batch_in_feeding_order():
             bank.flush()
         with pytest.raises(CalibrationInputError, match=r"layers.0.self_attn.v_proj', batch 2: .*Inf"):
             bank.check_pending()
+
+
+def _llama(layers):
+    import transformers as tf
+    cfg = tf.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("algo,gran", [("ifmr", 0), ("hfmg", 1)])
+def test_calibration_adds_the_same_kernels_and_no_host_read_for_2_and_6_layers(algo, gran):
+    """The driver's path (attention hooks, then the bank) over whole forwards, torch path
+    forced on CPU: beyond the model's own forward, calibration adds no host read and a
+    number of kernels that does not depend on the number of layers."""
+    from amct_hf.modeling.attention import KVCalibrationHooks, KVStatesComplete
+    params = parse_quant_algo_params({"act_algo": algo, "quant_granularity": gran})
+    extra = {}
+    for layers in (2, 6):
+        model = _llama(layers)
+        bank = KVBank({"key": params, "value": params}, "streaming", {"key": "channel", "value": "channel"},
+                      head_dim=16, tokens=4 * 32, defer_checks=True)
+        g = torch.Generator().manual_seed(0)
+        ids = [torch.randint(0, 96, (1, 32), generator=g) for _ in range(4)]
+        with torch.no_grad():
+            with OpLog() as plain:
+                for i in ids:
+                    model(input_ids=i, use_cache=False, logits_to_keep=1)
+            with kernels.torch_path(), KVCalibrationHooks(model, bank, stop_when_complete=True), OpLog() as log:
+                for i in ids:
+                    try:
+                        model(input_ids=i, use_cache=False, logits_to_keep=1)
+                    except KVStatesComplete:
+                        pass
+                bank.flush()
+            bank.check_pending()  # the run's one read of the flags, after the last batch
+        assert len(log.syncs) == len(plain.syncs), (log.syncs, plain.syncs)  # the model's own reads only
+        extra[layers] = len(log.kernels) - len(plain.kernels)
+    assert extra[2] == extra[6] > 0, extra

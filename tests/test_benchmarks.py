@@ -49,3 +49,21 @@ def test_accuracy_table_names_the_targets_over_the_goal(tmp_path):
     assert "| FP8 E4M3, scale 1.0 (no calibration) | +1.00% [+0.90%, +1.10%] |" in out.stdout
     over = [line for line in out.stdout.splitlines() if line.startswith("over +0.15%")]
     assert over == ["over +0.15%: vllm-fp8 on newsgroups: +0.31%"]
+
+
+def test_device_cost_counts_a_batch_without_data_and_independently_of_the_layer_count():
+    """benchmarks/device_cost.py on the meta device: a row per configuration and target, and
+    the kernels of a batch the same for 2 and 4 layers (the entries are updated together)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    rows = {}
+    for layers in (2, 4):
+        out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "device_cost.py"), "--layers", str(layers),
+                              "--tokens", "256", "--batches", "2", "--warmup", "1", "--stage-mib", "64"],
+                             capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-3000:]
+        rows[layers] = {r["config"]: r for r in map(json.loads, out.stdout.splitlines())}
+    assert list(rows[2]) == ["ifmr/per_tensor", "ifmr/per_channel", "hfmg/per_tensor", "hfmg/per_channel",
+                             "ascend-c8", "transformers", "vllm-fp8"]
+    for config, row in rows[2].items():
+        assert row["kernels_per_batch"] == rows[4][config]["kernels_per_batch"] > 0, config
+        assert rows[4][config]["gbytes_per_batch"] > row["gbytes_per_batch"] > 0  # bytes follow the values

@@ -232,6 +232,11 @@ class LayerBank:
                 raise CalibrationInputError(f"layer {name!r}: {err}; nothing is recorded for this "
                                             "layer") from err
 
+    def _forget(self, name: str) -> None:
+        """The key starts again from its first batch (its statistics are being dropped)."""
+        self._fed.pop(name, None)
+        self._channels.pop(name, None)
+
     def _take_stacks(self) -> None:
         """Cut the grouped observers back into one per entry (before any solve)."""
         if self.stacks is None:
@@ -250,6 +255,7 @@ class LayerBank:
         self.check_pending()
         self._take_stacks()
         obs = self.observers.pop(name)
+        self._forget(name)
         with torch.no_grad():
             if comm is not None:
                 obs.reduce(comm)
@@ -289,6 +295,7 @@ class LayerBank:
         factors, tolerance = {}, {}
         names = order(list(layers))
         for name in names:
+            self._forget(name)
             if name not in self.observers:
                 channels, topk = layers[name]
                 self.observers[name] = make_observer(self.params, self.mode, channels, None,

@@ -32,7 +32,7 @@ from .deferred import DeferredChecks
 __all__ = ["EntryStacks", "STAGE_BYTES"]
 
 #: activations staged at most before they are fed (bytes as handed over, per bank)
-STAGE_BYTES = 1 << 28
+STAGE_BYTES = 1 << 29
 
 
 class EntryStacks:
@@ -77,17 +77,25 @@ class EntryStacks:
             x = items[0][0][0]
             group = self._groups[names] = (self.make(sum(sizes), self._options[names[0]], x.device), sizes)
         obs, _ = group
-        # each staged batch: its entries side by side (one copy), in their own dtype (the
-        # torch path promotes exactly), and one range reduction that gives both the NaN/Inf
-        # flags per entry and the range the grid must cover
-        rounds = [torch.cat([staged[r][0] for staged in items], 1) for r in range(len(items[0]))]
-        ranges = [torch.aminmax(batch.reshape(batch.shape[0], len(names), -1), dim=0) for batch in rounds]
-        ends = torch.stack([torch.stack([lo, hi], 2) for lo, hi in ranges])  # [batches, entries, C, 2]
+        batches = len(items[0])
+
+        def side_by_side(r: int) -> torch.Tensor:
+            # batch r of every entry side by side (one copy), in its own dtype (the torch path
+            # promotes exactly); made again for the count, so one batch's copy is alive at a time
+            return torch.cat([staged[r][0] for staged in items], 1) if len(items) > 1 else items[0][r][0]
+
+        # one range reduction per batch gives both the NaN/Inf flags of every entry and the
+        # range the grid must cover before any value is counted
+        ranges = []
+        for r in range(batches):
+            batch = side_by_side(r)
+            ranges.append(torch.stack(torch.aminmax(batch.reshape(batch.shape[0], len(names), -1), dim=0), 2))
+        ends = torch.stack(ranges)  # [batches, entries, C, 2]
         flags = torch.stack([torch.isnan(ends).any((2, 3)), torch.isinf(ends).any((2, 3))], 2)
-        self.checks.add([staged[r][1] for r in range(len(rounds)) for staged in items], flags.reshape(-1, 2))
+        self.checks.add([staged[r][1] for r in range(batches) for staged in items], flags.reshape(-1, 2))
         lo, hi = ends[..., 0].amin(0).reshape(-1), ends[..., 1].amax(0).reshape(-1)
         try:
-            obs.update_parts(rounds, lo.to(torch.float32), hi.to(torch.float32))
+            obs.update_parts((side_by_side(r) for r in range(batches)), lo.to(torch.float32), hi.to(torch.float32))
         except ValueError as err:  # the algorithm refuses these values
             self.checks.check_all()  # an earlier batch's NaN/Inf is the first fault
             raise CalibrationInputError(f"layer {names[0]!r} (one of {len(names)} updated together): {err}; "

@@ -113,8 +113,8 @@ class _Streaming(Observer):
     def _update_now(self, x, channels_first: bool) -> None:
         self._hist.update(x, channels_first=channels_first)
 
-    def update_parts(self, parts: list, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        """Several [rows, C] batches at once (torch path), whose per-channel range ``[lo,
+    def update_parts(self, parts, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Several [rows, C] batches at once (torch path; any iterable, read once), whose per-channel range ``[lo,
         hi]`` the caller has reduced already: the grid moves once for all of them, and the
         values are counted in chunks of at most :data:`CHUNK_VALUES` (so the temporaries
         of the counting stay bounded whatever was staged)."""

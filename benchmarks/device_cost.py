@@ -7,8 +7,9 @@ path at the real geometry in milliseconds, on the torch (accelerator) path. A
 ``TorchDispatchMode`` counts, per batch:
 
 * ``kernels``: aten operations that run a kernel on a device (views excluded);
-* ``gbytes``: bytes read and written by them (every tensor argument and result; an
-  upper bound: a fused or cached read costs less);
+* ``gbytes``: bytes read and written by them (every tensor argument and result, a
+  scatter's table entries as many as it adds; an upper bound: a fused or cached read costs
+  less);
 * ``scattered``: elements added by ``scatter_add`` (histogram counting: atomics on a GPU);
 * ``host_reads``: any read of a value by the host would fail on ``meta``, so a run that
   completes has none in its per-batch path (the flags' read-back every
@@ -56,11 +57,17 @@ class Cost(TorchDispatchMode):
         out = func(*args, **kwargs)
         if not func.is_view:
             self.kernels += 1
+            if func._schema.name.split("::")[-1] in ("scatter_add_", "scatter_add"):
+                table, _, index, src = args[:4]
+                self.scattered += index.numel()
+                # a scatter reads and writes the table entries it hits only, not the whole table
+                touched = min(table.numel(), index.numel())
+                self.bytes += (2 * touched * table.element_size() + _distinct(index) * index.element_size()
+                               + _distinct(src) * src.element_size())
+                return out
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
             tensors += [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
             self.bytes += sum(_distinct(t) * t.element_size() for t in tensors)
-            if func._schema.name.endswith("scatter_add_") or func._schema.name.endswith("scatter_add"):
-                self.scattered += args[2].numel()
         return out
 
 

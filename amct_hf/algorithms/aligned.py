@@ -11,7 +11,7 @@ Two implementations hold the same statistics: the compiled kernels (CPU) and the
 path (any device, see :func:`~amct_hf.algorithms.kernels.torch_path`). The torch path is
 written for accelerators: an update is a fixed sequence of tensor operations whatever the
 channel count, never reads a value back to the host, and runs the per-value work in
-float32/int64 (the bin index of ``x`` is exact in float32, see :func:`_floor_index32`;
+float32/int64 (the bin index of ``x`` is exact in float32, see :func:`_floor_quotient`;
 counts are int64). Only the per-bin offsets, whose sums have no exact float32 form, are
 accumulated in float64.
 """
@@ -41,14 +41,25 @@ def _pow2_float32(e: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
-def _floor_index32(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """``floor(x / 2**level)`` without float64, for float32/float16/bfloat16 ``x`` (taken
-    in float32, an exact promotion). ``floor_divide`` computes the floor from the exact
-    remainder (``fmod``), so a tiny negative ``x`` whose quotient underflows still gets -1,
-    and a quotient by a power of two is exact otherwise; one kernel. Equals
-    :func:`_floor_index` for every level the grid uses (|level| <= 126) and every index
-    that fits int64."""
-    return torch.floor_divide(x, _pow2_float32(level)).to(torch.int64)
+def _floor_quotient(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """``floor(x / 2**level)`` as float32, for float32/float16/bfloat16 ``x`` (an exact
+    promotion). ``floor_divide`` takes the floor from the exact remainder (``fmod``), so a
+    tiny negative ``x`` whose quotient underflows still gets -1, and a quotient by a power
+    of two is exact otherwise; one kernel. Equals :func:`_floor_index` for every level the
+    grid uses (|level| <= 126) and every index that fits int64."""
+    return torch.floor_divide(x, _pow2_float32(level))
+
+
+def _bins_on_grid(x: torch.Tensor, level: torch.Tensor, origin: torch.Tensor, bins: int):
+    """(``floor(x / 2**level)`` as float32, the bin ``floor(x / 2**level) - origin`` as int64)
+    of a [tokens, C] batch inside the grid of every channel, computed in float32: the
+    quotient and the origin (itself the quotient of a float32 minimum) are float32 integers,
+    and their difference, an integer below ``bins``, is exact. A NaN or a value off the grid
+    (only with NaN/Inf in the data, which the caller's check reports before anything is
+    written) is sent to an end bin instead of out of the table."""
+    quotient = _floor_quotient(x, level[None, :])
+    rel = (quotient - origin.to(torch.float32)[None, :]).nan_to_num_(0.0, bins - 1.0, 0.0).clamp_(0, bins - 1)
+    return quotient, rel.to(torch.int64)
 
 
 def fit_level(lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
@@ -174,21 +185,17 @@ class AlignedHistogram:
     def add_on_grid(self, x: torch.Tensor) -> None:
         """Count a [tokens, C] batch (any float dtype) that the current grid already covers
         (after :meth:`regrid` to a range holding it; torch path)."""
-        c, b = self.counts.shape
-        # every finite value lies on the grid of [lo, hi]: the clamp only keeps the index of a
-        # NaN (reported by the caller's check, nothing is written) inside the table
-        absolute = _floor_index32(x, self.level[None, :]).clamp_(self.origin[None, :],
-                                                                  (self.origin + (b - 1))[None, :])
-        if self.offsets.numel():
-            width = self.width[None, :]
-            shift = torch.sub(x, torch.addcmul(0.5 * width, absolute.double(), width))
-        flat = absolute.add_((torch.arange(c, device=x.device) * b - self.origin)[None, :]).reshape(-1)
+        quotient, rel = _bins_on_grid(x, self.level, self.origin, self.bins)
+        idx = rel.t()  # [C, tokens]: the table's rows
         # scatter_add straight into the fixed-size table (bincount would read max(index) back
-        # to the host); the regrid above left fresh tables, so no other tensor shares them
-        one = torch.ones(1, dtype=self.counts.dtype, device=x.device).expand(flat.shape)
-        self.counts.view(-1).scatter_add_(0, flat, one)
+        # to the host); the regrid before left fresh tables, so no other tensor shares them
+        self.counts.scatter_add_(1, idx, torch.ones(1, dtype=self.counts.dtype, device=x.device).expand(idx.shape))
         if self.offsets.numel():
-            self.offsets.view(-1).scatter_add_(0, flat, shift.reshape(-1))
+            # x - (bin + 1/2) * width in float64: quotient * width is exact (an integer times a
+            # power of two), and so is every difference whose bits fit a float64
+            width = self.width[None, :]
+            shift = torch.addcmul(x, quotient, width, value=-1).sub_(0.5 * width)
+            self.offsets.scatter_add_(1, idx, shift.t())
 
     def reduce(self, comm) -> None:
         """Sum the histograms of every process (after agreeing on one grid)."""

@@ -4,7 +4,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from amct_hf.algorithms.aligned import MIN_LEVEL, _floor_index, _floor_index32, _pow2_float32
+from amct_hf.algorithms.aligned import MIN_LEVEL, _bins_on_grid, _floor_index, _floor_quotient, _pow2_float32, fit_level
+
+
+def _floor_index32(x, level):
+    return _floor_quotient(x, level).to(torch.int64)
 
 FLOATS = st.floats(width=32, allow_nan=False, allow_infinity=False)
 
@@ -43,3 +47,29 @@ def test_half_precision_values_are_indexed_as_their_float32_values(xs, level):
         ref = _floor_index(x.float()[finite], lv[finite])
         fits = (x.float()[finite].double() * 2.0 ** -level).abs() < 2.0 ** 62
         assert torch.equal(_floor_index32(x[finite], lv[finite])[fits], ref[fits])
+
+
+@settings(max_examples=300, deadline=None)
+@given(ends=st.lists(FLOATS, min_size=2, max_size=2), fractions=st.lists(st.floats(0, 1), min_size=1, max_size=64),
+       bins=st.sampled_from([64, 2048, 65536]))
+def test_bin_on_the_grid_equals_the_int64_one(ends, fractions, bins):
+    """The torch path's bin, computed in float32 relative to the origin, equals the float64
+    index minus the origin for every value of the range, near zero or far from it."""
+    lo, hi = sorted(torch.tensor(ends, dtype=torch.float32).tolist())
+    span = torch.tensor(hi, dtype=torch.float64) - lo
+    x = (lo + span * torch.tensor(fractions, dtype=torch.float64)).to(torch.float32).clamp(lo, hi)
+    x = torch.cat([x, torch.tensor([lo, hi])])[:, None]
+    level = fit_level(torch.tensor([lo]), torch.tensor([hi]), bins)
+    origin = _floor_index(torch.tensor([lo]), level)
+    if max(abs(lo), abs(hi)) * 2.0 ** -level.item() >= 2 ** 62:
+        return  # an index that does not fit int64 (a constant channel beyond 2**30 at level -32)
+    ref = _floor_index(x, level[None, :]) - origin
+    _, rel = _bins_on_grid(x, level, origin, bins)
+    assert torch.equal(rel, ref)
+
+
+def test_a_nan_lands_inside_the_table():
+    x = torch.tensor([[float("nan")], [float("inf")], [-float("inf")], [1.0]])
+    level, origin = torch.tensor([-4]), torch.tensor([0])
+    _, rel = _bins_on_grid(x, level, origin, 64)
+    assert rel.min() >= 0 and rel.max() <= 63 and rel[3, 0] == 16

@@ -186,7 +186,8 @@ def second_moment(hist: torch.Tensor) -> torch.Tensor:
     return (hist * (i * i + i + 1.0 / 3.0)).sum(1)
 
 
-def hfmg_losses(hist: torch.Tensor, left: torch.Tensor, right: torch.Tensor, tables=None) -> torch.Tensor:
+def hfmg_losses(hist: torch.Tensor, left: torch.Tensor, right: torch.Tensor, tables=None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
     """L2 loss of every candidate ([C, K], float64, in units of source-bin width squared).
 
     With ``M0(t), M1(t)`` the count and first moment of the (piecewise uniform) source
@@ -194,19 +195,29 @@ def hfmg_losses(hist: torch.Tensor, left: torch.Tensor, right: torch.Tensor, tab
     ``c_d``, summation by parts turns ``sum_d int (x - c_d)^2`` into
     ``M2 - 2 c_255 M1 + c_255^2 M0 + 2 D sum_k [M1(P_k) - P_k M0(P_k)]``, and for
     ``P`` in bin ``f`` with ``r = P - f``: ``M1(P) - P M0(P) = Q1[f] - P Q0[f] - h_f r^2 / 2``.
+    ``rows``: the channels (of ``tables``) that ``left``/``right`` belong to (default: all).
     """
-    c, bins = hist.shape
     q0, q1, h, (m0, m1, m2) = tables if tables is not None else loss_tables(hist)
+    c, bins = left.shape[0], q0.shape[1] - 1
+    if rows is None:
+        def gather(table, index):
+            return table.gather(1, index)
+    else:
+        base = rows[:, None] * (bins + 1)
+        m0, m1, m2 = m0[rows], m1[rows], m2[rows]
+
+        def gather(table, index):  # from the whole table: no copy of the active rows
+            return table.reshape(-1)[base + index]
     shift = bins / 2
     L = left.to(torch.float64) - shift
     D = (right - left + 1).to(torch.float64) / DST_BINS
-    k = torch.arange(1, DST_BINS, device=hist.device, dtype=torch.float64)
+    k = torch.arange(1, DST_BINS, device=q0.device, dtype=torch.float64)
     p = L[..., None] + k * D[..., None]  # [C, K, 255] inner destination edges (exact)
     f = torch.floor(p)
     r = p - f
     idx = (f + shift).to(torch.int64).clamp(0, bins).reshape(c, -1)
-    term = (q1.gather(1, idx) - p.reshape(c, -1) * q0.gather(1, idx)
-            - 0.5 * h.gather(1, idx) * (r * r).reshape(c, -1))
+    term = (gather(q1, idx) - p.reshape(c, -1) * gather(q0, idx)
+            - 0.5 * gather(h, idx) * (r * r).reshape(c, -1))
     edge_sum = term.reshape(p.shape).sum(-1)
     c255 = L + (DST_BINS - 0.5) * D
     return (m2[:, None] - 2.0 * c255 * m1[:, None] + c255 * c255 * m0[:, None] + 2.0 * D * edge_sum)
@@ -232,12 +243,8 @@ def hfmg_factors(state: HistogramState, asymmetric: bool = True, candidate_chunk
         losses = torch.from_numpy(kernels.hfmg_losses(
             h, second_moment(hist).numpy(), left.numpy(), right.numpy(), count.numpy(), DST_BINS, prune.numpy()))
     else:
-        tables = loss_tables(hist)
-        # all channels at once; the candidate chunk shrinks as rows grow, bounding memory
-        chunk = max(1, min(candidate_chunk, LOSS_CHUNK_ELEMENTS // max(1, hist.shape[0] * DST_BINS)))
-        losses = torch.cat([hfmg_losses(hist, left[:, j:j + chunk], right[:, j:j + chunk], tables)
-                            for j in range(0, left.shape[1], chunk)]
-                           or [torch.zeros(hist.shape[0], 0, dtype=torch.float64, device=hist.device)], 1)
+        prune = ~((dst_w < FLT_EPSILON) & valid).any(1)
+        losses = _pruned_losses(hist, left, right, valid, prune, candidate_chunk)
     losses = torch.where(dst_w < FLT_EPSILON, torch.zeros_like(losses), losses)
     losses = torch.where(valid, losses, torch.full_like(losses, float("inf")))
     best_loss = losses.min(1, keepdim=True).values
@@ -246,3 +253,45 @@ def hfmg_factors(state: HistogramState, asymmetric: bool = True, candidate_chunk
     clip_min = lo + bl.to(torch.float32) * w
     clip_max = lo + (br + 1).to(torch.float32) * w
     return factors_from_clip(clip_max, clip_min, asymmetric)
+
+
+def _pruned_losses(hist, left, right, valid, prune, candidate_chunk: int) -> torch.Tensor:
+    """The torch path's losses ([C, K], inf where not evaluated), pruned as the compiled
+    kernel prunes: every value outside a candidate's [L, R) costs at least its squared
+    distance to that interval, a bound that only grows along the walk, so once it exceeds
+    the best loss so far (by more than rounding) that candidate and every later one of the
+    channel are skipped; they could not win. Candidates run in chunks of the walk over the
+    channels still in play (the solve may read back: one read per chunk), so most of the
+    walk is never evaluated."""
+    c, bins = hist.shape
+    tables = loss_tables(hist)
+    q0, q1, _, (m0, m1, m2) = tables
+    i = torch.arange(bins, device=hist.device, dtype=torch.float64) - bins / 2
+    q2 = torch.cat([torch.zeros(c, 1, dtype=torch.float64, device=hist.device),
+                    (hist * (i * i + i + 1.0 / 3.0)).cumsum(1)], 1)
+    lo_edge, hi_edge, a, b = left.double() - bins / 2, (right + 1).double() - bins / 2, left, right + 1
+    bound = (lo_edge * lo_edge * q0.gather(1, a) - 2.0 * lo_edge * q1.gather(1, a) + q2.gather(1, a)
+             + hi_edge * hi_edge * (m0[:, None] - q0.gather(1, b)) - 2.0 * hi_edge * (m1[:, None] - q1.gather(1, b))
+             + (m2[:, None] - q2.gather(1, b)))
+    slack = 1e-9 * (m2 + m0 * bins * bins)
+    losses = torch.full(left.shape, float("inf"), dtype=torch.float64, device=hist.device)
+    best = torch.full((c,), float("inf"), dtype=torch.float64, device=hist.device)
+    rows = torch.arange(c, device=hist.device)
+    k_n = left.shape[1]
+    chunk = max(1, min(candidate_chunk, LOSS_CHUNK_ELEMENTS // max(1, c * DST_BINS)))
+    for j in range(0, k_n, chunk):
+        cols = slice(j, min(j + chunk, k_n))
+        part = hfmg_losses(hist, left[rows, cols], right[rows, cols], tables, rows=rows)
+        before = torch.minimum(best[rows, None], torch.cat([
+            torch.full_like(part[:, :1], float("inf")), torch.cummin(part, 1).values[:, :-1]], 1))
+        cut = prune[rows, None] & valid[rows, cols] & (bound[rows, cols] > before + slack[rows, None])
+        cut = cut.to(torch.int8).cumsum(1) > 0  # the first pruned candidate and every later one
+        part = torch.where(cut, torch.full_like(part, float("inf")), part)
+        losses[rows, cols] = part
+        best[rows] = torch.minimum(best[rows], part.min(1).values)
+        if cols.stop >= k_n:
+            break
+        rows = rows[~cut.any(1) & valid[rows, cols.stop]]
+        if rows.numel() == 0:
+            break
+    return losses

@@ -24,9 +24,11 @@ of the H200's 4.8 TB/s peak). Atomic contention in ``scatter_add`` is not modell
 is what a device run has to show.
 
     .venv/bin/python benchmarks/device_cost.py [--layers 32] [--kv-heads 8] [--head-dim 128] \\
-        [--tokens 2048] [--batches 8] [--dtype bfloat16]
+        [--tokens 2048] [--batches 8] [--dtype bfloat16] [--solve]
 
-One JSON line per configuration and target.
+One JSON line per configuration and target; with ``--solve``, one more per configuration
+for the final solve (its kernels, host reads and bytes, scaled to the model, and its share
+of a run of ``--total-batches`` forwards).
 """
 from __future__ import annotations
 
@@ -42,6 +44,10 @@ from amct_hf.settings.presets import resolve_kv_settings
 from amct_hf.settings.quant_params import parse_quant_algo_params
 
 CONFIGS = [("ifmr", 0), ("ifmr", 1), ("hfmg", 0), ("hfmg", 1)]
+#: ops that read table entries by index (their bytes: the entries read, not the table)
+LOOKUPS = {"gather", "index", "take", "index_select", "searchsorted"}
+#: ops that make the host wait for the device
+HOST_READS = {"_local_scalar_dense", "item", "nonzero", "equal", "masked_select"}
 TARGETS = ("ascend-c8", "transformers", "vllm-fp8")
 
 
@@ -51,13 +57,15 @@ class Cost(TorchDispatchMode):
         self.kernels = 0
         self.bytes = 0
         self.scattered = 0
+        self.host_reads = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        name = func._schema.name.split("::")[-1]
         if not func.is_view:
             self.kernels += 1
-            if func._schema.name.split("::")[-1] in ("scatter_add_", "scatter_add"):
+            if name in ("scatter_add_", "scatter_add"):
                 table, _, index, src = args[:4]
                 self.scattered += index.numel()
                 # a scatter reads and writes the table entries it hits only, not the whole table
@@ -66,8 +74,15 @@ class Cost(TorchDispatchMode):
                                + _distinct(src) * src.element_size())
                 return out
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-            tensors += [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
+            outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
+            if name in LOOKUPS:
+                # a lookup reads about as many table entries as it writes, not the whole table
+                tensors = tensors[1:] + outs + outs
+            else:
+                tensors += outs
             self.bytes += sum(_distinct(t) * t.element_size() for t in tensors)
+            if name in HOST_READS:
+                self.host_reads += 1
         return out
 
 
@@ -128,6 +143,40 @@ def run(config, args) -> dict:
             "forward_ms": args.forward_ms, "estimated_ratio": round(1 + ms / args.forward_ms, 3)}
 
 
+def solve(config, args) -> dict:
+    """The final solve, measured on CPU tensors with the torch path forced (a solve reads
+    values back, which meta tensors cannot): one entry per kind with random heavy-tailed
+    values (2 batches), then scaled to the model: HFMG solves every entry of a kind in
+    one walk (its kernels and reads do not grow with entries, its bytes do), IFMR one
+    entry at a time."""
+    from amct_hf.algorithms import kernels
+    from amct_hf.distributed import Comm
+    params, groups = settings(config)
+    width = args.kv_heads * args.head_dim
+    bank = KVBank(params, "streaming", groups, head_dim=args.head_dim, tokens=2 * args.tokens, defer_checks=True)
+    g = torch.Generator().manual_seed(0)
+    scale = torch.rand(1, width, generator=g) * 3 + 0.1
+    with kernels.torch_path(), torch.no_grad():
+        for _ in range(2):
+            for name in ("model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"):
+                x = torch.randn(args.tokens, width, generator=g) * scale
+                bank(name, x * (1 + 20 * (torch.rand(args.tokens, 1, generator=g) > 0.999)))
+        bank.check_pending()
+        with Cost() as cost:
+            bank.finalize_all(Comm())
+    per_entry = {kind: params[kind].act_algo == "ifmr" for kind in ("key", "value")}
+    repeat = sum(args.layers if per_entry[k] else 1 for k in per_entry) / 2  # per kind, averaged
+    kernels_model, reads_model = cost.kernels * repeat, cost.host_reads * repeat
+    gbytes_model = cost.bytes * args.layers / 1e9
+    ms = kernels_model * args.kernel_us / 1e3 + reads_model * args.read_us / 1e3 + gbytes_model / args.tbps
+    label = config if isinstance(config, str) else f"{config[0]}/{('per_tensor', 'per_channel')[config[1]]}"
+    run_ms = args.forward_ms * args.total_batches
+    return {"config": label, "solve": True, "kernels_one_layer": cost.kernels, "host_reads_one_layer": cost.host_reads,
+            "gbytes_one_layer": round(cost.bytes / 1e9, 3), "model_kernels": int(kernels_model),
+            "model_host_reads": int(reads_model), "model_gbytes": round(gbytes_model, 2),
+            "estimated_ms": round(ms, 1), "share_of_the_run": round(ms / run_ms, 4)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=32)
@@ -142,9 +191,14 @@ def main() -> None:
     ap.add_argument("--forward-ms", type=float, default=3960 / 64)
     ap.add_argument("--kernel-us", type=float, default=3.0)
     ap.add_argument("--tbps", type=float, default=3.0)
+    ap.add_argument("--read-us", type=float, default=20.0, help="a host read's round trip")
+    ap.add_argument("--solve", action="store_true", help="also the final solve (minutes on CPU)")
     args = ap.parse_args()
     for config in [*CONFIGS, *TARGETS]:
         print(json.dumps(run(config, args)), flush=True)
+    if args.solve:
+        for config in CONFIGS:
+            print(json.dumps(solve(config, args)), flush=True)
 
 
 if __name__ == "__main__":

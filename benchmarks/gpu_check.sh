@@ -2,7 +2,8 @@
 # The accelerator path on a machine with a CUDA device, in about 6 minutes of an H200
 # (budget: 8), with no network and no bundled model:
 #   1. the CPU == device tests (tests/algorithms/test_cuda_paths.py), the device-path tests
-#      (tests/observers/test_device_path.py: no host sync per batch), their CUDA variants;
+#      (tests/observers/test_device_path.py: no host sync per batch), the grouped updates
+#      (tests/observers/test_stacked.py), their CUDA variants;
 #      a skipped CUDA test means the device was not used: the check fails;
 #   2. benchmarks/bench_gpu.py: a random 8B-geometry Llama built on the device, 64 x 2048
 #      tokens of built-in pseudo-text through a locally fitted word-level tokenizer, every
@@ -48,7 +49,8 @@ echo "== 1. CPU == device and device-path tests"
 # -rs lists skips; a skipped CUDA test means the device was not used: fail
 # (the same tests' forced-torch-path variants on CPU and the kernel tests run in CI)
 timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/algorithms/test_cuda_paths.py \
-    tests/observers/test_device_path.py -k "cuda or bank or deferred or sees" | tee "$OUT/tests.txt"
+    tests/observers/test_device_path.py tests/observers/test_stacked.py \
+    -k "cuda or bank or deferred or sees" | tee "$OUT/tests.txt"
 if grep -q "SKIPPED.*no CUDA" "$OUT/tests.txt"; then
     echo "gpu_check: CUDA tests were skipped" >&2
     exit 1

@@ -26,7 +26,8 @@ def batches(layers, rounds, tokens=48, width=8, seed=0):
     return out
 
 
-def factors(bank_kind, params, rounds, stage_bytes=None, flush=True):
+def factors(bank_kind, params, rounds, stage_bytes=None, flush=True, device="cpu"):
+    rounds = [{n: x.to(device) for n, x in batch.items()} for batch in rounds]
     with kernels.torch_path():
         if bank_kind == "alone":
             banks = {k: LayerBank(params, "streaming", tokens=len(rounds) * 48) for k in "kv"}
@@ -162,3 +163,22 @@ def test_calibration_adds_the_same_kernels_and_no_host_read_for_2_and_6_layers(a
         assert len(log.syncs) == len(plain.syncs), (log.syncs, plain.syncs)  # the model's own reads only
         extra[layers] = len(log.kernels) - len(plain.kernels)
     assert extra[2] == extra[6] > 0, extra
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("algo,gran", CONFIGS)
+def test_cuda_grouped_updates_give_each_entry_its_own_factors(algo, gran):
+    """On the device: the groups' tables live there too, and each entry gets its own factors
+    (HFMG's integer counts exactly; IFMR's float64 offset sums are added by atomics in any
+    order there, so its scales may move in the last bits)."""
+    params = parse_quant_algo_params({"act_algo": algo, "quant_granularity": gran})
+    data = batches(3, 3)
+    alone = factors("alone", params, data, device="cuda")
+    grouped = factors("grouped", params, data, flush=False, device="cuda")
+    for name in alone:
+        if algo == "hfmg":
+            assert grouped[name] == alone[name], name
+        else:
+            assert grouped[name][1] == alone[name][1], name
+            torch.testing.assert_close(torch.tensor(grouped[name][0]), torch.tensor(alone[name][0]),
+                                       rtol=1e-6, atol=0)

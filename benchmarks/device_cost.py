@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from amct_hf.observers import base
 from amct_hf.observers.kv import KVBank
+from amct_hf.observers.streaming import IFMR_SOLVE_ROWS, SOLVE_ROWS
 from amct_hf.settings.presets import resolve_kv_settings
 from amct_hf.settings.quant_params import parse_quant_algo_params
 
@@ -146,9 +148,9 @@ def run(config, args) -> dict:
 def solve(config, args) -> dict:
     """The final solve, measured on CPU tensors with the torch path forced (a solve reads
     values back, which meta tensors cannot): one entry per kind with random heavy-tailed
-    values (2 batches), then scaled to the model: HFMG solves every entry of a kind in
-    one walk (its kernels and reads do not grow with entries, its bytes do), IFMR one
-    entry at a time."""
+    values (2 batches), then scaled to the model: the entries of a kind are solved
+    together up to a number of rows (their kernels and reads grow with the number of such
+    groups, their bytes with the entries)."""
     from amct_hf.algorithms import kernels
     from amct_hf.distributed import Comm
     params, groups = settings(config)
@@ -164,8 +166,10 @@ def solve(config, args) -> dict:
         bank.check_pending()
         with Cost() as cost:
             bank.finalize_all(Comm())
-    per_entry = {kind: params[kind].act_algo == "ifmr" for kind in ("key", "value")}
-    repeat = sum(args.layers if per_entry[k] else 1 for k in per_entry) / 2  # per kind, averaged
+    # entries of a kind are solved together up to a row limit: solves per kind, averaged
+    limits = {"ifmr": IFMR_SOLVE_ROWS, "hfmg": SOLVE_ROWS}
+    repeat = sum(math.ceil(args.layers * (width if p.per_channel else 1) / limits[p.act_algo])
+                 for p in params.values()) / 2
     kernels_model, reads_model = cost.kernels * repeat, cost.host_reads * repeat
     gbytes_model = cost.bytes * args.layers / 1e9
     ms = kernels_model * args.kernel_us / 1e3 + reads_model * args.read_us / 1e3 + gbytes_model / args.tbps

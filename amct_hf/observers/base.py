@@ -77,6 +77,9 @@ class Observer(ABC):
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scales float32 [C], offsets int64 [C]) from everything seen."""
 
+    def check(self) -> None:  # noqa: B027 -- most observers have nothing to refuse before the solve
+        """ValueError for statistics no solve can use (before a class's ``compute_many``)."""
+
 
 def make_observer(params: QuantParams, mode: str, channels: int, device=None, **options) -> Observer:
     try:
@@ -302,16 +305,16 @@ class LayerBank:
                                                      **self.options, **({"topk": topk} if topk else {}))
         many = getattr(OBSERVERS.get((self.params.act_algo, self.mode)), "compute_many", None)
         if many is not None:
-            return self._finalize_many(names, comm, many), tolerance
+            return self._finalize_many(names, comm, many)
         for name in names:
             factors[name], bound = self.finalize(name, comm)
             if bound is not None:
                 tolerance[name] = bound
         return factors, tolerance
 
-    def _finalize_many(self, names: list, comm, many) -> dict:
+    def _finalize_many(self, names: list, comm, many) -> tuple[dict, dict]:
         """Every entry reduced (in ``names`` order, on every rank), checked, then solved
-        together by the observer class's ``compute_many``."""
+        together by the observer class's ``compute_many``: (factors, IFMR tolerances)."""
         observers = [self.observers.pop(name) for name in names]
         with torch.no_grad():
             for name, obs in zip(names, observers):
@@ -322,4 +325,9 @@ class LayerBank:
                     raise CalibrationInputError(f"layer {name!r}: {err}; nothing is recorded for this "
                                                 "layer") from err
             results = many(observers)
-        return {name: _as_lists(name, s, o) for name, (s, o) in zip(names, results)}
+        tolerance = {}
+        for name, obs in zip(names, observers):
+            self._note_inexact_extremes(name, obs)
+            if obs.tolerance is not None:
+                tolerance[name] = float(obs.tolerance.max())
+        return {name: _as_lists(name, s, o) for name, (s, o) in zip(names, results)}, tolerance

@@ -45,6 +45,10 @@ def check_grid_bins(value) -> int | None:
 #: values counted per step of a grouped update on the torch path (its index and offset
 #: temporaries take about 30 bytes per value)
 CHUNK_VALUES = 1 << 25
+#: rows (channels of all entries together) per batched HFMG solve on the torch path
+SOLVE_ROWS = 1 << 15
+#: rows per batched IFMR solve on the torch path (its candidate losses hold about 33 KB per row)
+IFMR_SOLVE_ROWS = 1 << 13
 
 
 class _Flushed:
@@ -225,9 +229,43 @@ class StreamingIFMRObserver(_Streaming):
             hist, top, bottom, self.count, self.params, warn=False)
         return scales, offsets
 
+    @classmethod
+    def compute_many(cls, observers: list) -> list:
+        """:meth:`compute` of every observer; on the torch path the channels of entries
+        with the same count, extremes and grid size are solved together (up to
+        :data:`IFMR_SOLVE_ROWS` rows: a few hundred kernels and reads for all of them instead
+        of per entry). Each row's solve reads its own statistics only, so the factors and
+        tolerances are those of :meth:`compute`."""
+        if not observers or kernels.use_kernels(observers[0].hist.counts):
+            return [obs.compute() for obs in observers]
+        results, group = [], []
+        for obs in observers:
+            if group and (cls._solve_key(obs) != cls._solve_key(group[0])
+                          or sum(o.num_channels for o in group) + obs.num_channels > IFMR_SOLVE_ROWS):
+                results += cls._solve_group(group)
+                group = []
+            group.append(obs)
+        return results + cls._solve_group(group)
 
-#: rows (channels of all entries together) per batched HFMG solve on the torch path
-SOLVE_ROWS = 1 << 15
+    @staticmethod
+    def _solve_key(obs) -> tuple:
+        return obs.count, obs.topk, obs.bins
+
+    @staticmethod
+    def _solve_group(group: list) -> list:
+        if len(group) == 1:
+            return [group[0].compute()]
+        first = group[0]
+        fields = ("counts", "offsets", "level", "origin", "lo", "hi")
+        hist = AlignedHistogram(*(torch.cat([getattr(o.hist, f) for o in group]) for f in fields))
+        scales, offsets, tolerance = streaming_ifmr_factors(
+            hist, torch.cat([o.top for o in group]), torch.cat([o.bottom for o in group]), first.count,
+            first.params, warn=False)
+        sizes = [o.num_channels for o in group]
+        exact = max(extreme_ranks(first.count, first.params)) <= first.top.shape[1]
+        for obs, bound in zip(group, tolerance.split(sizes)):
+            obs.tolerance, obs.extremes_exact = bound, exact
+        return list(zip(scales.split(sizes), offsets.split(sizes)))
 
 
 @register_observer("hfmg", "streaming")

@@ -211,3 +211,29 @@ def test_hfmg_entries_solved_together_equal_each_alone():
         alone = [obs.compute() for obs in observers]
     for (s1, o1), (s2, o2) in zip(together, alone):
         assert torch.equal(s1, s2) and torch.equal(o1, o2)
+
+
+@pytest.mark.parametrize("gran", [0, 1])
+def test_ifmr_entries_solved_together_equal_each_alone(gran):
+    """The torch path solves entries of one count together: the same factors and streaming
+    tolerances as one entry at a time, and a few hundred operations for all of them."""
+    from amct_hf.observers import StreamingIFMRObserver
+    params = parse_quant_algo_params({"act_algo": "ifmr", "quant_granularity": gran})
+    with kernels.torch_path():
+        observers = []
+        for i, channels in enumerate((3, 8, 5) if gran else (1, 1, 1, 1)):
+            obs = StreamingIFMRObserver(params, channels, expected_count=400 * (1 if gran else 4))
+            for seed in range(2):
+                g = torch.Generator().manual_seed(10 * i + seed)
+                x = torch.randn(200, channels if gran else 4, generator=g) * (i + 1) + i
+                obs.update(x if gran else x.reshape(-1, 1))
+            observers.append(obs)
+        with OpLog() as together_log:
+            together = StreamingIFMRObserver.compute_many(observers)
+        bounds = [obs.tolerance.clone() for obs in observers]
+        with OpLog() as alone_log:
+            alone = [obs.compute() for obs in observers]
+    for (s1, o1), (s2, o2), bound, obs in zip(together, alone, bounds, observers):
+        assert torch.equal(s1, s2) and torch.equal(o1, o2)
+        assert torch.equal(bound, obs.tolerance)
+    assert len(together_log.syncs) < len(alone_log.syncs)

@@ -60,6 +60,11 @@ CANDIDATES = {
            "HFMG per tensor asymmetric, key ranges +50%"),
     "t8": ("transformers", "int8", *_kv(_p(HFMG, True), margin={"key": 0.0, "value": 0.5}),
            "HFMG per tensor asymmetric, value ranges +50%"),
+    "t9": ("transformers", "int8", *_kv(_p(HFMG, True, quant_granularity="per_channel")),
+           "HFMG per channel asymmetric"),
+    "t10": ("transformers", "int8", *_kv(_p(HFMG, True, quant_granularity="per_channel"), _p(HFMG, True),
+                                         margin={"key": 0.1, "value": 0.0}),
+            "HFMG asymmetric, keys per channel +10%, values per tensor"),
     # ascend-c8 without value centring: symmetric (scale-only) INT8
     "a0": ("ascend-c8", "int8", {"target": "ascend-c8"}, 16, "target `ascend-c8` as resolved for the model"),
     "a1": ("ascend-c8", "int8", *_kv(_p(HFMG, False)), "HFMG per tensor symmetric"),
@@ -75,6 +80,12 @@ CANDIDATES = {
                                      margin={"key": 0.25, "value": 0.25}),
            "HFMG symmetric per channel, ranges +25%"),
     "a6": ("ascend-c8", "int8", *_kv(_p(IFMR, False)), "IFMR per tensor symmetric"),
+    "a7": ("ascend-c8", "int8", *_kv(_p(HFMG, False, quant_granularity="per_channel"),
+                                     _p(HFMG, False, quant_granularity="per_channel"),
+                                     margin={"key": 0.0, "value": 0.25}),
+           "HFMG symmetric per channel, value ranges +25%"),
+    "a8": ("ascend-c8", "int8", *_kv(_p(HFMG, False, quant_granularity="per_channel"), _p(HFMG, False)),
+           "HFMG symmetric, keys per channel, values per tensor"),
     # vllm-fp8: symmetric per tensor, E4M3
     "f0": ("vllm-fp8", "fp8", {"target": "vllm-fp8"}, 16, "target `vllm-fp8` as resolved for the model"),
     "f1": ("vllm-fp8", "fp8", *_kv(_p(HFMG, False), margin={"key": 1.0, "value": 1.0}),
@@ -141,7 +152,9 @@ def main():
     ap.add_argument("--max-cal-samples", type=int, default=64, help="states collected (candidates take the first N)")
     ap.add_argument("--select", default=None, help="comma-separated candidate names (default: all)")
     ap.add_argument("--diagnose", action="store_true",
-                    help="where the transformers target's cost comes from: keys / values, layer types, clipping")
+                    help="where the transformers target's cost comes from: keys or values, ranges against the "
+                         "held-out text")
+    ap.add_argument("--no-reference", action="store_true", help="skip FP8 with scale 1.0 (same chunks as before)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--table-only", default=None, metavar="JSON")
     args = ap.parse_args()
@@ -208,21 +221,15 @@ def main():
         subset = {k: v[:n_cal] for k, v in states.items()}
         return factors_from_states(model, subset, {**kwargs, "num_samples": n_cal, "seq_len": args.cal_len})
 
-    measure("FP8 E4M3, scale 1.0 (no calibration)",
-            lambda: Transform(lambda n, x: fp8_e4m3(x, torch.ones(()))))
+    if not args.no_reference:
+        measure("FP8 E4M3, scale 1.0 (no calibration)",
+                lambda: Transform(lambda n, x: fp8_e4m3(x, torch.ones(()))))
     if args.diagnose:
         factors = factors_of("t0")
         out["ranges"] = ranges_vs_eval(model, factors, corpora, kv_transform)
-        types = getattr(model.config, "layer_types", None) or []
-
-        def is_full(name):
-            i = int(name.split(".")[2])
-            return i < len(types) and types[i] == "full_attention"
-        for label, only in (("keys only", lambda n: layer_kind(n) == "key"),
-                            ("values only", lambda n: layer_kind(n) == "value"),
-                            ("full-attention layers only", is_full),
-                            ("sliding-window layers only", lambda n: not is_full(n))):
-            measure(f"target transformers, {label}", lambda only=only: Transform(int8_fn(factors), only))
+        for label, kind in (("keys only", "key"), ("values only", "value")):
+            measure(f"target transformers, {label}",
+                    lambda kind=kind: Transform(int8_fn(factors), lambda n: layer_kind(n) == kind))
     for name in names:
         target, arithmetic, _, _, label = CANDIDATES[name]
         factors = factors_of(name)

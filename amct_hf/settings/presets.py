@@ -21,6 +21,10 @@ the configuration measured best for what that engine can load
   E4M3-simulated perplexity of the exported checkpoint (docs/serving.md): FP8's relative
   precision rewards little clipping, so a range fitted on the INT8 grid is too tight.
 
+Where a target's general settings were measured not to hold on a model family, the target
+takes that family's own (:data:`FAMILY_TARGETS`; the family is read from the model's config,
+:func:`model_family`): Gemma 3's QK-normed keys need per-channel ranges.
+
 An argument given explicitly next to a target must agree with what the target sets;
 otherwise it is refused naming both, rather than one silently winning.
 """

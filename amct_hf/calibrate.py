@@ -152,7 +152,9 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     whose attention biases can carry the value centres (Llama, read from its config before
     anything else) and symmetric ones otherwise (Qwen2); ``value_centering=False`` asks for
     the symmetric settings on any model (for an engine that does not read
-    ``attention_bias``).
+    ``attention_bias``). A model family with settings of its own for the target (Gemma 3,
+    read from the config; :data:`amct_hf.settings.presets.FAMILY_TARGETS`) takes them, and
+    the result's ``settings.family`` names it.
 
     ``chat_template``: render every text through the tokenizer's chat template before
     packing (True), as one user turn (its first half) and one assistant turn (the rest),

@@ -27,7 +27,8 @@ import time
 
 import torch
 
-#: name -> (target it is a candidate for, arithmetic, calibrate_kv_cache keywords, label)
+#: name -> (target it is a candidate for, arithmetic, calibrate_kv_cache keywords,
+#: calibration samples it takes, label)
 HFMG = {"act_algo": "hfmg", "quant_granularity": "per_tensor"}
 IFMR = {"act_algo": "ifmr", "quant_granularity": "per_tensor"}
 
@@ -46,6 +47,8 @@ def _kv(key, value=None, margin=0.0, groups=None, cal=16):
 CANDIDATES = {
     # transformers: asymmetric INT8 record
     "t0": ("transformers", "int8", {"target": "transformers"}, 16, "target `transformers` as resolved for the model"),
+    "g0": ("transformers", "int8", *_kv(_p(HFMG, True)),
+           "HFMG per tensor asymmetric (the general `transformers` settings)"),
     "t1": ("transformers", "int8", *_kv(_p(HFMG, True), margin={"key": 0.25, "value": 0.25}),
            "HFMG per tensor asymmetric, ranges +25%"),
     "t2": ("transformers", "int8", *_kv(_p(HFMG, True), margin={"key": 0.5, "value": 0.5}),
@@ -152,7 +155,7 @@ def main():
     ap.add_argument("--max-cal-samples", type=int, default=64, help="states collected (candidates take the first N)")
     ap.add_argument("--select", default=None, help="comma-separated candidate names (default: all)")
     ap.add_argument("--diagnose", action="store_true",
-                    help="where the transformers target's cost comes from: keys or values, ranges against the "
+                    help="where the general transformers settings' cost comes from: keys or values, ranges against the "
                          "held-out text")
     ap.add_argument("--no-reference", action="store_true", help="skip FP8 with scale 1.0 (same chunks as before)")
     ap.add_argument("--json", default=None)
@@ -225,10 +228,10 @@ def main():
         measure("FP8 E4M3, scale 1.0 (no calibration)",
                 lambda: Transform(lambda n, x: fp8_e4m3(x, torch.ones(()))))
     if args.diagnose:
-        factors = factors_of("t0")
+        factors = factors_of("g0")  # the general settings, whatever the family resolves to
         out["ranges"] = ranges_vs_eval(model, factors, corpora, kv_transform)
         for label, kind in (("keys only", "key"), ("values only", "value")):
-            measure(f"target transformers, {label}",
+            measure(f"general transformers settings, {label}",
                     lambda kind=kind: Transform(int8_fn(factors), lambda n: layer_kind(n) == kind))
     for name in names:
         target, arithmetic, _, _, label = CANDIDATES[name]

@@ -26,7 +26,7 @@ from .data.samples import load_texts, make_batches, shard, tokenize_samples, use
 from .distributed import Comm
 from .errors import CalibrationInputError, InvalidArgumentError
 from .modeling.attention import KVCalibrationHooks, KVStatesComplete
-from .modeling.centering import model_supports_value_centering
+from .modeling.centering import model_config, supports_value_centering
 from .modeling.layout import check_record_editable
 from .modeling.loading import input_device, load_model, no_logits_kwargs, text_config
 from .modeling.placement import check_max_memory
@@ -35,7 +35,7 @@ from .observers.kv import KVBank
 from .observers.streaming import check_grid_bins
 from .record.files import check_record_file, write_kv_factors
 from .settings.options import DRIVER_MODES, CalibrationSettings, DataOptions, LoadOptions, QuantOptions
-from .settings.presets import KVSettings, resolve_kv_settings
+from .settings.presets import KVSettings, model_family, resolve_kv_settings
 from .settings.quant_params import QuantParams
 from .settings.validate import lock_timeout_seconds
 
@@ -152,7 +152,9 @@ def calibrate_kv_cache(model, dataset, *, record_file="kv_cache.txt", quant_algo
     whose attention biases can carry the value centres (Llama, read from its config before
     anything else) and symmetric ones otherwise (Qwen2); ``value_centering=False`` asks for
     the symmetric settings on any model (for an engine that does not read
-    ``attention_bias``).
+    ``attention_bias``). A model family with settings of its own for the target (Gemma 3,
+    read from the config; :data:`amct_hf.settings.presets.FAMILY_TARGETS`) takes them, and
+    the result's ``settings.family`` names it.
 
     ``chat_template``: render every text through the tokenizer's chat template before
     packing (True), as one user turn (its first half) and one assistant turn (the rest),
@@ -304,13 +306,17 @@ def resolve_calibration(model, quant: QuantOptions | None = None, data: DataOpti
     """The settings of one calibration, resolved once for ``model`` (a loaded model, an id
     or a folder -- read from its config alone -- or None for the bundled SmolLM2): a
     target's settings depend on whether the model's attention biases can carry value
-    centres. Everything that can be refused without the weights is refused here."""
+    centres and on the model's family (:func:`amct_hf.settings.presets.model_family`).
+    Everything that can be refused without the weights is refused here."""
     quant, data, load = quant or QuantOptions(), data or DataOptions(), load or LoadOptions()
-    value_centering = quant.value_centering
-    if quant.target is not None and value_centering and model is not None:
-        value_centering = model_supports_value_centering(model, load.trust_remote_code)
+    value_centering, family = quant.value_centering, None
+    if quant.target is not None and model is not None:
+        config = model_config(model, load.trust_remote_code)  # no weights read
+        if config is not None:
+            value_centering = value_centering and supports_value_centering(config)
+            family = model_family(config)
     kv = resolve_kv_settings(quant.target, quant.quant_algo_params, quant.value_quant_algo_params,
-                             quant.channel_groups, quant.range_margin, value_centering)
+                             quant.channel_groups, quant.range_margin, value_centering, family)
     quant = dataclasses.replace(quant, stream_bins=check_grid_bins(quant.stream_bins))
     check_max_memory(load.max_memory)  # a bad size fails before the dataset is read
     if quant.tap == "proj" and (kv.params["key"].per_channel or kv.params["value"].per_channel):

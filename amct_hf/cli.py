@@ -243,7 +243,8 @@ def run_calibrate(args) -> int:
 
 
 def describe_settings(kv) -> str:
-    """One line: the target (or "explicit parameters") and each kind's algorithm."""
+    """One line: the target (or "explicit parameters"), the model family whose own
+    settings it took (if any) and each kind's algorithm."""
     def kind(k):
         p = kv.params[k]
         groups = "" if kv.groups[k] == "channel" else f", {kv.groups[k]} groups"
@@ -251,6 +252,8 @@ def describe_settings(kv) -> str:
         return (f"{k}s {p.act_algo.upper()} {p.granularity.replace('_', '-')} "
                 f"{'asymmetric' if p.asymmetric else 'symmetric'}{groups}{margin}")
     head = f"target {kv.target}" if kv.target else "explicit parameters"
+    if kv.family:
+        head += f", {kv.family} settings"
     return f"{head} ({kind('key')}; {kind('value')})"
 
 

@@ -69,6 +69,15 @@ def tiny_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def tiny_gemma3_dir(tmp_path_factory):
+    """A tiny Gemma 3 (interleaved sliding/full layers, one KV head) with the word tokenizer
+    and the corpus, as a folder."""
+    d = tmp_path_factory.mktemp("tiny_gemma3")
+    word_tokenizer().save_pretrained(d)
+    build("gemma3").save_pretrained(d)
+    (d / "corpus.txt").write_text("\n".join(corpus_lines()) + "\n")
+    return d
 
 
 def pytest_collection_modifyitems(config, items):

@@ -67,3 +67,22 @@ def test_device_cost_counts_a_batch_without_data_and_independently_of_the_layer_
     for config, row in rows[2].items():
         assert row["kernels_per_batch"] == rows[4][config]["kernels_per_batch"] > 0, config
         assert rows[4][config]["gbytes_per_batch"] > row["gbytes_per_batch"] > 0  # bytes follow the values
+
+
+def test_family_settings_table_lists_diagnosis_then_candidates(tmp_path):
+    """benchmarks/family_settings.py --table-only: the candidates table of a saved run, the
+    diagnosis rows first, each candidate with the target it is for."""
+    def iv(point):
+        return {"interval": {"point": point, "low": point - 0.001, "high": point + 0.001}}
+    run = {"fp32_ppl": {"Shakespeare": 40.0, "newsgroups": 30.0},
+           "diagnosis": [{"label": "keys only", "Shakespeare": iv(0.007), "newsgroups": iv(0.009)}],
+           "rows": [{"label": "per-channel keys", "name": "t5", "target": "transformers",
+                     "Shakespeare": iv(0.0013), "newsgroups": iv(0.0038)}]}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "family_settings.py"), "--table-only",
+                          str(tmp_path / "run.json")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    assert lines[1:] == ["| none (fp32 ppl) | - | 40.000 | 30.000 |",
+                         "| keys only | - | +0.70% [+0.60%, +0.80%] | +0.90% [+0.80%, +1.00%] |",
+                         "| per-channel keys | transformers | +0.13% [+0.03%, +0.23%] | +0.38% [+0.28%, +0.48%] |"]

@@ -308,3 +308,17 @@ def test_calibrate_resolves_its_settings_once_and_defaults_to_the_transformers_t
     assert _calibrate(model_dir, corpus, tmp_path / "kv_amct.txt", "--algo", "ifmr") == 0
     assert len(calls) == 2
     assert "settings: explicit parameters (keys IFMR per-tensor asymmetric; " in capsys.readouterr().out
+
+
+def test_the_settings_line_names_the_family_settings_a_target_took(tiny, tiny_gemma3_dir, tmp_path, capsys):
+    from amct_hf.settings.presets import FAMILY_TARGETS
+    target = sorted(FAMILY_TARGETS["gemma3"])[0]
+    assert main(["calibrate", "--model", str(tiny_gemma3_dir), "--dataset", str(tiny_gemma3_dir / "corpus.txt"),
+                 "--num-samples", "2", "--seq-len", "16", "--record", str(tmp_path / "gemma3.txt"),
+                 "--no-progress", "--target", target]) == 0
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("settings: "))
+    assert line.startswith(f"settings: target {target}, gemma3 settings (keys ")
+    model_dir, corpus = tiny  # Llama: the target's general settings, no family named
+    assert _calibrate(model_dir, corpus, tmp_path / "llama.txt", "--target", target) == 0
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("settings: "))
+    assert line.startswith(f"settings: target {target} (keys ") and "gemma3" not in line

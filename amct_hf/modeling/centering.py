@@ -19,7 +19,7 @@ from it). Qwen2's ``o_proj`` never has a bias, so it cannot carry the shift.
 from __future__ import annotations
 
 __all__ = ["VALUE_CENTERING_MODEL_TYPES", "supports_value_centering", "model_supports_value_centering",
-           "centering_biases"]
+           "model_config", "centering_biases"]
 
 #: model types whose config switches on a bias for v_proj and o_proj (``attention_bias``)
 #: in Hugging Face and in vLLM / vllm-ascend alike
@@ -31,18 +31,25 @@ def supports_value_centering(config) -> bool:
     return getattr(config, "model_type", None) in VALUE_CENTERING_MODEL_TYPES
 
 
-def model_supports_value_centering(model, trust_remote_code: bool = False) -> bool:
-    """:func:`supports_value_centering` of a loaded model, or of a model id / folder read
-    from its config alone (no weights). A config that cannot be read answers True: loading
-    the model will report the real problem."""
+def model_config(model, trust_remote_code: bool = False):
+    """The config of a loaded model, or of a model id / folder read alone (no weights);
+    None when it cannot be read: loading the model will report the real problem."""
     config = getattr(model, "config", None)
     if config is None:
         from transformers import AutoConfig
         try:
             config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
         except Exception:  # transformers raises many types; load_model names the problem
-            return True
-    return supports_value_centering(config)
+            return None
+    return config
+
+
+def model_supports_value_centering(model, trust_remote_code: bool = False) -> bool:
+    """:func:`supports_value_centering` of a loaded model, or of a model id / folder read
+    from its config alone (no weights). A config that cannot be read answers True: loading
+    the model will report the real problem."""
+    config = model_config(model, trust_remote_code)
+    return True if config is None else supports_value_centering(config)
 
 
 def centering_biases(mu, o_proj_weight, num_attention_heads: int):

@@ -21,6 +21,10 @@ the configuration measured best for what that engine can load
   E4M3-simulated perplexity of the exported checkpoint (docs/serving.md): FP8's relative
   precision rewards little clipping, so a range fitted on the INT8 grid is too tight.
 
+Where a target's general settings were measured not to hold on a model family, the target
+takes that family's own (:data:`FAMILY_TARGETS`; the family is read from the model's config,
+:func:`model_family`): Gemma 3's QK-normed keys need per-channel ranges.
+
 An argument given explicitly next to a target must agree with what the target sets;
 otherwise it is refused naming both, rather than one silently winning.
 """
@@ -34,7 +38,8 @@ from ..errors import InvalidArgumentError
 from .quant_params import QuantParams, parse_quant_algo_params
 from .validate import range_margin as check_margin
 
-__all__ = ["TARGETS", "WITHOUT_VALUE_CENTERING", "KVSettings", "resolve_kv_settings"]
+__all__ = ["TARGETS", "WITHOUT_VALUE_CENTERING", "MODEL_FAMILIES", "FAMILY_TARGETS", "KVSettings", "model_family",
+           "resolve_kv_settings"]
 
 KINDS = ("key", "value")
 
@@ -80,6 +85,43 @@ WITHOUT_VALUE_CENTERING: dict[str, dict] = {
     },
 }
 
+#: config ``model_type`` -> the model family whose own measured settings a target takes
+MODEL_FAMILIES = {"gemma3": "gemma3", "gemma3_text": "gemma3"}
+
+#: family -> target -> its settings, for the targets whose general settings (above, measured
+#: on SmolLM2) were measured not to hold on that family (docs/accuracy.md,
+#: ``benchmarks/family_settings.py``). A family's settings must be servable by that
+#: family: Gemma 3 has no attention biases, so its ``ascend-c8`` values are symmetric.
+FAMILY_TARGETS: dict[str, dict[str, dict]] = {
+    # Gemma 3 (QK-norm, one KV head of 256): one key range per tensor spans channels of very
+    # different spread, and its grid is too coarse for the narrow ones -- widening the ranges
+    # makes it worse, per-channel keys cut the cost most (keys alone cost +0.7% / +0.9%
+    # perplexity per tensor)
+    "gemma3": {
+        # values per tensor: per-channel asymmetric values cost more here
+        "transformers": {
+            "key": {"act_algo": "hfmg", "asymmetric": True, "quant_granularity": "per_channel"},
+            "value": {"act_algo": "hfmg", "asymmetric": True, "quant_granularity": "per_tensor"},
+            "channel_groups": {"key": "channel", "value": "channel"},
+            "range_margin": {"key": 0.0, "value": 0.0},
+        },
+        # symmetric throughout (no attention biases to fold value centres into); values per
+        # channel widened by 25% as in the general symmetric setting: per-tensor symmetric
+        # values cost more here
+        "ascend-c8": {
+            "key": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": "per_channel"},
+            "value": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": "per_channel"},
+            "channel_groups": {"key": "channel", "value": "channel"},
+            "range_margin": {"key": 0.0, "value": 0.25},
+        },
+    },
+}
+
+
+def model_family(config) -> str | None:
+    """The family of a model config whose targets have their own settings, else None."""
+    return MODEL_FAMILIES.get(getattr(config, "model_type", None))
+
 
 @dataclass(frozen=True)
 class KVSettings:
@@ -88,6 +130,8 @@ class KVSettings:
     groups: dict       # "key"/"value" -> one of CHANNEL_GROUPS
     range_margin: dict  # "key"/"value" -> fraction the ranges are widened by
     target: str | None = None
+    #: the model family whose own settings the target took (None: the target's general ones)
+    family: str | None = None
 
     def __post_init__(self):
         for kind in KINDS:
@@ -99,7 +143,7 @@ class KVSettings:
     def to_dict(self) -> dict:
         return {"key": {**self.params["key"].to_dict(), "channel_groups": self.groups["key"]},
                 "value": {**self.params["value"].to_dict(), "channel_groups": self.groups["value"]},
-                "range_margin": self.range_margin, "target": self.target}
+                "range_margin": self.range_margin, "target": self.target, "family": self.family}
 
 
 def _per_kind(name: str, value, default, check) -> dict:
@@ -136,7 +180,7 @@ def _groups(channel_groups) -> dict:
     return out
 
 
-def _merge(target: str, kind: str, fixed: dict, given) -> QuantParams:
+def _merge(target: str, kind: str, fixed: dict, given, family: str | None = None) -> QuantParams:
     """The target's params for ``kind`` with the user's fields added; a user field that
     changes what the target sets is refused."""
     if given is None:
@@ -153,18 +197,25 @@ def _merge(target: str, kind: str, fixed: dict, given) -> QuantParams:
             hint = ("; value_centering=False (--no-value-centering) gives symmetric values"
                     if target in WITHOUT_VALUE_CENTERING and kind == "value" and field == "asymmetric" else "")
             raise InvalidArgumentError(
-                f"target={target!r} calibrates the {kind}s with {field}={want[field]!r}, but the "
+                f"target={target!r}{_for(family)} calibrates the {kind}s with {field}={want[field]!r}, but the "
                 f"arguments ask for {field}={got[field]!r}; drop the argument or the target{hint}")
     return parse_quant_algo_params({**fixed, **given})
 
 
+def _for(family: str | None) -> str:
+    return f" (for {family} models)" if family else ""
+
+
 def resolve_kv_settings(target=None, quant_algo_params=None, value_quant_algo_params=None,
-                        channel_groups=None, range_margin=0.0, value_centering=True) -> KVSettings:
+                        channel_groups=None, range_margin=0.0, value_centering=True,
+                        family: str | None = None) -> KVSettings:
     """The settings of a calibration run (see the module docstring).
 
     ``value_centering``: whether the model's attention biases can carry value centres
     (:func:`amct_hf.modeling.centering.supports_value_centering`); a target that relies on
-    them takes its symmetric settings otherwise.
+    them takes its symmetric settings otherwise. ``family``: the model's family
+    (:func:`model_family` of its config); a target with settings of its own for that
+    family (:data:`FAMILY_TARGETS`) takes them, and the result names the family.
 
     Without a target: keys use ``quant_algo_params``, values ``value_quant_algo_params``
     (default: the same); ``channel_groups`` is one grouping for both or a
@@ -177,17 +228,21 @@ def resolve_kv_settings(target=None, quant_algo_params=None, value_quant_algo_pa
         return KVSettings({"key": key, "value": value}, _groups(channel_groups), _margins(range_margin))
     if target not in TARGETS:
         raise InvalidArgumentError(f"target={target!r} is not known; use one of {tuple(TARGETS)}")
-    spec = TARGETS[target] if value_centering else WITHOUT_VALUE_CENTERING.get(target, TARGETS[target])
+    if target in FAMILY_TARGETS.get(family, {}):
+        spec = FAMILY_TARGETS[family][target]
+    else:
+        family = None
+        spec = TARGETS[target] if value_centering else WITHOUT_VALUE_CENTERING.get(target, TARGETS[target])
     value_given = quant_algo_params if value_quant_algo_params is None else value_quant_algo_params
-    params = {"key": _merge(target, "key", spec["key"], quant_algo_params),
-              "value": _merge(target, "value", spec["value"], value_given)}
+    params = {"key": _merge(target, "key", spec["key"], quant_algo_params, family),
+              "value": _merge(target, "value", spec["value"], value_given, family)}
     groups = dict(spec["channel_groups"])
     if channel_groups is not None and _groups(channel_groups) != groups:
-        raise InvalidArgumentError(f"target={target!r} sets channel_groups={groups!r}, but the arguments "
-                                   f"ask for {channel_groups!r}; drop the argument or the target")
+        raise InvalidArgumentError(f"target={target!r}{_for(family)} sets channel_groups={groups!r}, but the "
+                                   f"arguments ask for {channel_groups!r}; drop the argument or the target")
     margins = _margins(spec["range_margin"])
     given = _margins(range_margin)
     if any(given.values()) and given != margins:
-        raise InvalidArgumentError(f"target={target!r} sets range_margin={margins!r}, but "
+        raise InvalidArgumentError(f"target={target!r}{_for(family)} sets range_margin={margins!r}, but "
                                    f"the arguments ask for {range_margin!r}; drop the argument or the target")
-    return KVSettings(params, groups, margins, target)
+    return KVSettings(params, groups, margins, target, family)

@@ -17,6 +17,7 @@ accumulated in float64.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -97,8 +98,12 @@ class AlignedHistogram:
 
     def rows(self, start: int, stop: int) -> AlignedHistogram:
         """Channels ``start:stop`` (views: a channel's statistics depend on its own values only)."""
-        return AlignedHistogram(self.counts[start:stop], self.offsets[start:stop], self.level[start:stop],
-                                self.origin[start:stop], self.lo[start:stop], self.hi[start:stop])
+        return AlignedHistogram(*(getattr(self, f.name)[start:stop] for f in dataclasses.fields(self)))
+
+    @classmethod
+    def cat(cls, hists: list[AlignedHistogram]) -> AlignedHistogram:
+        """The channels of every histogram, in order, in one (the converse of :meth:`rows`)."""
+        return cls(*(torch.cat([getattr(h, f.name) for h in hists]) for f in dataclasses.fields(cls)))
 
     def merge(self, other: AlignedHistogram) -> None:
         """Add ``other``'s statistics of the same channels (both move to the grid of the union)."""

@@ -51,6 +51,22 @@ SOLVE_ROWS = 1 << 15
 IFMR_SOLVE_ROWS = 1 << 13
 
 
+def _solve_in_groups(observers: list, max_rows: int, solve, key=None) -> list:
+    """``[obs.compute() for obs in observers]``, on the torch path by ``solve(group)`` over
+    runs of consecutive observers with the same ``key`` and at most ``max_rows`` channels
+    together (one observer alone may hold more)."""
+    if not observers or kernels.use_kernels(observers[0].hist.counts):
+        return [obs.compute() for obs in observers]
+    results, group, rows = [], [], 0
+    for obs in observers:
+        if group and (rows + obs.num_channels > max_rows or (key is not None and key(obs) != key(group[0]))):
+            results += solve(group)
+            group, rows = [], 0
+        group.append(obs)
+        rows += obs.num_channels
+    return results + solve(group)
+
+
 class _Flushed:
     """An observer attribute that adds the staged values before it is read."""
 
@@ -128,7 +144,7 @@ class _Streaming(Observer):
             for chunk in part.split(max(1, CHUNK_VALUES // max(1, part.shape[1]))):
                 self._add_on_grid(chunk)
             self.count += part.shape[0]
-        self.batches += 1
+            self.batches += 1
 
     def _add_on_grid(self, x) -> None:
         self._hist.add_on_grid(x)
@@ -201,9 +217,12 @@ class StreamingIFMRObserver(_Streaming):
 
     def _keep_extremes(self, x) -> None:
         k = min(self.topk, x.shape[0])
-        self._top = torch.cat([self._top, x.topk(k, 0).values.t()], 1).topk(self.topk, 1).values
-        self._bottom = torch.cat([self._bottom, x.topk(k, 0, largest=False).values.t()], 1).topk(
-            self.topk, 1, largest=False).values
+        self._merge_extremes(x.topk(k, 0).values.t(), x.topk(k, 0, largest=False).values.t())
+
+    def _merge_extremes(self, top: torch.Tensor, bottom: torch.Tensor) -> None:
+        """Keep the ``topk`` largest / smallest of the kept extremes and these ([C, *] each)."""
+        self._top = torch.cat([self._top, top], 1).topk(self.topk, 1).values
+        self._bottom = torch.cat([self._bottom, bottom], 1).topk(self.topk, 1, largest=False).values
 
     def rows(self, start, stop):
         part = super().rows(start, stop)
@@ -212,8 +231,7 @@ class StreamingIFMRObserver(_Streaming):
 
     def merge(self, other):
         super().merge(other)
-        self._top = torch.cat([self.top, other.top], 1).topk(self.topk, 1).values
-        self._bottom = torch.cat([self.bottom, other.bottom], 1).topk(self.topk, 1, largest=False).values
+        self._merge_extremes(other.top, other.bottom)
 
     def reduce(self, comm):
         super().reduce(comm)
@@ -236,28 +254,15 @@ class StreamingIFMRObserver(_Streaming):
         :data:`IFMR_SOLVE_ROWS` rows: a few hundred kernels and reads for all of them instead
         of per entry). Each row's solve reads its own statistics only, so the factors and
         tolerances are those of :meth:`compute`."""
-        if not observers or kernels.use_kernels(observers[0].hist.counts):
-            return [obs.compute() for obs in observers]
-        results, group = [], []
-        for obs in observers:
-            if group and (cls._solve_key(obs) != cls._solve_key(group[0])
-                          or sum(o.num_channels for o in group) + obs.num_channels > IFMR_SOLVE_ROWS):
-                results += cls._solve_group(group)
-                group = []
-            group.append(obs)
-        return results + cls._solve_group(group)
-
-    @staticmethod
-    def _solve_key(obs) -> tuple:
-        return obs.count, obs.topk, obs.bins
+        return _solve_in_groups(observers, IFMR_SOLVE_ROWS, cls._solve_group,
+                                key=lambda obs: (obs.count, obs.topk, obs.bins))
 
     @staticmethod
     def _solve_group(group: list) -> list:
         if len(group) == 1:
             return [group[0].compute()]
         first = group[0]
-        fields = ("counts", "offsets", "level", "origin", "lo", "hi")
-        hist = AlignedHistogram(*(torch.cat([getattr(o.hist, f) for o in group]) for f in fields))
+        hist = AlignedHistogram.cat([o.hist for o in group])
         scales, offsets, tolerance = streaming_ifmr_factors(
             hist, torch.cat([o.top for o in group]), torch.cat([o.bottom for o in group]), first.count,
             first.params, warn=False)
@@ -286,16 +291,7 @@ class StreamingHFMGObserver(_Streaming):
         few kernels: one walk for every entry instead of one per entry). Each row's
         solve depends on its own histogram only, so the factors are those of
         :meth:`compute`."""
-        if not observers or kernels.use_kernels(observers[0].hist.counts):
-            return [obs.compute() for obs in observers]
-        results, group, rows = [], [], 0
-        for obs in observers:
-            if group and rows + obs.num_channels > SOLVE_ROWS:
-                results += cls._solve_group(group)
-                group, rows = [], 0
-            group.append(obs)
-            rows += obs.num_channels
-        return results + cls._solve_group(group)
+        return _solve_in_groups(observers, SOLVE_ROWS, cls._solve_group)
 
     @staticmethod
     def _solve_group(group: list) -> list:

@@ -180,10 +180,15 @@ def loss_tables(hist: torch.Tensor):
     return q0, q1, torch.cat([hist, zero], 1), (m0, m1, second_moment(hist))
 
 
+def _second_moment_terms(hist: torch.Tensor) -> torch.Tensor:
+    """Each bin's count times its squared (centred) position, the bin uniform ([C, bins] float64)."""
+    i = torch.arange(hist.shape[1], device=hist.device, dtype=torch.float64) - hist.shape[1] / 2
+    return hist * (i * i + i + 1.0 / 3.0)
+
+
 def second_moment(hist: torch.Tensor) -> torch.Tensor:
     """Sum over bins of the squared (centred) positions, each bin uniform ([C] float64)."""
-    i = torch.arange(hist.shape[1], device=hist.device, dtype=torch.float64) - hist.shape[1] / 2
-    return (hist * (i * i + i + 1.0 / 3.0)).sum(1)
+    return _second_moment_terms(hist).sum(1)
 
 
 def hfmg_losses(hist: torch.Tensor, left: torch.Tensor, right: torch.Tensor, tables=None,
@@ -266,9 +271,8 @@ def _pruned_losses(hist, left, right, valid, prune, candidate_chunk: int) -> tor
     c, bins = hist.shape
     tables = loss_tables(hist)
     q0, q1, _, (m0, m1, m2) = tables
-    i = torch.arange(bins, device=hist.device, dtype=torch.float64) - bins / 2
     q2 = torch.cat([torch.zeros(c, 1, dtype=torch.float64, device=hist.device),
-                    (hist * (i * i + i + 1.0 / 3.0)).cumsum(1)], 1)
+                    _second_moment_terms(hist).cumsum(1)], 1)
     lo_edge, hi_edge, a, b = left.double() - bins / 2, (right + 1).double() - bins / 2, left, right + 1
     bound = (lo_edge * lo_edge * q0.gather(1, a) - 2.0 * lo_edge * q1.gather(1, a) + q2.gather(1, a)
              + hi_edge * hi_edge * (m0[:, None] - q0.gather(1, b)) - 2.0 * hi_edge * (m1[:, None] - q1.gather(1, b))

@@ -64,23 +64,27 @@ def print_table(out) -> None:
         print(f"over +0.15%: {target} on {corpus}: {point:+.2%}")
 
 
+def load_model(name: str):
+    """(fp32 model in eval mode, tokenizer) of a bundled model, from its folder, offline."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = model_folder(name)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+    return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
 def main():
-    from accuracy_smollm2 import add_size_args
+    from accuracy_smollm2 import add_size_args, add_table_args, printed_saved_table
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     add_size_args(ap, eval_samples=16)
-    ap.add_argument("--json", default=None, help="write the rows here (rewritten after every row)")
-    ap.add_argument("--table-only", default=None, metavar="JSON", help="print the table of an earlier run")
+    add_table_args(ap)
     args = ap.parse_args()
-    if args.table_only:
-        with open(args.table_only) as f:
-            print_table(json.load(f))
+    if printed_saved_table(args, print_table):
         return
 
-    import torch
     from accuracy_smollm2 import eval_corpora
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from amct_hf import calibrate_kv_cache, evaluate_kv_quant
     from amct_hf.data.bundled import news_corpus_path
@@ -88,9 +92,8 @@ def main():
     from amct_hf.export import export_ascend_c8, export_vllm_fp8
 
     started = time.time()
-    folder = model_folder(args.model)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    folder = model_folder(args.model)  # the exports copy the model's own files
+    model, tok = load_model(args.model)
     news = load_texts(str(news_corpus_path()))
     corpora = eval_corpora(tok, args.eval_samples, args.eval_len)
     ev = dict(num_samples=args.eval_samples, seq_len=args.eval_len, progress=False)

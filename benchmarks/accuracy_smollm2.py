@@ -147,6 +147,21 @@ def add_size_args(ap: argparse.ArgumentParser, eval_samples: int = 32) -> None:
     ap.add_argument("--eval-len", type=int, default=512)
 
 
+def add_table_args(ap: argparse.ArgumentParser) -> None:
+    """--json (the rows, rewritten after every row) and --table-only (the table of a saved run)."""
+    ap.add_argument("--json", default=None, help="write the rows here (rewritten after every row)")
+    ap.add_argument("--table-only", default=None, metavar="JSON", help="print the table of an earlier run")
+
+
+def printed_saved_table(args, print_table) -> bool:
+    """With --table-only: print that run's table and say so (the script then stops)."""
+    if not args.table_only:
+        return False
+    with open(args.table_only) as f:
+        print_table(json.load(f))
+    return True
+
+
 def eval_corpora(tok, num_samples, seq_len) -> dict:
     """The two held-out corpora, spread so that ``num_samples`` chunks span each."""
     from amct_hf.data.bundled import newsgroup_posts
@@ -160,12 +175,9 @@ def main():
     ap.add_argument("--rows", type=int, default=len(ROWS), help="evaluate the first N rows only")
     ap.add_argument("--select", default=None, metavar="I,J",
                     help="evaluate these rows only (0-based indices into ROWS)")
-    ap.add_argument("--json", default=None, help="write the rows here (rewritten after every row)")
-    ap.add_argument("--table-only", default=None, metavar="JSON", help="print the table of an earlier run")
+    add_table_args(ap)
     args = ap.parse_args()
-    if args.table_only:
-        with open(args.table_only) as f:
-            print_table(json.load(f))
+    if printed_saved_table(args, print_table):
         return
     from amct_hf import calibrate_kv_cache, evaluate_kv_quant
     from amct_hf.data.bundled import load_smollm2, news_corpus_path

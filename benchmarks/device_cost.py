@@ -96,6 +96,10 @@ def _distinct(t: torch.Tensor) -> int:
     return n
 
 
+def _label(config) -> str:
+    return config if isinstance(config, str) else f"{config[0]}/{('per_tensor', 'per_channel')[config[1]]}"
+
+
 def settings(config):
     if isinstance(config, str):
         kv = resolve_kv_settings(config)
@@ -138,8 +142,7 @@ def run(config, args) -> dict:
     gbytes = cost.bytes / args.batches / 1e9
     scattered = cost.scattered / args.batches
     ms = kernels * args.kernel_us / 1e3 + gbytes / args.tbps
-    label = config if isinstance(config, str) else f"{config[0]}/{('per_tensor', 'per_channel')[config[1]]}"
-    return {"config": label, "layers": args.layers, "tokens": args.tokens, "dtype": args.dtype,
+    return {"config": _label(config), "layers": args.layers, "tokens": args.tokens, "dtype": args.dtype,
             "kernels_per_batch": round(kernels, 1), "gbytes_per_batch": round(gbytes, 2),
             "scattered_per_batch": int(scattered), "estimated_ms_per_batch": round(ms, 2),
             "forward_ms": args.forward_ms, "estimated_ratio": round(1 + ms / args.forward_ms, 3)}
@@ -173,12 +176,12 @@ def solve(config, args) -> dict:
     kernels_model, reads_model = cost.kernels * repeat, cost.host_reads * repeat
     gbytes_model = cost.bytes * args.layers / 1e9
     ms = kernels_model * args.kernel_us / 1e3 + reads_model * args.read_us / 1e3 + gbytes_model / args.tbps
-    label = config if isinstance(config, str) else f"{config[0]}/{('per_tensor', 'per_channel')[config[1]]}"
     run_ms = args.forward_ms * args.total_batches
-    return {"config": label, "solve": True, "kernels_one_layer": cost.kernels, "host_reads_one_layer": cost.host_reads,
-            "gbytes_one_layer": round(cost.bytes / 1e9, 3), "model_kernels": int(kernels_model),
-            "model_host_reads": int(reads_model), "model_gbytes": round(gbytes_model, 2),
-            "estimated_ms": round(ms, 1), "share_of_the_run": round(ms / run_ms, 4)}
+    return {"config": _label(config), "solve": True, "kernels_one_layer": cost.kernels,
+            "host_reads_one_layer": cost.host_reads, "gbytes_one_layer": round(cost.bytes / 1e9, 3),
+            "model_kernels": int(kernels_model), "model_host_reads": int(reads_model),
+            "model_gbytes": round(gbytes_model, 2), "estimated_ms": round(ms, 1),
+            "share_of_the_run": round(ms / run_ms, 4)}
 
 
 def main() -> None:

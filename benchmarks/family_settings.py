@@ -146,8 +146,15 @@ def fp8_fn(factors):
 
 
 def main():
-    from accuracy import MODELS, model_folder
-    from accuracy_smollm2 import add_size_args, collect_states, eval_corpora, factors_from_states
+    from accuracy import MODELS, load_model
+    from accuracy_smollm2 import (
+        add_size_args,
+        add_table_args,
+        collect_states,
+        eval_corpora,
+        factors_from_states,
+        printed_saved_table,
+    )
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=sorted(MODELS), default="gemma3")
@@ -158,15 +165,11 @@ def main():
                     help="where the general transformers settings' cost comes from: keys or values, ranges against the "
                          "held-out text")
     ap.add_argument("--no-reference", action="store_true", help="skip FP8 with scale 1.0 (same chunks as before)")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--table-only", default=None, metavar="JSON")
+    add_table_args(ap)
     args = ap.parse_args()
-    if args.table_only:
-        with open(args.table_only) as f:
-            print_table(json.load(f))
+    if printed_saved_table(args, print_table):
         return
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from amct_hf.data.bundled import news_corpus_path
     from amct_hf.data.samples import load_texts, tokenize_samples
@@ -177,9 +180,7 @@ def main():
 
     started = time.time()
     names = args.select.split(",") if args.select else list(CANDIDATES)
-    folder = model_folder(args.model)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model, tok = load_model(args.model)
     need = max([CANDIDATES[n][3] for n in names] + [args.cal_samples])
     need = min(need, args.max_cal_samples)
     cal = tokenize_samples(tok, load_texts(str(news_corpus_path())), seq_len=args.cal_len, num_samples=need)

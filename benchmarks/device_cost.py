@@ -10,7 +10,8 @@ path at the real geometry in milliseconds, on the torch (accelerator) path. A
 * ``gbytes``: bytes read and written by them (every tensor argument and result, a
   scatter's table entries as many as it adds; an upper bound: a fused or cached read costs
   less);
-* ``scattered``: elements added by ``scatter_add`` (histogram counting: atomics on a GPU);
+* ``scattered``: elements added by ``scatter_add`` or the fused kernels (histogram
+  counting: atomics on a GPU);
 * ``host_reads``: any read of a value by the host would fail on ``meta``, so a run that
   completes has none in its per-batch path (the flags' read-back every
   ``DeferredChecks.check_every`` entries is switched off here and costs one copy).
@@ -26,6 +27,10 @@ is what a device run has to show.
     .venv/bin/python benchmarks/device_cost.py [--layers 32] [--kv-heads 8] [--head-dim 128] \\
         [--tokens 2048] [--batches 8] [--dtype bfloat16] [--solve]
 
+``--path fused`` (the default, what a CUDA device with Triton runs) counts each fused
+kernel of :mod:`amct_hf.algorithms.fused` as one operation reading its batch once; ``--path
+torch`` the torch operations that replace them elsewhere (an NPU, or no Triton).
+
 One JSON line per configuration and target; with ``--solve``, one more per configuration
 for the final solve (its kernels, host reads and bytes, scaled to the model, and its share
 of a run of ``--total-batches`` forwards).
@@ -39,6 +44,7 @@ import math
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from amct_hf.algorithms import fused
 from amct_hf.observers import base
 from amct_hf.observers.kv import KVBank
 from amct_hf.observers.streaming import IFMR_SOLVE_ROWS, SOLVE_ROWS
@@ -67,6 +73,22 @@ class Cost(TorchDispatchMode):
         name = func._schema.name.split("::")[-1]
         if not func.is_view:
             self.kernels += 1
+            if name == "count_on_grid":
+                # one read of each value; each adds to one entry of the counts (and offsets)
+                x, tables = args[0], [t for t in args[4:6] if t.numel()]
+                self.scattered += x.numel() * len(tables)
+                self.bytes += _distinct(x) * x.element_size() + sum(
+                    2 * min(t.numel(), x.numel()) * t.element_size() for t in tables)
+                self.bytes += sum(t.numel() * t.element_size() for t in args[1:4])
+                return out
+            if name == "move_rows":
+                # every row counted as moved (an upper bound: a row whose grid stays is not
+                # touched, which meta tensors cannot tell)
+                tables = [t for t in args[:2] if t.numel()]
+                self.scattered += sum(t.numel() for t in tables)
+                self.bytes += sum(3 * t.numel() * t.element_size() for t in tables)
+                self.bytes += sum(t.numel() * t.element_size() for t in args[2:])
+                return out
             if name in ("scatter_add_", "scatter_add"):
                 table, _, index, src = args[:4]
                 self.scattered += index.numel()
@@ -110,6 +132,11 @@ def settings(config):
 
 
 def run(config, args) -> dict:
+    with fused.fused_path(args.path == "fused"):
+        return _run(config, args)
+
+
+def _run(config, args) -> dict:
     # the sink refuses meta tensors (no data to calibrate on); here they stand for device ones
     base.check_activation = lambda *a, **k: None
     params, groups = settings(config)
@@ -142,7 +169,8 @@ def run(config, args) -> dict:
     gbytes = cost.bytes / args.batches / 1e9
     scattered = cost.scattered / args.batches
     ms = kernels * args.kernel_us / 1e3 + gbytes / args.tbps
-    return {"config": _label(config), "layers": args.layers, "tokens": args.tokens, "dtype": args.dtype,
+    return {"config": _label(config), "path": args.path if fused.AVAILABLE else "torch (no Triton)",
+            "layers": args.layers, "tokens": args.tokens, "dtype": args.dtype,
             "kernels_per_batch": round(kernels, 1), "gbytes_per_batch": round(gbytes, 2),
             "scattered_per_batch": int(scattered), "estimated_ms_per_batch": round(ms, 2),
             "forward_ms": args.forward_ms, "estimated_ratio": round(1 + ms / args.forward_ms, 3)}
@@ -199,6 +227,8 @@ def main() -> None:
     ap.add_argument("--kernel-us", type=float, default=3.0)
     ap.add_argument("--tbps", type=float, default=3.0)
     ap.add_argument("--read-us", type=float, default=20.0, help="a host read's round trip")
+    ap.add_argument("--path", choices=["fused", "torch"], default="fused",
+                    help="the device kernels counted: fused (CUDA with Triton) or torch operations")
     ap.add_argument("--solve", action="store_true", help="also the final solve (minutes on CPU)")
     args = ap.parse_args()
     for config in [*CONFIGS, *TARGETS]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kernels
+from . import fused, kernels
 
 __all__ = ["AlignedHistogram", "fit_level", "MIN_LEVEL"]
 
@@ -144,6 +144,11 @@ class AlignedHistogram:
                                    self.counts.numpy(), self.offsets.numpy())
             self.level, self.origin, self.lo, self.hi = level, origin, lo, hi
             return
+        if fused.use_fused(self.counts) and self.bins <= fused.MOVE_MAX_BINS and self.counts.dtype == torch.int64:
+            # in place, rows whose grid is unchanged untouched (the tables are this histogram's own)
+            fused.move_rows(self.counts, self.offsets, self.level, self.origin, level, origin)
+            self.level, self.origin, self.lo, self.hi = level, origin, lo, hi
+            return
         shift = (level - self.level).clamp(max=63)
         c, b = self.counts.shape
         old_abs = self.origin[:, None] + torch.arange(b, device=self.counts.device)
@@ -190,6 +195,9 @@ class AlignedHistogram:
     def add_on_grid(self, x: torch.Tensor) -> None:
         """Count a [tokens, C] batch (any float dtype) that the current grid already covers
         (after :meth:`regrid` to a range holding it; torch path)."""
+        if fused.use_fused(x) and self.counts.dtype == torch.int64:
+            fused.count_on_grid(x, self.level, self.origin, self.counts, self.offsets)
+            return
         quotient, rel = _bins_on_grid(x, self.level, self.origin, self.bins)
         idx = rel.t()  # [C, tokens]: the table's rows
         # scatter_add straight into the fixed-size table (bincount would read max(index) back

@@ -4,7 +4,7 @@ cost of a batch in operations does not grow with the number of entries."""
 import pytest
 import torch
 
-from amct_hf.algorithms import kernels
+from amct_hf.algorithms import fused, kernels
 from amct_hf.distributed import Comm
 from amct_hf.observers import LayerBank
 from amct_hf.observers.kv import KVBank
@@ -64,6 +64,26 @@ def test_grouped_updates_give_each_entry_its_own_factors(algo, gran, flush):
     assert sorted(alone) == sorted(grouped) == sorted(names(3))
     for name in alone:
         assert grouped[name] == alone[name], name
+
+
+@pytest.mark.skipif(not fused.AVAILABLE, reason="Triton is not installed")
+@pytest.mark.parametrize("algo,gran", CONFIGS)
+def test_the_fused_kernels_give_the_factors_of_the_torch_operations(algo, gran):
+    """The driver's grouped, staged updates with the fused count and grid move (Triton's
+    interpreter on CPU: the source a GPU compiles) against the torch operations: HFMG's
+    integer counts exactly; IFMR's float64 offset sums may be added in another order."""
+    params = parse_quant_algo_params({"act_algo": algo, "quant_granularity": gran})
+    data = batches(3, 3)
+    with fused.fused_path(False):
+        plain = factors("grouped", params, data, flush=False)
+    with fused.fused_path():
+        fast = factors("grouped", params, data, flush=False)
+    for name in plain:
+        assert fast[name][1] == plain[name][1], name
+        if algo == "hfmg":
+            assert fast[name][0] == plain[name][0], name
+        else:
+            torch.testing.assert_close(torch.tensor(fast[name][0]), torch.tensor(plain[name][0]), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("algo,gran", [("ifmr", 1), ("hfmg", 0)])

@@ -1,0 +1,205 @@
+"""Fused device kernels (Triton) for the two per-value passes of the aligned histogram.
+
+Written as separate torch operations, counting a batch on the grid costs about 60 bytes of
+memory traffic per value (the quotient, the bin and its clamps, an int64 index, then the
+scatter), and about 110 with the per-bin offsets: a pass over the whole batch per
+operation. One kernel reads each value once, computes its bin (and its offset from the bin
+centre) in registers and adds it to the table: about 2 bytes per bfloat16 value read, plus
+the table entries hit. The same holds for the grid move of per-channel tables: the torch
+path rewrites every row of a [C, bins] table whenever the range may have moved (deciding
+would read device values back); the move kernel leaves a row untouched unless its level or
+origin changed, so once the ranges settle it reads only the [C] grids.
+
+Both are registered as torch operators (``amct_hf::count_on_grid``, ``amct_hf::move_rows``)
+with a shape-only implementation, so a ``TorchDispatchMode`` sees each as one operation
+and the ``meta`` device can count them. On CUDA they run the compiled Triton kernels; on CPU
+tensors (tests, :func:`fused_path`) the same kernel source runs in Triton's interpreter, so
+CI checks the code a GPU runs. Without Triton (or with ``AMCT_HF_DISABLE_FUSED=1``) the
+torch operations of :mod:`.aligned` serve every device.
+
+The arithmetic is that of the torch path, value for value: ``x * 2**-level`` is exact
+(a power-of-two scaling; a quotient that underflows can only belong to ``floor`` 0 or -1,
+decided by the sign), the bin relative to the origin is a float32 integer difference below
+``bins`` (exact), NaN and infinities (data the NaN/Inf check rejects) go to an end bin, and the offset
+``x - (q + 1/2) * 2**level`` takes the same two float64 roundings. Counts are exact; the
+float64 offset sums may differ from the torch path's in the last bits (atomic addition
+order), as two runs on one GPU may.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+__all__ = ["AVAILABLE", "use_fused", "fused_path", "count_on_grid", "move_rows", "MOVE_MAX_BINS"]
+
+try:
+    if os.environ.get("AMCT_HF_DISABLE_FUSED"):
+        raise ImportError("disabled by AMCT_HF_DISABLE_FUSED")
+    if not hasattr(torch.library, "custom_op"):
+        raise ImportError("torch.library.custom_op needs torch >= 2.4")
+    import triton
+    import triton.language as tl
+    AVAILABLE = True
+except ImportError:
+    AVAILABLE = False
+
+#: a per-row grid move keeps a whole row in one program's registers; longer rows (the
+#: per-tensor tables: few rows, small tables) keep the torch move
+MOVE_MAX_BINS = 4096
+
+_FORCED: bool | None = None
+
+
+def use_fused(t: torch.Tensor) -> bool:
+    """Whether the fused kernels serve this tensor: CUDA with Triton, or any device inside
+    :func:`fused_path` (CPU: the interpreter; meta: counted, not run)."""
+    if not AVAILABLE:
+        return False
+    if _FORCED is not None:
+        return _FORCED
+    return t.device.type == "cuda"
+
+
+@contextlib.contextmanager
+def fused_path(enabled: bool = True):
+    """Within the block the fused kernels serve (``enabled``) or do not serve every device."""
+    global _FORCED
+    before, _FORCED = _FORCED, bool(enabled)
+    try:
+        yield
+    finally:
+        _FORCED = before
+
+
+def count_on_grid(x: torch.Tensor, level: torch.Tensor, origin: torch.Tensor, counts: torch.Tensor,
+                  offsets: torch.Tensor) -> None:
+    """Add a [N, C] batch to ``counts`` ([C, bins] int64; and its offsets from the bin
+    centres to ``offsets`` [C, bins] float64 unless that has no columns), on the grid of
+    ``level``/``origin`` ([C] int64), which must cover the batch's range."""
+    torch.ops.amct_hf.count_on_grid(x, _pow2_float32(-level), origin.to(torch.float32), _width(level),
+                                    counts, offsets)
+
+
+def move_rows(counts: torch.Tensor, offsets: torch.Tensor, level: torch.Tensor, origin: torch.Tensor,
+              new_level: torch.Tensor, new_origin: torch.Tensor) -> None:
+    """Move every row of ``counts``/``offsets`` (in place) from its grid to the coarser or
+    equal ``new_level``/``new_origin``, as :meth:`AlignedHistogram.regrid` does; a row whose
+    grid is unchanged is not touched. Rows of at most :data:`MOVE_MAX_BINS` bins."""
+    torch.ops.amct_hf.move_rows(counts, offsets, level, origin, new_level, new_origin, _width(level),
+                                _width(new_level))
+
+
+def _width(level: torch.Tensor) -> torch.Tensor:
+    return torch.ldexp(torch.ones_like(level, dtype=torch.float64), level.double())
+
+
+def _pow2_float32(e: torch.Tensor) -> torch.Tensor:
+    bits = (e.clamp(-126, 127).to(torch.int32) + 127) << 23
+    return bits.view(torch.float32)
+
+
+if AVAILABLE:
+
+    def _count_kernel(x_ptr, stride_n, stride_c, n, c, inverse_ptr, origin_ptr, width_ptr, counts_ptr,
+                      offsets_ptr, bins,
+                      WITH_OFFSETS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < c
+        inverse = tl.load(inverse_ptr + cols, mask=col_ok, other=1.0)
+        origin = tl.load(origin_ptr + cols, mask=col_ok, other=0.0)
+        ok = (rows[:, None] < n) & col_ok[None, :]
+        where = rows[:, None].to(tl.int64) * stride_n + cols[None, :].to(tl.int64) * stride_c
+        x = tl.load(x_ptr + where, mask=ok, other=0.0).to(tl.float32)
+        q = tl.floor(x * inverse[None, :])
+        # a negative value whose quotient underflowed (or was flushed) to zero is in bin -1
+        q = tl.where((x < 0) & (q > -1.0), -1.0, q)
+        rel = q - origin[None, :]
+        rel = tl.where(rel == rel, rel, 0.0)
+        rel = tl.minimum(tl.maximum(rel, 0.0), bins - 1.0)
+        slot = cols[None, :].to(tl.int64) * bins + rel.to(tl.int64)
+        tl.atomic_add(counts_ptr + slot, tl.full((BLOCK_N, BLOCK_C), 1, tl.int64), mask=ok)
+        if WITH_OFFSETS:
+            width = tl.load(width_ptr + cols, mask=col_ok, other=1.0)[None, :]
+            shift = x.to(tl.float64) - q.to(tl.float64) * width
+            tl.atomic_add(offsets_ptr + slot, shift - 0.5 * width, mask=ok)
+
+    def _move_kernel(counts_ptr, offsets_ptr, level_ptr, origin_ptr, new_level_ptr, new_origin_ptr, width_ptr,
+                     new_width_ptr, bins,
+                     WITH_OFFSETS: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        level = tl.load(level_ptr + row)
+        origin = tl.load(origin_ptr + row)
+        new_level = tl.load(new_level_ptr + row)
+        new_origin = tl.load(new_origin_ptr + row)
+        if (new_level != level) | (new_origin != origin):
+            k = tl.arange(0, BLOCK)
+            ok = k < bins
+            base = row.to(tl.int64) * bins
+            n = tl.load(counts_ptr + base + k, mask=ok, other=0)
+            shift = tl.minimum(new_level - level, 63)
+            old_abs = origin + k.to(tl.int64)
+            new_abs = old_abs >> shift  # arithmetic: floor division by 2**shift
+            new_k = tl.minimum(tl.maximum(new_abs - new_origin, 0), bins - 1)
+            tl.store(counts_ptr + base + k, tl.full((BLOCK,), 0, tl.int64), mask=ok)
+            if WITH_OFFSETS:
+                off = tl.load(offsets_ptr + base + k, mask=ok, other=0.0)
+                old_w = tl.load(width_ptr + row)
+                new_w = tl.load(new_width_ptr + row)
+                moved = off + n.to(tl.float64) * ((old_abs.to(tl.float64) + 0.5) * old_w
+                                                  - (new_abs.to(tl.float64) + 0.5) * new_w)
+                tl.store(offsets_ptr + base + k, tl.full((BLOCK,), 0.0, tl.float64), mask=ok)
+            # the row is rewritten by the whole program: every thread's zeros land first
+            tl.debug_barrier()
+            tl.atomic_add(counts_ptr + base + new_k, n, mask=ok & (n != 0))
+            if WITH_OFFSETS:
+                tl.atomic_add(offsets_ptr + base + new_k, moved, mask=ok & (n != 0))
+
+    _COMPILED = {fn: triton.jit(fn) for fn in (_count_kernel, _move_kernel)}
+    _INTERPRETED: dict = {}
+
+    def _kernel(fn, t: torch.Tensor):
+        if t.device.type != "cpu":
+            return _COMPILED[fn]
+        if fn not in _INTERPRETED:
+            from triton.runtime.interpreter import InterpretedFunction
+            _INTERPRETED[fn] = InterpretedFunction(fn)
+        return _INTERPRETED[fn]
+
+    @torch.library.custom_op("amct_hf::count_on_grid", mutates_args=("counts", "offsets"))
+    def _count_op(x: torch.Tensor, inverse: torch.Tensor, origin: torch.Tensor, width: torch.Tensor,
+                  counts: torch.Tensor, offsets: torch.Tensor) -> None:
+        n, c = x.shape
+        if n == 0 or c == 0:
+            return
+        block_c = min(64, triton.next_power_of_2(c))
+        block_n = max(1, 2048 // block_c)
+        grid = (triton.cdiv(n, block_n), triton.cdiv(c, block_c))
+        with_offsets = offsets.shape[1] > 0  # else never read: any valid pointer will do
+        _kernel(_count_kernel, x)[grid](
+            x, x.stride(0), x.stride(1), n, c, inverse, origin, width, counts, offsets if with_offsets else counts,
+            counts.shape[1], WITH_OFFSETS=with_offsets, BLOCK_N=block_n, BLOCK_C=block_c)
+
+    @_count_op.register_fake
+    def _(x, inverse, origin, width, counts, offsets) -> None:
+        return None
+
+    @torch.library.custom_op("amct_hf::move_rows", mutates_args=("counts", "offsets"))
+    def _move_op(counts: torch.Tensor, offsets: torch.Tensor, level: torch.Tensor, origin: torch.Tensor,
+                 new_level: torch.Tensor, new_origin: torch.Tensor, width: torch.Tensor,
+                 new_width: torch.Tensor) -> None:
+        c, bins = counts.shape
+        if c == 0:
+            return
+        if bins > MOVE_MAX_BINS:
+            raise ValueError(f"move_rows takes rows of at most {MOVE_MAX_BINS} bins, not {bins}")
+        with_offsets = offsets.shape[1] > 0
+        _kernel(_move_kernel, counts)[(c,)](
+            counts, offsets if with_offsets else counts, level, origin, new_level, new_origin, width, new_width,
+            bins, WITH_OFFSETS=with_offsets, BLOCK=triton.next_power_of_2(bins))
+
+    @_move_op.register_fake
+    def _(counts, offsets, level, origin, new_level, new_origin, width, new_width) -> None:
+        return None

@@ -1,0 +1,155 @@
+"""The fused (Triton) kernels of the aligned histogram against its torch operations.
+
+On CPU tensors the kernels run in Triton's interpreter: the same source a GPU compiles, so
+the arithmetic checked here is the device's. Counts and grids must be equal; the float64
+offset sums may differ in the last bits only (addition order)."""
+import pytest
+import torch
+
+from amct_hf.algorithms import fused, kernels
+from amct_hf.algorithms.aligned import AlignedHistogram
+from tests.observers.test_device_path import OpLog
+
+pytestmark = pytest.mark.skipif(not fused.AVAILABLE, reason="Triton is not installed")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _stream(channels, dtype, seed, batches=4, tokens=300):
+    """Batches of growing spread, with the values a bin index gets wrong first: exact bin
+    edges (powers of two and their multiples), signed zeros, values whose quotient
+    underflows, and a wide dynamic range."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b in range(batches):
+        x = torch.randn(tokens, channels, generator=g) * torch.rand(channels, generator=g) * 4.0 ** b
+        x[:8] = torch.tensor([0.0, -0.0, 2.0 ** -20, -(2.0 ** -20), 0.5, -0.5, 3 * 2.0 ** (b - 3), -1.0])[:, None]
+        if dtype == torch.float32:
+            x[8] = -1e-38  # far below the finest bin: its quotient may underflow
+        out.append(x.to(dtype))
+    return out
+
+
+def _fill(stream, channels, bins, with_offsets, use_fused, device):
+    with kernels.torch_path(), fused.fused_path(use_fused):
+        h = AlignedHistogram.empty(channels, bins, torch.device(device), with_offsets)
+        for x in stream:
+            x = x.to(device)
+            lo, hi = torch.aminmax(x.float(), dim=0)
+            h.regrid(torch.minimum(h.lo, lo), torch.maximum(h.hi, hi))
+            h.add_on_grid(x)
+    return h
+
+
+def _assert_same(a: AlignedHistogram, b: AlignedHistogram):
+    assert torch.equal(a.level, b.level) and torch.equal(a.origin, b.origin)
+    assert torch.equal(a.counts, b.counts)
+    assert a.offsets.shape == b.offsets.shape
+    torch.testing.assert_close(a.offsets, b.offsets, rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels,bins,with_offsets", [(1, 65536, True), (37, 2048, True), (70, 2048, False),
+                                                        (5, 64, True)])
+def test_fused_count_and_move_equal_the_torch_operations(device, dtype, channels, bins, with_offsets):
+    for seed in range(2):
+        stream = _stream(channels, dtype, seed)
+        eager = _fill(stream, channels, bins, with_offsets, False, device)
+        assert eager.counts.sum() == sum(x.numel() for x in stream)
+        _assert_same(eager, _fill(stream, channels, bins, with_offsets, True, device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_strided_batch_is_read_where_it_lies(device):
+    """The grouped batches are views (a transposed or sliced staging buffer): the kernel
+    follows the strides instead of assuming a contiguous [N, C]."""
+    x = _stream(24, torch.bfloat16, 3, batches=1)[0].to(device)
+    view = x.t().contiguous().t()[::2]  # column-major, every other row
+    assert not view.is_contiguous()
+    _assert_same(_fill([view.contiguous()], 24, 2048, True, False, device),
+                 _fill([view], 24, 2048, True, True, device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside the interpreter
+def test_nan_and_infinities_land_in_an_end_bin(device):
+    """Only data the NaN/Inf check rejects holds these; they must still land inside the table
+    (an index outside it would abort a GPU kernel), in an end bin, whichever path counts."""
+    grid = torch.tensor([-1.0, 0.5, 2.0], device=device)
+    bad = torch.tensor([[float("nan"), float("inf"), float("-inf")]] * 2, device=device)
+    for use_fused in (False, True):
+        with kernels.torch_path(), fused.fused_path(use_fused):
+            h = AlignedHistogram.empty(3, 64, torch.device(device))
+            h.regrid(grid, grid + 1)
+            h.add_on_grid(bad)
+        counts = h.counts.cpu()
+        assert torch.equal(counts[:, 0] + counts[:, -1], torch.full((3,), 2)), (use_fused, counts.nonzero())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_offsets", [True, False])
+def test_moving_some_rows_leaves_the_others_and_equals_the_torch_move(device, with_offsets):
+    """Rows whose range grows on one side, on both, by a little (same level, new origin) or by
+    a lot (several levels coarser), next to rows whose grid stays."""
+    channels, bins = 12, 256
+    g = torch.Generator().manual_seed(7)
+    first = torch.randn(500, channels, generator=g)
+    grow = torch.tensor([0, 0, 1.1, -1.1, 3, -3, 40, -40, 1e3, 0, 0, 5.0])
+    second = first[:3] + grow  # only the non-zero columns leave their grid
+    kept = [c for c in range(channels) if grow[c] == 0]
+    hists = [_fill([first], channels, bins, with_offsets, use_fused, device) for use_fused in (False, True)]
+    grid = hists[1].level.clone(), hists[1].origin.clone()
+    before = hists[1].counts.clone()
+    for use_fused, h in zip((False, True), hists):
+        with kernels.torch_path(), fused.fused_path(use_fused):
+            lo, hi = torch.aminmax(second.to(device), dim=0)
+            h.regrid(torch.minimum(h.lo, lo), torch.maximum(h.hi, hi))
+            h.add_on_grid(second.to(device))
+    _assert_same(*hists)
+    level, origin = hists[1].level, hists[1].origin
+    coarser, shifted = level != grid[0], (level == grid[0]) & (origin != grid[1])
+    assert coarser.sum() >= 3 and shifted.sum() >= 1  # both kinds of move happened
+    assert torch.equal(level[kept], grid[0][kept]) and torch.equal(origin[kept], grid[1][kept])
+    added = hists[1].counts[kept] - before[kept]  # a kept row only gained the three new values
+    assert (added >= 0).all() and torch.equal(added.sum(1), torch.full((len(kept),), 3, device=added.device))
+
+
+def test_a_fused_update_is_two_operations_without_a_host_read():
+    """Grid move and count are one operation each, with the same operations for 64 and 1024
+    channels; nothing reads a value back (which rows move is decided on the device)."""
+    logs = []
+    for channels in (64, 1024):
+        stream = _stream(channels, torch.bfloat16, 1, batches=2, tokens=64)
+        with kernels.torch_path(), fused.fused_path():
+            h = AlignedHistogram.empty(channels, 2048)
+            h.regrid(*torch.aminmax(stream[0].float(), dim=0))
+            with OpLog() as log:
+                lo, hi = torch.aminmax(stream[1], dim=0)
+                h.regrid(torch.minimum(h.lo, lo), torch.maximum(h.hi, hi))
+                h.add_on_grid(stream[1])
+        assert log.syncs == []
+        assert log.kernels.count("count_on_grid") == 1 and log.kernels.count("move_rows") == 1
+        assert "scatter_add_" not in log.kernels and "floor_divide" not in log.kernels
+        logs.append(log.ops)
+    assert logs[0] == logs[1]
+
+
+def test_wide_rows_keep_the_torch_move_and_the_meta_device_counts_without_running():
+    """Per-tensor tables (65536 bins) move with the torch operations; on the ``meta`` device the
+    fused operations run their shape-only form (what benchmarks/device_cost.py counts)."""
+    with kernels.torch_path(), fused.fused_path(), OpLog() as log:
+        h = AlignedHistogram.empty(4, 65536, torch.device("meta"))
+        x = torch.empty(1000, 4, dtype=torch.bfloat16, device="meta")
+        h.regrid(torch.full((4,), -1.0, device="meta"), torch.ones(4, device="meta"))
+        h.add_on_grid(x)
+    assert "move_rows" not in log.kernels and "scatter_add_" in log.kernels
+    assert log.kernels.count("count_on_grid") == 1
+
+
+def test_the_fused_path_serves_cuda_only_unless_asked():
+    assert not fused.use_fused(torch.empty(1))
+    with fused.fused_path():
+        assert fused.use_fused(torch.empty(1))
+        with fused.fused_path(False):
+            assert not fused.use_fused(torch.empty(1))

@@ -48,7 +48,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 echo "== 1. CPU == device and device-path tests"
 # -rs lists skips; a skipped CUDA test means the device was not used: fail
 # (the same tests' forced-torch-path variants on CPU and the kernel tests run in CI)
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/algorithms/test_cuda_paths.py \
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/algorithms/test_cuda_paths.py tests/algorithms/test_fused.py \
     tests/observers/test_device_path.py tests/observers/test_stacked.py \
     -k "cuda or bank or deferred or sees" | tee "$OUT/tests.txt"
 if grep -q "SKIPPED.*no CUDA" "$OUT/tests.txt"; then

@@ -112,19 +112,27 @@ if AVAILABLE:
         origin = tl.load(origin_ptr + cols, mask=col_ok, other=0.0)
         ok = (rows[:, None] < n) & col_ok[None, :]
         where = rows[:, None].to(tl.int64) * stride_n + cols[None, :].to(tl.int64) * stride_c
-        x = tl.load(x_ptr + where, mask=ok, other=0.0).to(tl.float32)
+        raw = tl.load(x_ptr + where, mask=ok, other=0.0)
+        x = raw.to(tl.float32)
         q = tl.floor(x * inverse[None, :])
-        # a negative value whose quotient underflowed (or was flushed) to zero is in bin -1
-        q = tl.where((x < 0) & (q > -1.0), -1.0, q)
+        # a negative value whose quotient underflowed (or was flushed) to zero is in bin -1;
+        # its sign is read from the stored bits, which no flush of a subnormal changes
+        if raw.dtype.primitive_bitwidth == 16:
+            bits = raw.to(tl.int16, bitcast=True).to(tl.int32)
+            magnitude = bits & 0x7FFF
+        else:
+            bits = raw.to(tl.int32, bitcast=True)
+            magnitude = bits & 0x7FFFFFFF
+        q = tl.where((bits < 0) & (magnitude != 0) & (q > -1.0), -1.0, q)
         rel = q - origin[None, :]
         rel = tl.where(rel == rel, rel, 0.0)
         rel = tl.minimum(tl.maximum(rel, 0.0), bins - 1.0)
         slot = cols[None, :].to(tl.int64) * bins + rel.to(tl.int64)
-        tl.atomic_add(counts_ptr + slot, tl.full((BLOCK_N, BLOCK_C), 1, tl.int64), mask=ok)
+        tl.atomic_add(counts_ptr + slot, tl.full((BLOCK_N, BLOCK_C), 1, tl.int64), mask=ok, sem="relaxed")
         if WITH_OFFSETS:
             width = tl.load(width_ptr + cols, mask=col_ok, other=1.0)[None, :]
-            shift = x.to(tl.float64) - q.to(tl.float64) * width
-            tl.atomic_add(offsets_ptr + slot, shift - 0.5 * width, mask=ok)
+            shift = raw.to(tl.float64) - q.to(tl.float64) * width
+            tl.atomic_add(offsets_ptr + slot, shift - 0.5 * width, mask=ok, sem="relaxed")
 
     def _move_kernel(counts_ptr, offsets_ptr, level_ptr, origin_ptr, new_level_ptr, new_origin_ptr, width_ptr,
                      new_width_ptr, bins,
@@ -153,10 +161,13 @@ if AVAILABLE:
                 tl.store(offsets_ptr + base + k, tl.full((BLOCK,), 0.0, tl.float64), mask=ok)
             # the row is rewritten by the whole program: every thread's zeros land first
             tl.debug_barrier()
-            tl.atomic_add(counts_ptr + base + new_k, n, mask=ok & (n != 0))
+            tl.atomic_add(counts_ptr + base + new_k, n, mask=ok & (n != 0), sem="relaxed")
             if WITH_OFFSETS:
-                tl.atomic_add(offsets_ptr + base + new_k, moved, mask=ok & (n != 0))
+                tl.atomic_add(offsets_ptr + base + new_k, moved, mask=ok & (n != 0), sem="relaxed")
 
+    #: every float operation rounded on its own, as in the torch operations (no contraction
+    #: into fused multiply-adds)
+    _OPTIONS = {"enable_fp_fusion": False}
     _COMPILED = {fn: triton.jit(fn) for fn in (_count_kernel, _move_kernel)}
     _INTERPRETED: dict = {}
 
@@ -180,7 +191,7 @@ if AVAILABLE:
         with_offsets = offsets.shape[1] > 0  # else never read: any valid pointer will do
         _kernel(_count_kernel, x)[grid](
             x, x.stride(0), x.stride(1), n, c, inverse, origin, width, counts, offsets if with_offsets else counts,
-            counts.shape[1], WITH_OFFSETS=with_offsets, BLOCK_N=block_n, BLOCK_C=block_c)
+            counts.shape[1], WITH_OFFSETS=with_offsets, BLOCK_N=block_n, BLOCK_C=block_c, **_OPTIONS)
 
     @_count_op.register_fake
     def _(x, inverse, origin, width, counts, offsets) -> None:
@@ -198,7 +209,7 @@ if AVAILABLE:
         with_offsets = offsets.shape[1] > 0
         _kernel(_move_kernel, counts)[(c,)](
             counts, offsets if with_offsets else counts, level, origin, new_level, new_origin, width, new_width,
-            bins, WITH_OFFSETS=with_offsets, BLOCK=triton.next_power_of_2(bins))
+            bins, WITH_OFFSETS=with_offsets, BLOCK=triton.next_power_of_2(bins), **_OPTIONS)
 
     @_move_op.register_fake
     def _(counts, offsets, level, origin, new_level, new_origin, width, new_width) -> None:

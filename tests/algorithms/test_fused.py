@@ -24,6 +24,7 @@ def _stream(channels, dtype, seed, batches=4, tokens=300):
     for b in range(batches):
         x = torch.randn(tokens, channels, generator=g) * torch.rand(channels, generator=g) * 4.0 ** b
         x[:8] = torch.tensor([0.0, -0.0, 2.0 ** -20, -(2.0 ** -20), 0.5, -0.5, 3 * 2.0 ** (b - 3), -1.0])[:, None]
+        x[9] = -1e-40  # subnormal in float32 and bfloat16 (zero in float16): a flush to zero must not move it
         if dtype == torch.float32:
             x[8] = -1e-38  # far below the finest bin: its quotient may underflow
         out.append(x.to(dtype))
@@ -153,3 +154,31 @@ def test_the_fused_path_serves_cuda_only_unless_asked():
         assert fused.use_fused(torch.empty(1))
         with fused.fused_path(False):
             assert not fused.use_fused(torch.empty(1))
+
+
+def _compile(kernel, signature, constexprs, capability):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    source = ASTSource(fn=fused._COMPILED[kernel], constexprs=constexprs,
+                       signature={**signature, **dict.fromkeys(constexprs, "constexpr")})
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=fused._OPTIONS)
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+def test_the_kernels_compile_for_a_gpu_with_64_bit_relaxed_atomics(capability):
+    """Triton's compiler and ptxas run without a GPU: the source the interpreter checks also
+    builds for Ampere and Hopper, adding counts and offsets with 64-bit relaxed reductions
+    (no fence per value) and moving a row behind one barrier."""
+    counts = _compile(fused._count_kernel, {
+        "x_ptr": "*bf16", "stride_n": "i64", "stride_c": "i64", "n": "i32", "c": "i32", "inverse_ptr": "*fp32",
+        "origin_ptr": "*fp32", "width_ptr": "*fp64", "counts_ptr": "*i64", "offsets_ptr": "*fp64", "bins": "i32"},
+        {"WITH_OFFSETS": True, "BLOCK_N": 32, "BLOCK_C": 64}, capability).asm["ptx"]
+    move = _compile(fused._move_kernel, {
+        "counts_ptr": "*i64", "offsets_ptr": "*fp64", "level_ptr": "*i64", "origin_ptr": "*i64",
+        "new_level_ptr": "*i64", "new_origin_ptr": "*i64", "width_ptr": "*fp64", "new_width_ptr": "*fp64",
+        "bins": "i32"}, {"WITH_OFFSETS": True, "BLOCK": 2048}, capability).asm["ptx"]
+    for ptx in (counts, move):
+        assert "red.global.gpu.relaxed.add.u64" in ptx and "red.global.gpu.relaxed.add.f64" in ptx
+        assert "acq_rel" not in ptx
+    assert "bar.sync" in move

@@ -16,6 +16,8 @@ def test_bench_gpu_small_prints_every_row():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     cal = [r for r in rows if r["kind"] == "calibration"]
+    warm = [r for r in rows if r["kind"] == "warm-up"]  # compiles apart from the timed rows
+    assert len(warm) == 1 and warm[0]["rows"] == len(cal) and warm[0]["seconds"] > 0
     assert [r["row"] for r in cal] == ["ifmr per-tensor asym", "ifmr per-channel asym", "hfmg per-tensor asym",
                                        "hfmg per-channel asym", "target ascend-c8", "target transformers",
                                        "target vllm-fp8"]

@@ -78,6 +78,7 @@ def count_on_grid(x: torch.Tensor, level: torch.Tensor, origin: torch.Tensor, co
     """Add a [N, C] batch to ``counts`` ([C, bins] int64; and its offsets from the bin
     centres to ``offsets`` [C, bins] float64 unless that has no columns), on the grid of
     ``level``/``origin`` ([C] int64), which must cover the batch's range."""
+    _check_tables(counts, offsets, x.shape[1])
     torch.ops.amct_hf.count_on_grid(x, _pow2_float32(-level), origin.to(torch.float32), _width(level),
                                     counts, offsets)
 
@@ -87,8 +88,20 @@ def move_rows(counts: torch.Tensor, offsets: torch.Tensor, level: torch.Tensor, 
     """Move every row of ``counts``/``offsets`` (in place) from its grid to the coarser or
     equal ``new_level``/``new_origin``, as :meth:`AlignedHistogram.regrid` does; a row whose
     grid is unchanged is not touched. Rows of at most :data:`MOVE_MAX_BINS` bins."""
+    _check_tables(counts, offsets, level.shape[0])
     torch.ops.amct_hf.move_rows(counts, offsets, level, origin, new_level, new_origin, _width(level),
                                 _width(new_level))
+
+
+def _check_tables(counts: torch.Tensor, offsets: torch.Tensor, rows: int) -> None:
+    # the kernels address row r, bin b at r * bins + b
+    if counts.dtype != torch.int64 or counts.shape[0] != rows or not counts.is_contiguous():
+        raise ValueError(f"counts must be a contiguous int64 [{rows}, bins] table, not {counts.dtype} "
+                         f"{list(counts.shape)} (contiguous: {counts.is_contiguous()})")
+    if offsets.numel() and (offsets.shape != counts.shape or not offsets.is_contiguous()
+                            or offsets.dtype != torch.float64):
+        raise ValueError(f"offsets must be a contiguous float64 table shaped as the counts, not {offsets.dtype} "
+                         f"{list(offsets.shape)}")
 
 
 def _width(level: torch.Tensor) -> torch.Tensor:
@@ -171,6 +184,11 @@ if AVAILABLE:
     _COMPILED = {fn: triton.jit(fn) for fn in (_count_kernel, _move_kernel)}
     _INTERPRETED: dict = {}
 
+    def _on_device(t: torch.Tensor):
+        # Triton launches on the current device's current stream; a model spread over several
+        # GPUs hands over states of other devices than the current one
+        return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
     def _kernel(fn, t: torch.Tensor):
         if t.device.type != "cpu":
             return _COMPILED[fn]
@@ -189,9 +207,11 @@ if AVAILABLE:
         block_n = max(1, 2048 // block_c)
         grid = (triton.cdiv(n, block_n), triton.cdiv(c, block_c))
         with_offsets = offsets.shape[1] > 0  # else never read: any valid pointer will do
-        _kernel(_count_kernel, x)[grid](
-            x, x.stride(0), x.stride(1), n, c, inverse, origin, width, counts, offsets if with_offsets else counts,
-            counts.shape[1], WITH_OFFSETS=with_offsets, BLOCK_N=block_n, BLOCK_C=block_c, **_OPTIONS)
+        with _on_device(x):
+            _kernel(_count_kernel, x)[grid](
+                x, x.stride(0), x.stride(1), n, c, inverse, origin, width, counts,
+                offsets if with_offsets else counts, counts.shape[1], WITH_OFFSETS=with_offsets, BLOCK_N=block_n,
+                BLOCK_C=block_c, **_OPTIONS)
 
     @_count_op.register_fake
     def _(x, inverse, origin, width, counts, offsets) -> None:
@@ -207,9 +227,10 @@ if AVAILABLE:
         if bins > MOVE_MAX_BINS:
             raise ValueError(f"move_rows takes rows of at most {MOVE_MAX_BINS} bins, not {bins}")
         with_offsets = offsets.shape[1] > 0
-        _kernel(_move_kernel, counts)[(c,)](
-            counts, offsets if with_offsets else counts, level, origin, new_level, new_origin, width, new_width,
-            bins, WITH_OFFSETS=with_offsets, BLOCK=triton.next_power_of_2(bins), **_OPTIONS)
+        with _on_device(counts):
+            _kernel(_move_kernel, counts)[(c,)](
+                counts, offsets if with_offsets else counts, level, origin, new_level, new_origin, width, new_width,
+                bins, WITH_OFFSETS=with_offsets, BLOCK=triton.next_power_of_2(bins), **_OPTIONS)
 
     @_move_op.register_fake
     def _(counts, offsets, level, origin, new_level, new_origin, width, new_width) -> None:

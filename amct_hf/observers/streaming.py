@@ -11,7 +11,7 @@ import copy
 
 import torch
 
-from ..algorithms import kernels
+from ..algorithms import fused, kernels
 from ..algorithms.aligned import AlignedHistogram
 from ..algorithms.hfmg import HistogramState, check_binnable, hfmg_factors
 from ..algorithms.streaming import extreme_ranks, streaming_hfmg_factors, streaming_ifmr_factors
@@ -141,7 +141,9 @@ class _Streaming(Observer):
         h = self.hist
         h.regrid(torch.minimum(h.lo, lo), torch.maximum(h.hi, hi))
         for part in parts:
-            for chunk in part.split(max(1, CHUNK_VALUES // max(1, part.shape[1]))):
+            # the fused kernels hold no per-value temporaries: a part is one launch
+            rows = part.shape[0] if fused.use_fused(part) else max(1, CHUNK_VALUES // max(1, part.shape[1]))
+            for chunk in part.split(max(1, rows)):
                 self._add_on_grid(chunk)
             self.count += part.shape[0]
             self.batches += 1

@@ -5,7 +5,10 @@
 #      (tests/observers/test_device_path.py: no host sync per batch), the grouped updates
 #      (tests/observers/test_stacked.py), their CUDA variants;
 #      a skipped CUDA test means the device was not used: the check fails;
-#   2. benchmarks/bench_gpu.py: a random 8B-geometry Llama built on the device, 64 x 2048
+#   2. benchmarks/bench_fused.py: the fused histogram count against the torch operations on
+#      one staged group at 8B geometry, atomic contention included (Gaussian, heavy-tailed
+#      and 90%-zero data);
+#   3. benchmarks/bench_gpu.py: a random 8B-geometry Llama built on the device, 64 x 2048
 #      tokens of built-in pseudo-text through a locally fitted word-level tokenizer, every
 #      configuration and target against the no-logits forward, and the INT8-cache decode rows.
 #
@@ -56,7 +59,10 @@ if grep -q "SKIPPED.*no CUDA" "$OUT/tests.txt"; then
     exit 1
 fi
 
-echo "== 2. 8B-geometry calibration and decode benchmark"
+echo "== 2. the fused count kernel against the torch operations (one staged group, 8B geometry)"
+timeout 60 "$PY" benchmarks/bench_fused.py | tee "$OUT/bench_fused.jsonl"
+
+echo "== 3. 8B-geometry calibration and decode benchmark"
 # shellcheck disable=SC2086
 timeout 420 "$PY" benchmarks/bench_gpu.py ${GPU_CHECK_BENCH:-} | tee "$OUT/bench_gpu.jsonl"
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,6 +31,21 @@ def test_bench_gpu_small_prints_every_row():
     assert set(dec) == {"dynamic", "int8"}
     # bf16 model: the int8 cache holds half the bytes
     assert dec["int8"]["cache_bytes"] * 2 == dec["dynamic"]["cache_bytes"] > 0
+
+
+def test_bench_fused_small_counts_the_same_with_both_paths():
+    """benchmarks/bench_fused.py --small (the fused kernel in Triton's interpreter): every
+    table x algorithm x data row, each saying the fused and torch counts agreed."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_fused.py"), "--small", "--device", "cpu",
+                          "--repeat", "1"], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    kinds = ("normal", "heavy", "spiky")
+    assert {(r["table"], r["algorithm"][:4], r["data"]) for r in rows} == {
+        (t, a, d) for t in ("per_tensor", "per_channel") for a in ("hfmg", "ifmr") for d in kinds}
+    assert all(r["same_counts"] and r["fused_ms"] > 0 and r["torch_ms"] > 0 for r in rows)
 
 
 def test_accuracy_table_names_the_targets_over_the_goal(tmp_path):

@@ -42,6 +42,11 @@ def _pow2_float32(e: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
+def _width(level: torch.Tensor) -> torch.Tensor:
+    """2**level as float64 (exact)."""
+    return torch.ldexp(torch.ones_like(level, dtype=torch.float64), level.double())
+
+
 def _floor_quotient(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
     """``floor(x / 2**level)`` as float32, for float32/float16/bfloat16 ``x`` (an exact
     promotion). ``floor_divide`` takes the floor from the exact remainder (``fmod``), so a
@@ -120,7 +125,7 @@ class AlignedHistogram:
 
     @property
     def width(self) -> torch.Tensor:
-        return torch.ldexp(torch.ones_like(self.level, dtype=torch.float64), self.level.double())
+        return _width(self.level)
 
     def _compiled(self, t: torch.Tensor) -> bool:
         return kernels.use_kernels(t) and self.counts.dtype == torch.float64
@@ -146,7 +151,8 @@ class AlignedHistogram:
             return
         if fused.use_fused(self.counts) and self.bins <= fused.MOVE_MAX_BINS and self.counts.dtype == torch.int64:
             # in place, rows whose grid is unchanged untouched (the tables are this histogram's own)
-            fused.move_rows(self.counts, self.offsets, self.level, self.origin, level, origin)
+            fused.move_rows(self.counts, self.offsets, self.level, self.origin, level, origin, self.width,
+                            _width(level))
             self.level, self.origin, self.lo, self.hi = level, origin, lo, hi
             return
         shift = (level - self.level).clamp(max=63)
@@ -154,8 +160,7 @@ class AlignedHistogram:
         old_abs = self.origin[:, None] + torch.arange(b, device=self.counts.device)
         new_abs = torch.bitwise_right_shift(old_abs, shift[:, None])  # floor division by 2**shift
         new_k = (new_abs - origin[:, None]).clamp(0, b - 1)
-        old_w, new_w = self.width[:, None], torch.ldexp(torch.ones_like(level, dtype=torch.float64),
-                                                         level.double())[:, None]
+        old_w, new_w = self.width[:, None], _width(level)[:, None]
         moved = (self.offsets + self.counts * ((old_abs + 0.5) * old_w - (new_abs + 0.5) * new_w)
                  if self.offsets.numel() else None)
         counts = torch.zeros_like(self.counts).scatter_add_(1, new_k, self.counts)
@@ -196,7 +201,8 @@ class AlignedHistogram:
         """Count a [tokens, C] batch (any float dtype) that the current grid already covers
         (after :meth:`regrid` to a range holding it; torch path)."""
         if fused.use_fused(x) and self.counts.dtype == torch.int64:
-            fused.count_on_grid(x, self.level, self.origin, self.counts, self.offsets)
+            fused.count_on_grid(x, _pow2_float32(-self.level), self.origin.to(torch.float32), self.width,
+                                self.counts, self.offsets)
             return
         quotient, rel = _bins_on_grid(x, self.level, self.origin, self.bins)
         idx = rel.t()  # [C, tokens]: the table's rows

@@ -73,24 +73,25 @@ def fused_path(enabled: bool = True):
         _FORCED = before
 
 
-def count_on_grid(x: torch.Tensor, level: torch.Tensor, origin: torch.Tensor, counts: torch.Tensor,
-                  offsets: torch.Tensor) -> None:
+def count_on_grid(x: torch.Tensor, inverse: torch.Tensor, origin: torch.Tensor, width: torch.Tensor,
+                  counts: torch.Tensor, offsets: torch.Tensor) -> None:
     """Add a [N, C] batch to ``counts`` ([C, bins] int64; and its offsets from the bin
     centres to ``offsets`` [C, bins] float64 unless that has no columns), on the grid of
-    ``level``/``origin`` ([C] int64), which must cover the batch's range."""
+    every column: ``inverse`` = 2**-level (float32, exact), ``origin`` (float32 integers) and
+    ``width`` = 2**level (float64), each [C]. The grid must cover the batch's range."""
     _check_tables(counts, offsets, x.shape[1])
-    torch.ops.amct_hf.count_on_grid(x, _pow2_float32(-level), origin.to(torch.float32), _width(level),
-                                    counts, offsets)
+    torch.ops.amct_hf.count_on_grid(x, inverse, origin, width, counts, offsets)
 
 
 def move_rows(counts: torch.Tensor, offsets: torch.Tensor, level: torch.Tensor, origin: torch.Tensor,
-              new_level: torch.Tensor, new_origin: torch.Tensor) -> None:
-    """Move every row of ``counts``/``offsets`` (in place) from its grid to the coarser or
-    equal ``new_level``/``new_origin``, as :meth:`AlignedHistogram.regrid` does; a row whose
-    grid is unchanged is not touched. Rows of at most :data:`MOVE_MAX_BINS` bins."""
+              new_level: torch.Tensor, new_origin: torch.Tensor, width: torch.Tensor,
+              new_width: torch.Tensor) -> None:
+    """Move every row of ``counts``/``offsets`` (in place) from its grid (``level``,
+    ``origin``: int64 [C]; ``width`` = 2**level, float64) to the coarser or equal new one, as
+    :meth:`AlignedHistogram.regrid` does; a row whose grid is unchanged is not touched. Rows
+    of at most :data:`MOVE_MAX_BINS` bins."""
     _check_tables(counts, offsets, level.shape[0])
-    torch.ops.amct_hf.move_rows(counts, offsets, level, origin, new_level, new_origin, _width(level),
-                                _width(new_level))
+    torch.ops.amct_hf.move_rows(counts, offsets, level, origin, new_level, new_origin, width, new_width)
 
 
 def _check_tables(counts: torch.Tensor, offsets: torch.Tensor, rows: int) -> None:
@@ -102,15 +103,6 @@ def _check_tables(counts: torch.Tensor, offsets: torch.Tensor, rows: int) -> Non
                             or offsets.dtype != torch.float64):
         raise ValueError(f"offsets must be a contiguous float64 table shaped as the counts, not {offsets.dtype} "
                          f"{list(offsets.shape)}")
-
-
-def _width(level: torch.Tensor) -> torch.Tensor:
-    return torch.ldexp(torch.ones_like(level, dtype=torch.float64), level.double())
-
-
-def _pow2_float32(e: torch.Tensor) -> torch.Tensor:
-    bits = (e.clamp(-126, 127).to(torch.int32) + 127) << 23
-    return bits.view(torch.float32)
 
 
 if AVAILABLE:

@@ -186,9 +186,11 @@ def test_the_kernels_compile_for_a_gpu_with_64_bit_relaxed_atomics(capability):
 
 def test_a_table_the_kernels_cannot_address_is_refused_before_any_launch():
     x = torch.zeros(4, 3)
-    level, origin = torch.zeros(3, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)
+    grid = torch.ones(3), torch.zeros(3), torch.ones(3, dtype=torch.float64)
+    level = torch.zeros(3, dtype=torch.int64)
     wide = torch.zeros(64, 3, dtype=torch.int64).t()  # [3, 64] with the wrong strides
     with pytest.raises(ValueError, match="contiguous int64"):
-        fused.count_on_grid(x, level, origin, wide, torch.zeros(3, 0, dtype=torch.float64))
+        fused.count_on_grid(x, *grid, wide, torch.zeros(3, 0, dtype=torch.float64))
     with pytest.raises(ValueError, match="offsets must be"):
-        fused.move_rows(torch.zeros(3, 64, dtype=torch.int64), torch.zeros(3, 64), level, origin, level, origin)
+        fused.move_rows(torch.zeros(3, 64, dtype=torch.int64), torch.zeros(3, 64), level, level, level, level,
+                        grid[2], grid[2])

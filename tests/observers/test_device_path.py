@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from amct_hf.algorithms import kernels
+from amct_hf.algorithms import fused, kernels
 from amct_hf.distributed import Comm
 from amct_hf.errors import CalibrationInputError
 from amct_hf.observers import OBSERVERS, make_observer
@@ -73,9 +73,10 @@ CASES = [(algo, mode, gran) for (algo, mode) in sorted(OBSERVERS) for gran in (0
 def _run(algo, mode, gran, channels, device="cpu"):
     params = parse_quant_algo_params({"act_algo": algo, "quant_granularity": gran})
     xs = [_batch(256, channels, seed, gran == 1).to(device) for seed in range(3)]
-    obs = make_observer(params, mode, xs[0].shape[1], torch.device(device))
     logs = []
     with kernels.torch_path():
+        # made on the torch path, as on a device (its histogram counts in int64)
+        obs = make_observer(params, mode, xs[0].shape[1], torch.device(device))
         for x in xs:
             with OpLog() as log:
                 obs.update(x)
@@ -99,6 +100,20 @@ def test_update_has_no_host_sync_and_a_channel_independent_op_count(algo, mode, 
     assert len(small_solve.syncs) == len(large_solve.syncs)
     assert len(small_solve.ops) == len(large_solve.ops)
     assert scales.shape[0] == (1024 if gran else 1)
+
+
+@pytest.mark.skipif(not fused.AVAILABLE, reason="Triton is not installed")
+@pytest.mark.parametrize("algo,gran", [("ifmr", 0), ("ifmr", 1), ("hfmg", 0), ("hfmg", 1)])
+def test_fused_update_has_no_host_sync_and_a_channel_independent_op_count(algo, gran):
+    """The streaming observers as a CUDA device with Triton runs them: the count is one fused
+    operation, and the rest neither reads back nor grows with the channels."""
+    with fused.fused_path():
+        small, _, _ = _run(algo, "streaming", gran, 64)
+        large, _, _ = _run(algo, "streaming", gran, 1024)
+    for a, b in zip(small, large):
+        assert a.syncs == b.syncs == []
+        assert a.ops == b.ops and a.kernels.count("count_on_grid") == 1
+        assert "scatter_add_" not in a.kernels or gran == 0  # per-tensor tables keep the torch grid move
 
 
 def test_update_ops_do_not_grow_with_batches_either():

@@ -13,8 +13,9 @@ worst case for contention, every such value added to one bin).
 Each row times the fused count and the torch operations alternately (``--repeat`` times
 each, the fastest kept), checks both gave the same counts, and prints one JSON line: the
 milliseconds of each, the values per second, and the fused kernel's read bandwidth of the
-values. On CPU the fused kernel runs in Triton's interpreter: ``--small`` is a smoke test,
-its times mean nothing.
+values. IFMR rows also time the exact extremes it keeps per batch (``torch.topk`` along the
+tokens, largest and smallest), which the fused kernel does not replace. On CPU the fused
+kernel runs in Triton's interpreter: ``--small`` is a smoke test, its times mean nothing.
 
     python benchmarks/bench_fused.py            # on a GPU: about half a minute
     python benchmarks/bench_fused.py --small    # CPU smoke test
@@ -52,6 +53,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", type=int, default=4, help="batches in the staged group")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--topk", type=int, default=None,
+                    help="IFMR extremes kept (default: what 64 x 2048 tokens need, 151 per tensor, 64 per channel)")
     args = ap.parse_args(argv)
     if not fused.AVAILABLE:
         raise SystemExit("bench_fused: Triton is not importable here")
@@ -87,13 +90,26 @@ def main(argv=None) -> None:
                                 took = time.perf_counter() - start
                             times[use_fused] = min(times.get(use_fused, took), took)
                             tables[use_fused] = h.counts
+                extremes_ms = None
+                if with_offsets:  # IFMR also keeps exact extremes: torch.topk along the tokens, both ends
+                    k = min(args.topk or (151 if not per_channel else 64), rows)
+                    best = None
+                    for _ in range(args.repeat):
+                        sync()
+                        start = time.perf_counter()
+                        x.topk(k, 0)
+                        x.topk(k, 0, largest=False)
+                        sync()
+                        took = time.perf_counter() - start
+                        best = took if best is None else min(best, took)
+                    extremes_ms = round(best * 1e3, 3)
                 values = x.numel()
                 print(json.dumps({
                     "device": device, "table": "per_channel" if per_channel else "per_tensor",
                     "algorithm": "ifmr (counts + offsets)" if with_offsets else "hfmg (counts)", "data": kind,
                     "values": values, "bins": bins, "rows": cols,
                     "fused_ms": round(times[True] * 1e3, 3), "torch_ms": round(times[False] * 1e3, 3),
-                    "torch_over_fused": round(times[False] / times[True], 2),
+                    "torch_over_fused": round(times[False] / times[True], 2), "extremes_topk_ms": extremes_ms,
                     "fused_gvalues_per_s": round(values / times[True] / 1e9, 2),
                     "fused_read_gbps": round(values * x.element_size() / times[True] / 1e9, 1),
                     "same_counts": bool(torch.equal(tables[True], tables[False]))}), flush=True)

@@ -14,14 +14,22 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [{"act_algo": a, "quant_granularity": g} for a in ("ifmr", "hfmg") for g in (0, 1)]
 
 
-@pytest.mark.parametrize("mode,torch_path", [("streaming", False), ("exact", False), ("streaming", True)],
-                         ids=["streaming", "exact", "streaming-torch-path"])
+DEVICE_CODE = {"numba": {}, "torch-path": {"AMCT_HF_FORCE_TORCH_PATH": "1"},
+               "fused": {"AMCT_HF_FORCE_TORCH_PATH": "1", "AMCT_HF_FORCE_FUSED": "1"}}
+
+
+@pytest.mark.parametrize("mode,code", [("streaming", "numba"), ("exact", "numba"), ("streaming", "torch-path"),
+                                       ("streaming", "fused")],
+                         ids=["streaming", "exact", "streaming-torch-path", "streaming-fused"])
 @pytest.mark.slow
-def test_two_gloo_processes_write_the_same_record_as_one(tiny_dir, tmp_path, mode, torch_path):
+def test_two_gloo_processes_write_the_same_record_as_one(tiny_dir, tmp_path, mode, code):
     """7 samples over 2 ranks (4 + 3: uneven), batch size 2, vs 1 process with batch size 3;
     both algorithms, both granularities; also with the accelerator code forced on the CPU
-    tensors (grouped, staged updates, then one reduction per entry)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"AMCT_HF_FORCE_TORCH_PATH": "1"} if torch_path else {})}
+    tensors (grouped, staged updates, then one reduction per entry), with the torch
+    operations or the fused kernels (Triton's interpreter) counting."""
+    if code == "fused":
+        pytest.importorskip("triton")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **DEVICE_CODE[code]}
     worker = str(ROOT / "tests" / "calibrate_worker.py")
     args = [str(tiny_dir), str(tiny_dir / "corpus.txt")]
     one = subprocess.run([sys.executable, worker, *args, str(tmp_path / "one"), json.dumps(CONFIGS), "3", mode],

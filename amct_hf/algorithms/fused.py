@@ -15,7 +15,8 @@ with a shape-only implementation, so a ``TorchDispatchMode`` sees each as one op
 and the ``meta`` device can count them. On CUDA they run the compiled Triton kernels; on CPU
 tensors (tests, :func:`fused_path`) the same kernel source runs in Triton's interpreter, so
 CI checks the code a GPU runs. Without Triton (or with ``AMCT_HF_DISABLE_FUSED=1``) the
-torch operations of :mod:`.aligned` serve every device.
+torch operations of :mod:`.aligned` serve every device; ``AMCT_HF_FORCE_FUSED=1`` makes
+every device take the fused kernels (CPU tensors: the interpreter), as :func:`fused_path` does.
 
 The arithmetic is that of the torch path, value for value: ``x * 2**-level`` is exact
 (a power-of-two scaling; a quotient that underflows can only belong to ``floor`` 0 or -1,
@@ -49,7 +50,9 @@ except ImportError:
 #: per-tensor tables: few rows, small tables) keep the torch move
 MOVE_MAX_BINS = 4096
 
-_FORCED: bool | None = None
+# Set by fused_path() (or AMCT_HF_FORCE_FUSED=1, for processes started by a test): every
+# device takes the fused kernels, CPU tensors through Triton's interpreter
+_FORCED: bool | None = True if os.environ.get("AMCT_HF_FORCE_FUSED") else None
 
 
 def use_fused(t: torch.Tensor) -> bool:

@@ -19,7 +19,8 @@ import torch
 from . import kernels
 from .convention import FLT_EPSILON, factors_from_clip
 
-__all__ = ["HistogramState", "histc_per_channel", "merge_histograms", "search_ranges",
+__all__ = ["HistogramState", "histc_per_channel", "merge_histograms", "search_ranges", "search_ranges_stepwise",
+           "walk_chunk",
            "hfmg_losses", "hfmg_factors", "DST_BINS", "TIE_RTOL", "CROSS_DEVICE_RTOL"]
 
 DST_BINS = 256
@@ -31,8 +32,10 @@ TIE_RTOL = 1e-12
 CROSS_DEVICE_RTOL = 1e-9
 #: steps of the HFMG candidate walk between two host reads of "is any channel still walking"
 WALK_CHECK_EVERY = 64
-#: float64 elements per temporary of the batched loss evaluation (torch path): 2**25 = 256 MiB
+#: edges (candidates x 255) per temporary of the batched loss evaluation (torch path): 2**25
 LOSS_CHUNK_ELEMENTS = 1 << 25
+#: candidates of the torch path's first chunk of walk and losses (each next chunk twice as long)
+FIRST_CHUNK = 4
 
 
 def check_binnable(lo: torch.Tensor, hi: torch.Tensor, bins: int) -> None:
@@ -130,8 +133,9 @@ class HistogramState:
         self.lo, self.hi = new_lo, new_hi
 
 
-def search_ranges(hist: torch.Tensor):
-    """Candidate (left, right) bin ranges of every channel ([C, K] each) and a validity mask."""
+def search_ranges_stepwise(hist: torch.Tensor):
+    """The candidate walk one step at a time (about 20 small kernels a step): the
+    definition that :func:`search_ranges` computes in chunks of steps."""
     c, bins = hist.shape
     dev = hist.device
     prefix = torch.cat([torch.zeros(c, 1, dtype=torch.float64, device=dev), hist.cumsum(1)], 1)
@@ -166,18 +170,129 @@ def search_ranges(hist: torch.Tensor):
     return torch.cat(lefts, 1), torch.cat(rights, 1), torch.cat(valids, 1)
 
 
+def walk_step_size(prefix: torch.Tensor) -> torch.Tensor:
+    """The walk's step (mass trimmed per step) of every channel ([C, 1] float64) from its
+    prefix sums ([C, bins + 1])."""
+    return torch.clamp(torch.ceil(prefix[:, -1:] / 100000.0), min=1.0)
+
+
+def walk_chunk(prefix: torch.Tensor, step: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+               steps: int, min_bins: int):
+    """The next ``steps`` steps of the candidate walk from the states (``left``, ``right``)
+    ([R] int64; ``prefix`` [R, bins + 1] and ``step`` [R, 1] of the same rows).
+
+    Returns the states after each step ``(lefts, rights)`` ([R, steps]), ``valid`` (the
+    step was taken: the state before it was active, and the step is determined, see
+    below) and the state to continue from ``(left, right)`` ([R]) with ``ended`` (no step
+    left to take).
+
+    A step moves ``left`` to ``TL(left)`` (the first edge past ``step`` of mass from
+    ``left``) or ``right`` to ``TR(right)`` (likewise from the right), whichever gains
+    fewer bins (``right`` on a tie). While the two do not cross, the left and right ends
+    follow two independent chains, ``l -> TL(l)`` and ``r -> TR(r)``, and the walk merges
+    them: taking the larger gain first, with ties to the right, is a merge of the chains'
+    running minima of the gains (a gain not below the running minimum of its chain goes
+    with the step before it). So a chunk costs ``steps`` chain steps of a few [R, 1]
+    kernels each, then a fixed number of [R, steps] operations, instead of ``steps``
+    sequential steps of about 20 kernels. Every step is then checked against the exact
+    step (with the clamps where the chains cross) from the state before it; from the
+    first step that differs (the ends' chains crossed), the exact step is taken and the
+    rest of the chunk is left undetermined (invalid; the next chunk goes on from there)."""
+    r_n = left.shape[0]
+    dev = left.device
+    bins = prefix.shape[1] - 1
+    lc, rc = [left[:, None]], [right[:, None]]
+    e0, e1 = left[:, None], right[:, None] + 1
+    for _ in range(steps + 1):
+        # TL(l): the first edge i with prefix[i] >= prefix[l] + step (bins + 1 past the end)
+        e0 = torch.searchsorted(prefix, prefix.gather(1, e0) + step, side="left").clamp_(max=bins)
+        # TR(r) + 1: the last edge u with prefix[u] <= prefix[r + 1] - step, less one
+        e1 = (torch.searchsorted(prefix, prefix.gather(1, e1) - step, side="right") - 1).clamp_(min=0)
+        lc.append(e0)
+        rc.append(e1 - 1)
+    lc, rc = torch.cat(lc, 1), torch.cat(rc, 1)  # [R, steps + 2]
+    a, b = lc[:, 1:-1] - lc[:, :-2], rc[:, :-2] - rc[:, 1:-1]  # gains of moves 1..steps
+    ma, mb = torch.cummin(a, 1).values, torch.cummin(b, 1).values
+    # position of the i-th left move: i plus the right moves before it (running minimum at
+    # least the left one's); the number of left moves among the first p + 1 steps
+    pos = torch.arange(steps, device=dev) + torch.searchsorted(-mb, -ma, right=True)
+    n_left = torch.searchsorted(pos, torch.arange(steps, device=dev).expand(r_n, steps).contiguous(),
+                                right=True)
+    n_right = torch.arange(1, steps + 1, device=dev) - n_left
+    lefts, rights = lc.gather(1, n_left), rc.gather(1, n_right)
+    # the exact step from the state before each step (its own chain successors)
+    nl0 = torch.cat([torch.zeros_like(n_left[:, :1]), n_left[:, :-1]], 1)
+    nr0 = torch.arange(steps, device=dev) - nl0
+    lb, rb = lc.gather(1, nl0), rc.gather(1, nr0)
+    tl = torch.minimum(lc.gather(1, nl0 + 1), rb)
+    tr = torch.maximum(rc.gather(1, nr0 + 1), tl)
+    move_right = (rb - tr) >= (tl - lb)
+    exact_l = torch.where(move_right, lb, tl)
+    exact_r = torch.where(move_right, tr, rb)
+    active = (rb - lb) > min_bins
+    differs = active & ((exact_l != lefts) | (exact_r != rights))
+    seen = differs.to(torch.int8).cumsum(1)
+    determined = (seen - differs.to(torch.int8)) == 0  # at or before the first difference
+    lefts = torch.where(differs, exact_l, lefts)
+    rights = torch.where(differs, exact_r, rights)
+    valid = active & determined
+    last = determined.sum(1, keepdim=True) - 1
+    left, right = lefts.gather(1, last)[:, 0], rights.gather(1, last)[:, 0]
+    ended = (right - left) <= min_bins
+    return lefts, rights, valid, left, right, ended
+
+
+def search_ranges(hist: torch.Tensor, chunk: int = 64):
+    """Candidate (left, right) bin ranges of every channel ([C, K] each) and a validity mask:
+    the whole walk (:func:`search_ranges_stepwise`), in chunks of :func:`walk_chunk` steps
+    over the channels still walking (one host read per chunk). The valid entries of a row,
+    in order, are its walk; invalid ones are padding."""
+    c, bins = hist.shape
+    dev = hist.device
+    prefix = torch.cat([torch.zeros(c, 1, dtype=torch.float64, device=dev), hist.cumsum(1)], 1)
+    step = walk_step_size(prefix)
+    min_bins = math.ceil(bins / 4)
+    left = torch.zeros(c, dtype=torch.int64, device=dev)
+    right = torch.full((c,), bins - 1, dtype=torch.int64, device=dev)
+    rows = torch.arange(c, device=dev)
+    parts = []
+    if bins - 1 <= min_bins:
+        rows = rows[:0]
+    while rows.numel():
+        lefts, rights, valid, nl, nr, ended = walk_chunk(prefix[rows], step[rows], left[rows], right[rows],
+                                                         chunk, min_bins)
+        parts.append((rows, lefts, rights, valid))
+        left[rows], right[rows] = nl, nr
+        rows = rows[~ended]
+    k = sum(p[1].shape[1] for p in parts)
+    out_l = torch.zeros(c, k, dtype=torch.int64, device=dev)
+    out_r = torch.zeros(c, k, dtype=torch.int64, device=dev)
+    out_v = torch.zeros(c, k, dtype=torch.bool, device=dev)
+    col = 0
+    for rows, lefts, rights, valid in parts:
+        cols = torch.arange(col, col + lefts.shape[1], device=dev)
+        out_l[rows[:, None], cols] = lefts
+        out_r[rows[:, None], cols] = rights
+        out_v[rows[:, None], cols] = valid
+        col += lefts.shape[1]
+    return out_l, out_r, out_v
+
+
 def loss_tables(hist: torch.Tensor):
-    """Per-channel tables for :func:`hfmg_losses`: prefix sums of ``h`` and ``h * (i + 1/2)``
-    over bins (indices centred on the histogram's middle to keep float64 sums small), the
-    counts, and the candidate-independent totals."""
+    """Per-channel tables of the losses: ``(tab, m2)`` with ``tab`` [3, C, bins + 1] float64
+    the prefix sums over bins of ``h``, ``h * (i + 1/2)`` and ``h * (i^2 + i + 1/3)`` (the
+    count, first and second moment of the bins below an edge, each bin uniform; indices
+    centred on the histogram's middle to keep float64 sums small) and ``m2`` [C] the total
+    second moment (:func:`second_moment`)."""
     c, bins = hist.shape
     i = torch.arange(bins, device=hist.device, dtype=torch.float64) - bins / 2
-    zero = torch.zeros(c, 1, dtype=torch.float64, device=hist.device)
-    q0 = torch.cat([zero, hist.cumsum(1)], 1)
-    q1 = torch.cat([zero, (hist * (i + 0.5)).cumsum(1)], 1)
-    m0 = q0[:, -1]
-    m1 = q1[:, -1]
-    return q0, q1, torch.cat([hist, zero], 1), (m0, m1, second_moment(hist))
+    moments = torch.stack([i + 0.5, i * i + i + 1.0 / 3.0])[:, None, :] * hist[None]
+    # the sums written in place behind a zero column (an edge below every bin)
+    tab = torch.empty(3, c, bins + 1, dtype=torch.float64, device=hist.device)
+    tab[:, :, 0] = 0.0
+    torch.cumsum(hist, -1, out=tab[0, :, 1:])
+    torch.cumsum(moments, -1, out=tab[1:, :, 1:])
+    return tab, moments[1].sum(1)
 
 
 def _second_moment_terms(hist: torch.Tensor) -> torch.Tensor:
@@ -191,6 +306,15 @@ def second_moment(hist: torch.Tensor) -> torch.Tensor:
     return _second_moment_terms(hist).sum(1)
 
 
+def _lookup(table: torch.Tensor, index: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """``table[row, index]`` for [R, ...] indices: of every row in order, or of ``rows``
+    (read from the whole table: no copy of those rows)."""
+    if rows is None:
+        return table.gather(1, index.reshape(index.shape[0], -1)).reshape(index.shape)
+    base = (rows * table.shape[1]).reshape(-1, *([1] * (index.dim() - 1)))
+    return table.reshape(-1)[base + index]
+
+
 def hfmg_losses(hist: torch.Tensor, left: torch.Tensor, right: torch.Tensor, tables=None,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
     """L2 loss of every candidate ([C, K], float64, in units of source-bin width squared).
@@ -200,102 +324,165 @@ def hfmg_losses(hist: torch.Tensor, left: torch.Tensor, right: torch.Tensor, tab
     ``c_d``, summation by parts turns ``sum_d int (x - c_d)^2`` into
     ``M2 - 2 c_255 M1 + c_255^2 M0 + 2 D sum_k [M1(P_k) - P_k M0(P_k)]``, and for
     ``P`` in bin ``f`` with ``r = P - f``: ``M1(P) - P M0(P) = Q1[f] - P Q0[f] - h_f r^2 / 2``.
-    ``rows``: the channels (of ``tables``) that ``left``/``right`` belong to (default: all).
-    """
-    q0, q1, h, (m0, m1, m2) = tables if tables is not None else loss_tables(hist)
-    c, bins = left.shape[0], q0.shape[1] - 1
-    if rows is None:
-        def gather(table, index):
-            return table.gather(1, index)
-    else:
-        base = rows[:, None] * (bins + 1)
-        m0, m1, m2 = m0[rows], m1[rows], m2[rows]
+    ``tables``: :func:`loss_tables` of ``hist``; ``rows``: the channels (of ``hist`` and
+    ``tables``) that ``left``/``right`` belong to (default: all, in order).
 
-        def gather(table, index):  # from the whole table: no copy of the active rows
-            return table.reshape(-1)[base + index]
+    The edges are multiples of 1/256 below 2**14 (22 significant bits), exact in float32,
+    and so are their bin and fraction: the per-edge temporaries are float32 where the
+    values are exact, and the float64 arithmetic on the tables is that of the formula."""
+    tab, m2 = tables if tables is not None else loss_tables(hist)
+    q0, q1 = tab[0], tab[1]
+    bins = hist.shape[1]
+    m0, m1 = q0[:, -1], q1[:, -1]
+    if rows is not None:
+        m0, m1, m2 = m0[rows], m1[rows], m2[rows]
     shift = bins / 2
+    n = right - left + 1
+    k = torch.arange(1, DST_BINS, device=hist.device, dtype=torch.float32)
+    pos = torch.addcmul(left.to(torch.float32)[..., None], k, (n.to(torch.float32) / DST_BINS)[..., None])
+    f = torch.floor(pos)
+    r = pos - f
+    p = pos - shift  # [C, K, 255] inner destination edges (exact)
+    idx = f.to(torch.int64).clamp_(0, bins)
+    term = torch.addcmul(_lookup(q1, idx, rows), p, _lookup(q0, idx, rows), value=-1.0)
+    # the fraction is 0 at the last edge (bin ``bins``): any count there gives the same term
+    term = torch.addcmul(term, _lookup(hist, idx.clamp_(max=bins - 1), rows), r * r, value=-0.5)
+    edge_sum = term.sum(-1)
     L = left.to(torch.float64) - shift
-    D = (right - left + 1).to(torch.float64) / DST_BINS
-    k = torch.arange(1, DST_BINS, device=q0.device, dtype=torch.float64)
-    p = L[..., None] + k * D[..., None]  # [C, K, 255] inner destination edges (exact)
-    f = torch.floor(p)
-    r = p - f
-    idx = (f + shift).to(torch.int64).clamp(0, bins).reshape(c, -1)
-    term = (gather(q1, idx) - p.reshape(c, -1) * gather(q0, idx)
-            - 0.5 * gather(h, idx) * (r * r).reshape(c, -1))
-    edge_sum = term.reshape(p.shape).sum(-1)
+    D = n.to(torch.float64) / DST_BINS
     c255 = L + (DST_BINS - 0.5) * D
     return (m2[:, None] - 2.0 * c255 * m1[:, None] + c255 * c255 * m0[:, None] + 2.0 * D * edge_sum)
 
 
-def hfmg_factors(state: HistogramState, asymmetric: bool = True, candidate_chunk: int = 64):
+def _outside_bound(tab, m2, left, right, rows):
+    """A lower bound of every candidate's loss ([R, K] float64): every value outside its
+    [L, R) costs at least its squared distance to that interval (it is quantized to an end
+    bin's centre, further inside)."""
+    bins = tab.shape[2] - 1
+    q0, q1, q2 = tab[0], tab[1], tab[2]
+    m0, m1 = q0[:, -1], q1[:, -1]
+    if rows is not None:
+        m0, m1, m2 = m0[rows], m1[rows], m2[rows]
+    a, b = left.clamp(0, bins), (right + 1).clamp(0, bins)
+    lo_edge, hi_edge = left.double() - bins / 2, (right + 1).double() - bins / 2
+    return (lo_edge * lo_edge * _lookup(q0, a, rows) - 2.0 * lo_edge * _lookup(q1, a, rows)
+            + _lookup(q2, a, rows)
+            + hi_edge * hi_edge * (m0[:, None] - _lookup(q0, b, rows))
+            - 2.0 * hi_edge * (m1[:, None] - _lookup(q1, b, rows)) + (m2[:, None] - _lookup(q2, b, rows)))
+
+
+def hfmg_factors(state: HistogramState, asymmetric: bool = True, first_chunk: int = FIRST_CHUNK):
     """HFMG scales (float32 [C]) and offsets (int64 [C]) from accumulated histograms."""
     hist, lo, hi = state.hist, state.lo, state.hi
     bins = hist.shape[1]
     check_binnable(lo, hi, bins)  # the torch path's per-batch binning defers this check to here
-    fast = kernels.use_kernels(hist)
-    if fast:
+    w = (hi - lo) / bins
+    if kernels.use_kernels(hist):
         h = hist.contiguous().numpy()
         left, right, count = (torch.from_numpy(a) for a in kernels.hfmg_walk(h, math.ceil(bins / 4)))
         valid = torch.arange(left.shape[1])[None, :] < count[:, None]
-    else:
-        left, right, valid = search_ranges(hist)
-    w = (hi - lo) / bins
-    dst_w = w[:, None] * (right - left + 1).to(torch.float32) / DST_BINS
-    if fast:  # the kernel builds the prefix tables itself, per channel
+        dst_w = w[:, None] * (right - left + 1).to(torch.float32) / DST_BINS
         # skipping candidates is safe only where none would have its loss forced to zero below
         prune = ~((dst_w < FLT_EPSILON) & valid).any(1)
         losses = torch.from_numpy(kernels.hfmg_losses(
             h, second_moment(hist).numpy(), left.numpy(), right.numpy(), count.numpy(), DST_BINS, prune.numpy()))
+        losses = torch.where(dst_w < FLT_EPSILON, torch.zeros_like(losses), losses)
+        losses = torch.where(valid, losses, torch.full_like(losses, float("inf")))
+        best_loss = losses.min(1, keepdim=True).values
+        best = (losses <= best_loss * (1 + TIE_RTOL)).to(torch.int8).argmax(1, keepdim=True)
+        bl, br = left.gather(1, best)[:, 0], right.gather(1, best)[:, 0]
     else:
-        prune = ~((dst_w < FLT_EPSILON) & valid).any(1)
-        losses = _pruned_losses(hist, left, right, valid, prune, candidate_chunk)
-    losses = torch.where(dst_w < FLT_EPSILON, torch.zeros_like(losses), losses)
-    losses = torch.where(valid, losses, torch.full_like(losses, float("inf")))
-    best_loss = losses.min(1, keepdim=True).values
-    best = (losses <= best_loss * (1 + TIE_RTOL)).to(torch.int8).argmax(1, keepdim=True)
-    bl, br = left.gather(1, best)[:, 0], right.gather(1, best)[:, 0]
+        bl, br = _solve_torch(hist, w, first_chunk)
     clip_min = lo + bl.to(torch.float32) * w
     clip_max = lo + (br + 1).to(torch.float32) * w
     return factors_from_clip(clip_max, clip_min, asymmetric)
 
 
-def _pruned_losses(hist, left, right, valid, prune, candidate_chunk: int) -> torch.Tensor:
-    """The torch path's losses ([C, K], inf where not evaluated), pruned as the compiled
-    kernel prunes: every value outside a candidate's [L, R) costs at least its squared
-    distance to that interval, a bound that only grows along the walk, so once it exceeds
-    the best loss so far (by more than rounding) that candidate and every later one of the
-    channel are skipped; they could not win. Candidates run in chunks of the walk over the
-    channels still in play (the solve may read back: one read per chunk), so most of the
-    walk is never evaluated."""
+def _solve_torch(hist: torch.Tensor, w: torch.Tensor, first_chunk: int):
+    """The chosen candidate ``(left, right)`` ([C] each) of every channel on the torch path:
+    what the compiled kernels choose, walking and evaluating only as far as needed.
+
+    The walk (:func:`walk_chunk`) and the losses run together in chunks of candidates over
+    the channels still in play, the first chunk ``first_chunk`` candidates long, each next
+    one twice as long (a host read per chunk: about log2 of the longest walk). A channel
+    leaves when its walk ends or when it is pruned as the compiled kernel prunes: every
+    value outside a candidate's [L, R) costs at least its squared distance to that
+    interval, a bound that only grows along the walk, so once it exceeds the best loss so
+    far (by more than rounding) that candidate and every later one of the channel are
+    skipped; they could not win. The kernel prunes a channel only where no candidate has
+    its loss forced to zero (destination bins narrower than FLT_EPSILON), known only at
+    the end of the walk; a channel where even a one-bin range is wide enough cannot have
+    one, and only such channels are pruned on the way. The others walk to the end, and the
+    same pruning is applied to their losses afterwards, so every channel's losses are the
+    kernel's (inf where it skips), and the choice (the first loss within TIE_RTOL of the
+    row's minimum) is made over the chunks in walk order."""
     c, bins = hist.shape
-    tables = loss_tables(hist)
-    q0, q1, _, (m0, m1, m2) = tables
-    q2 = torch.cat([torch.zeros(c, 1, dtype=torch.float64, device=hist.device),
-                    _second_moment_terms(hist).cumsum(1)], 1)
-    lo_edge, hi_edge, a, b = left.double() - bins / 2, (right + 1).double() - bins / 2, left, right + 1
-    bound = (lo_edge * lo_edge * q0.gather(1, a) - 2.0 * lo_edge * q1.gather(1, a) + q2.gather(1, a)
-             + hi_edge * hi_edge * (m0[:, None] - q0.gather(1, b)) - 2.0 * hi_edge * (m1[:, None] - q1.gather(1, b))
-             + (m2[:, None] - q2.gather(1, b)))
+    dev = hist.device
+    tab, m2 = loss_tables(hist)
+    q0 = tab[0]
+    m0 = q0[:, -1]
+    step = walk_step_size(q0)
+    min_bins = math.ceil(bins / 4)
     slack = 1e-9 * (m2 + m0 * bins * bins)
-    losses = torch.full(left.shape, float("inf"), dtype=torch.float64, device=hist.device)
-    best = torch.full((c,), float("inf"), dtype=torch.float64, device=hist.device)
-    rows = torch.arange(c, device=hist.device)
-    k_n = left.shape[1]
-    chunk = max(1, min(candidate_chunk, LOSS_CHUNK_ELEMENTS // max(1, c * DST_BINS)))
-    for j in range(0, k_n, chunk):
-        cols = slice(j, min(j + chunk, k_n))
-        part = hfmg_losses(hist, left[rows, cols], right[rows, cols], tables, rows=rows)
-        before = torch.minimum(best[rows, None], torch.cat([
-            torch.full_like(part[:, :1], float("inf")), torch.cummin(part, 1).values[:, :-1]], 1))
-        cut = prune[rows, None] & valid[rows, cols] & (bound[rows, cols] > before + slack[rows, None])
+    inf = float("inf")
+    sure = (w[:, None] * torch.ones(1, 1, device=dev) / DST_BINS >= FLT_EPSILON)[:, 0]
+    left = torch.zeros(c, dtype=torch.int64, device=dev)
+    right = torch.full((c,), bins - 1, dtype=torch.int64, device=dev)
+    best = torch.full((c,), inf, dtype=torch.float64, device=dev)
+    rows = None  # all channels, in order (no gather of their tables)
+    parts = []
+    chunk = max(1, first_chunk)
+    while True:
+        r_n = c if rows is None else rows.numel()
+        steps = min(chunk, max(1, LOSS_CHUNK_ELEMENTS // max(1, r_n * DST_BINS)))
+        sub = (lambda t: t) if rows is None else (lambda t: t[rows])
+        lefts, rights, valid, nl, nr, ended = walk_chunk(sub(q0), sub(step), sub(left), sub(right), steps, min_bins)
+        raw = hfmg_losses(hist, lefts, rights, (tab, m2), rows)
+        raw = torch.where(valid, raw, torch.full_like(raw, inf))
+        bound = _outside_bound(tab, m2, lefts, rights, rows)
+        before = torch.minimum(sub(best)[:, None], torch.cat([
+            torch.full_like(raw[:, :1], inf), torch.cummin(raw, 1).values[:, :-1]], 1))
+        cut = sub(sure)[:, None] & valid & (bound > before + sub(slack)[:, None])
         cut = cut.to(torch.int8).cumsum(1) > 0  # the first pruned candidate and every later one
-        part = torch.where(cut, torch.full_like(part, float("inf")), part)
-        losses[rows, cols] = part
-        best[rows] = torch.minimum(best[rows], part.min(1).values)
-        if cols.stop >= k_n:
-            break
-        rows = rows[~cut.any(1) & valid[rows, cols.stop]]
+        part = torch.where(cut, torch.full_like(raw, inf), raw)
+        all_rows = torch.arange(c, device=dev) if rows is None else rows
+        best[all_rows] = torch.minimum(sub(best), part.min(1).values)
+        left[all_rows], right[all_rows] = nl, nr
+        parts.append((all_rows, lefts, rights, valid, raw, bound))
+        rows = all_rows[~ended & ~cut.any(1)]
         if rows.numel() == 0:
             break
-    return losses
+        chunk *= 2
+    # the kernel's pruning switch, now that every unsure channel's walk is complete
+    tiny_seen = torch.zeros(c, dtype=torch.int64, device=dev)
+    for rows, lefts, rights, valid, _, _ in parts:
+        tiny = (w[rows, None] * (rights - lefts + 1).to(torch.float32) / DST_BINS) < FLT_EPSILON
+        tiny_seen.index_add_(0, rows, (tiny & valid).any(1).to(torch.int64))
+    prune = tiny_seen == 0
+    # the kernel's losses, chunk by chunk in walk order (the cut again: the same where pruned
+    # on the way), and each row's minimum
+    best = torch.full((c,), inf, dtype=torch.float64, device=dev)
+    lowest = torch.full((c,), inf, dtype=torch.float64, device=dev)
+    final = []
+    for rows, lefts, rights, valid, raw, bound in parts:
+        before = torch.minimum(best[rows, None], torch.cat([
+            torch.full_like(raw[:, :1], inf), torch.cummin(raw, 1).values[:, :-1]], 1))
+        cut = prune[rows, None] & valid & (bound > before + slack[rows, None])
+        cut = cut.to(torch.int8).cumsum(1) > 0
+        part = torch.where(cut, torch.full_like(raw, inf), raw)
+        best[rows] = torch.minimum(best[rows], part.min(1).values)
+        dst_w = w[rows, None] * (rights - lefts + 1).to(torch.float32) / DST_BINS
+        losses = torch.where(dst_w < FLT_EPSILON, torch.zeros_like(part), part)
+        losses = torch.where(valid, losses, torch.full_like(losses, inf))
+        lowest[rows] = torch.minimum(lowest[rows], losses.min(1).values)
+        final.append(losses)
+    # the first candidate within the tie of the minimum (none: the first candidate, as argmax
+    # of all-False); the earliest chunk with one wins, so the chunks are visited last to first
+    bl, br = parts[0][1][:, 0].clone(), parts[0][2][:, 0].clone()
+    for (rows, lefts, rights, _, _, _), losses in reversed(list(zip(parts, final))):
+        hit = losses <= (lowest[rows] * (1 + TIE_RTOL))[:, None]
+        first = hit.to(torch.int8).argmax(1, keepdim=True)
+        has = hit.any(1)
+        bl[rows] = torch.where(has, lefts.gather(1, first)[:, 0], bl[rows])
+        br[rows] = torch.where(has, rights.gather(1, first)[:, 0], br[rows])
+    return bl, br

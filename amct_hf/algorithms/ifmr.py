@@ -67,6 +67,7 @@ def ifmr_losses_sorted(sorted_data: torch.Tensor, hi: torch.Tensor, lo: torch.Te
     ``sorted_data`` is [C, N] float32, sorted along N. ``prefix`` holds the prefix
     sums (weights, w*x, w*x^2), each [C, N + 1] float64; unit weights by default."""
     c, n = sorted_data.shape
+    r_n = hi.shape[1]
     if prefix is None:
         prefix = prefix_sums(sorted_data)
     p0, p1, p2 = prefix
@@ -80,16 +81,15 @@ def ifmr_losses_sorted(sorted_data: torch.Tensor, hi: torch.Tensor, lo: torch.Te
     # upper edge of bucket j, searched in the float32 data
     edges = ((j + 0.5) * scales[..., None]).reshape(c, -1).to(sorted_data.dtype).contiguous()
     idx = torch.searchsorted(sorted_data, edges).reshape(j.shape)
-    idx = torch.where(valid_edge, idx, torch.full_like(idx, n))
-    start = torch.cat([torch.zeros_like(idx[..., :1]), idx[..., :-1]], dim=-1)
-    flat_s, flat_e = start.reshape(c, -1), idx.reshape(c, -1)
-    cnt = (p0.gather(1, flat_e) - p0.gather(1, flat_s)).reshape(j.shape)
-    s1 = (p1.gather(1, flat_e) - p1.gather(1, flat_s)).reshape(j.shape)
-    s2 = (p2.gather(1, flat_e) - p2.gather(1, flat_s)).reshape(j.shape)
+    idx = torch.where(valid_edge, idx, torch.full_like(idx, n)).reshape(c, -1)
+    # a bucket starts where the one before ends (the first at 0, where the sums are 0): its
+    # sums are differences of the prefix sums read at the ends, one read per end
+    zero = torch.zeros(c, r_n, 1, dtype=p0.dtype, device=p0.device)
+    cnt, s1, s2 = (torch.diff(t.gather(1, idx).reshape(j.shape), dim=-1, prepend=zero) for t in (p0, p1, p2))
     # q in float32, as round(x / s) * s is in the reference
     q = (j * scales[..., None]).to(torch.float64)
-    per_bucket = cnt * q * q - 2.0 * q * s1 + s2
-    return per_bucket.clamp_min(0.0).sum(-1)
+    per_bucket = torch.addcmul(cnt * q * q, 2.0 * q, s1, value=-1.0).add_(s2)
+    return per_bucket.clamp_min_(0.0).sum(-1)
 
 
 def prefix_sums(sorted_data: torch.Tensor, weights: torch.Tensor | None = None):

@@ -97,9 +97,12 @@ def _tolerance(h: AlignedHistogram, hi, lo, scales) -> torch.Tensor:
     j = j_lo[..., None] + torch.arange(nb, device=scales.device, dtype=torch.float32)
     t = ((j + 0.5) * scales[..., None]).double()
     c = t.shape[0]
-    k = (torch.searchsorted(h.edges().contiguous(), t.reshape(c, -1).contiguous(), side="right") - 1)
-    n = h.counts.gather(1, k.clamp(0, h.bins - 1)).reshape(t.shape)
-    n = torch.where((j < j_hi[..., None]) & (k.reshape(t.shape) >= 0), n, torch.zeros_like(n))
+    # the bin holding t (the last edge at or below it), read off the aligned grid: the edges
+    # are (origin + k) * 2**level and t * 2**-level is exact, so no search over the edges
+    k = torch.floor(torch.ldexp(t, -h.level.double()[:, None, None])).to(torch.int64) - h.origin[:, None, None]
+    k = k.clamp_(-1, h.bins - 1)
+    n = h.counts.gather(1, k.clamp(0, h.bins - 1).reshape(c, -1)).reshape(t.shape)
+    n = torch.where((j < j_hi[..., None]) & (k >= 0), n, torch.zeros_like(n))
     eps = 2.0 * scales.double() * h.width[:, None] * n.sum(-1)
     return 2.0 * eps.max(1).values
 

@@ -176,3 +176,30 @@ def test_the_tie_check_refuses_a_different_candidate():
     wrong = torch.stack([cands[c, i[c] + 2 if i[c] + 2 < cands.shape[1] else i[c] - 2] for c in range(3)])
     with pytest.raises(AssertionError):
         check_ifmr(x, True, 0.999999, ref, (wrong, ref[1]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e-6])
+@pytest.mark.parametrize("data", ["heavy", "levels", "constant"])
+def test_hfmg_solve_on_device_equals_cpu_where_it_prunes_or_not(device, scale, data):
+    """The device solve walks and evaluates only as far as the pruning needs; channels whose
+    range is small enough for a candidate's destination bins to fall below FLT_EPSILON (a
+    loss forced to zero, so the kernel does not prune) walk to the end: both choose as the
+    CPU kernels, with any first chunk length."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3000, 6, generator=g) ** 3
+    if data == "levels":
+        x = torch.randint(-3, 4, (3000, 6), generator=g).float()
+    elif data == "constant":
+        x[:, :3] = 0.25
+    x = x * scale
+    state = HistogramState.from_batch(x, 4096)
+    ref = hfmg_factors(state, True)
+    for first in (1, 4, 64):
+        got = device_run(device, lambda: hfmg_factors(
+            HistogramState(on(device, state.hist), on(device, state.lo), on(device, state.hi)), True, first))
+        check_hfmg(state, True, ref, got)
+        if first == 1:
+            first_got = [cpu(t) for t in got]
+        else:  # the same losses, whatever the chunks: the same choice
+            assert all(torch.equal(a, cpu(b)) for a, b in zip(first_got, got))

@@ -4,7 +4,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from amct_hf.algorithms.hfmg import HistogramState, hfmg_factors, hfmg_losses, histc_per_channel, search_ranges
+from amct_hf.algorithms.hfmg import (
+    HistogramState,
+    hfmg_factors,
+    hfmg_losses,
+    histc_per_channel,
+    search_ranges,
+    search_ranges_stepwise,
+)
 from amct_hf.algorithms.reference import reference_hfmg, reference_hfmg_loss, reference_histc, reference_search_ranges
 
 from .test_ifmr import DISTS, make
@@ -67,3 +74,45 @@ def test_losses_equal_pytorch_formula_in_float64():
                                            torch.tensor(2048.0, dtype=torch.float64), a, b)
                        for a, b in ranges])  # unit-width bins in float64: same units as ours
     assert torch.allclose(ours, ref, rtol=1e-9, atol=1e-9)
+
+
+def _histograms(kind: str, bins: int, seed: int) -> torch.Tensor:
+    """[4, bins] counts: dense, sparse, spiky (a few huge bins), fractional (as resampled),
+    or one bin holding everything (a constant channel): shapes where the walk's two ends
+    meet early, late, or cross (its clamps)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "dense":
+        return torch.randint(0, 6, (4, bins), generator=g).double()
+    if kind == "sparse":
+        return (torch.rand(4, bins, generator=g) < 0.01).double() * torch.randint(1, 500, (4, bins), generator=g)
+    if kind == "spiky":
+        h = torch.zeros(4, bins, dtype=torch.float64)
+        idx = torch.randint(0, bins, (4, 3), generator=g)
+        return h.scatter_(1, idx, torch.randint(1, 400_000, (4, 3), generator=g).double())
+    if kind == "fractional":
+        return torch.rand(4, bins, generator=g).double() ** 8 * 30
+    h = torch.zeros(4, bins, dtype=torch.float64)
+    h[:, bins // 2] = torch.randint(0, 300_000, (4,), generator=g).double()
+    return h
+
+
+def _walks(left, right, valid):
+    return [[(int(a), int(b)) for a, b, v in zip(*row) if v] for row in zip(left, right, valid)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=st.sampled_from(["dense", "sparse", "spiky", "fractional", "constant"]),
+       bins=st.sampled_from([64, 1024, 4096]), chunk=st.sampled_from([1, 2, 3, 7, 64]),
+       seed=st.integers(0, 10_000))
+def test_chunked_walk_equals_the_stepwise_walk(kind, bins, chunk, seed):
+    """walk_chunk's merge of the two ends' chains (checked against the exact step) gives
+    the stepwise walk, candidate for candidate, whatever the chunk length."""
+    hist = _histograms(kind, bins, seed)
+    assert _walks(*search_ranges(hist, chunk)) == _walks(*search_ranges_stepwise(hist))
+
+
+def test_chunked_walk_equals_the_reference_on_data():
+    x = make("laplace", 20_000, 3, 11) * 3
+    hist = HistogramState.from_batch(x, 4096).hist
+    for j, walk in enumerate(_walks(*search_ranges(hist, 16))):
+        assert walk == reference_search_ranges(hist[j])

@@ -54,6 +54,8 @@ from amct_hf.settings.quant_params import parse_quant_algo_params
 CONFIGS = [("ifmr", 0), ("ifmr", 1), ("hfmg", 0), ("hfmg", 1)]
 #: ops that read table entries by index (their bytes: the entries read, not the table)
 LOOKUPS = {"gather", "index", "take", "index_select", "searchsorted"}
+#: ops that only reserve memory (no traffic)
+ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
 #: ops that make the host wait for the device
 HOST_READS = {"_local_scalar_dense", "item", "nonzero", "equal", "masked_select"}
 TARGETS = ("ascend-c8", "transformers", "vllm-fp8")
@@ -71,7 +73,7 @@ class Cost(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func._schema.name.split("::")[-1]
-        if not func.is_view:
+        if not func.is_view and name not in ALLOCATIONS:
             self.kernels += 1
             if name == "count_on_grid":
                 # one read of each value; each adds to one entry of the counts (and offsets)
@@ -97,8 +99,10 @@ class Cost(TorchDispatchMode):
                 self.bytes += (2 * touched * table.element_size() + _distinct(index) * index.element_size()
                                + _distinct(src) * src.element_size())
                 return out
-            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
             outs = [o for o in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(o, torch.Tensor)]
+            # an out= argument is the result: counted once, as written
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)
+                       and not any(a is o for o in outs)]
             if name in LOOKUPS:
                 # a lookup reads about as many table entries as it writes, not the whole table
                 tensors = tensors[1:] + outs + outs
@@ -177,6 +181,11 @@ def _run(config, args) -> dict:
 
 
 def solve(config, args) -> dict:
+    with fused.fused_path(args.path == "fused"):
+        return _solve(config, args)
+
+
+def _solve(config, args) -> dict:
     """The final solve, measured on CPU tensors with the torch path forced (a solve reads
     values back, which meta tensors cannot): one entry per kind with random heavy-tailed
     values (2 batches), then scaled to the model: the entries of a kind are solved
@@ -205,7 +214,8 @@ def solve(config, args) -> dict:
     gbytes_model = cost.bytes * args.layers / 1e9
     ms = kernels_model * args.kernel_us / 1e3 + reads_model * args.read_us / 1e3 + gbytes_model / args.tbps
     run_ms = args.forward_ms * args.total_batches
-    return {"config": _label(config), "solve": True, "kernels_one_layer": cost.kernels,
+    return {"config": _label(config), "solve": True, "path": args.path if fused.AVAILABLE else "torch (no Triton)",
+            "kernels_one_layer": cost.kernels,
             "host_reads_one_layer": cost.host_reads, "gbytes_one_layer": round(cost.bytes / 1e9, 3),
             "model_kernels": int(kernels_model), "model_host_reads": int(reads_model),
             "model_gbytes": round(gbytes_model, 2), "estimated_ms": round(ms, 1),

@@ -250,6 +250,8 @@ class AlignedHistogram:
         """Counts on ``bins`` equal bins over [lo, hi] per channel ([C, bins] float64), each fine
         bin spread uniformly over its data span; as torch.histc, a constant channel lands in
         the middle bin."""
+        if fused.use_fused(self.counts):  # one kernel instead of [C, bins + 1] temporaries
+            return fused.resample(self.counts, self.width, _width(-self.level), self.origin, self.lo, self.hi, bins)
         if self._compiled(self.counts):  # one pass per channel, bit for bit the same
             return torch.from_numpy(kernels.aligned_resample(
                 self.counts.contiguous().numpy(), self.level.numpy(), self.origin.numpy(),

@@ -33,7 +33,7 @@ import os
 
 import torch
 
-__all__ = ["AVAILABLE", "use_fused", "fused_path", "count_on_grid", "move_rows", "MOVE_MAX_BINS"]
+__all__ = ["AVAILABLE", "use_fused", "fused_path", "count_on_grid", "move_rows", "resample", "MOVE_MAX_BINS"]
 
 try:
     if os.environ.get("AMCT_HF_DISABLE_FUSED"):
@@ -95,6 +95,21 @@ def move_rows(counts: torch.Tensor, offsets: torch.Tensor, level: torch.Tensor, 
     of at most :data:`MOVE_MAX_BINS` bins."""
     _check_tables(counts, offsets, level.shape[0])
     torch.ops.amct_hf.move_rows(counts, offsets, level, origin, new_level, new_origin, width, new_width)
+
+
+def resample(counts: torch.Tensor, width: torch.Tensor, inverse: torch.Tensor, origin: torch.Tensor,
+             lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
+    """:meth:`AlignedHistogram.resample` of the rows of ``counts`` ([C, fine bins]; grid:
+    ``width`` = 2**level and ``inverse`` = 2**-level, float64, ``origin`` int64; range ``lo``,
+    ``hi``): the counts on ``bins`` equal bins over [lo, hi] per row ([C, bins] float64),
+    each fine bin spread uniformly over its data span, a constant row in the middle bin. One
+    kernel writes the cumulative count at every edge with the compiled CPU kernel's float64
+    operations in its order; their differences are the CPU's bit for bit."""
+    counts = counts.double().contiguous()
+    prefix = torch.nn.functional.pad(counts.cumsum(1), (1, 0))  # exact: integer sums below 2**53
+    below = torch.empty(counts.shape[0], bins + 1, dtype=torch.float64, device=counts.device)
+    torch.ops.amct_hf.cumulative_at_edges(counts, prefix, width, inverse, origin, lo.double(), hi.double(), below)
+    return below.diff(dim=1)
 
 
 def _check_tables(counts: torch.Tensor, offsets: torch.Tensor, rows: int) -> None:
@@ -173,16 +188,50 @@ if AVAILABLE:
             if WITH_OFFSETS:
                 tl.atomic_add(offsets_ptr + base + new_k, moved, mask=ok & (n != 0), sem="relaxed")
 
+    def _edges_kernel(counts_ptr, prefix_ptr, width_ptr, inverse_ptr, origin_ptr, lo_ptr, hi_ptr, out_ptr,
+                      fine_bins, bins, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = j <= bins
+        w = tl.load(width_ptr + row)
+        inv_w = tl.load(inverse_ptr + row)
+        origin = tl.load(origin_ptr + row)
+        lo = tl.load(lo_ptr + row)
+        hi = tl.load(hi_ptr + row)
+        base = row.to(tl.int64) * (fine_bins + 1)  # the prefix row; the counts row is base - row
+        total = tl.load(prefix_ptr + base + fine_bins)
+        v = lo + (hi - lo) / bins * j.to(tl.float64)  # edge j, as lo + step * j
+        # the values below v, each fine bin's count spread uniformly over its data span
+        k = tl.floor(v * inv_w).to(tl.int64) - origin
+        k = tl.minimum(tl.maximum(k, 0), fine_bins - 1)
+        edge = (origin + k).to(tl.float64) * w
+        left = tl.maximum(edge, lo)
+        right = tl.minimum(edge + w, hi)
+        frac = (v - left) / (right - left)
+        frac = tl.where(frac == frac, frac, 1.0)
+        frac = tl.minimum(tl.maximum(frac, 0.0), 1.0)
+        n = tl.load(counts_ptr + base - row + k, mask=ok, other=0.0)
+        below = tl.load(prefix_ptr + base + k, mask=ok, other=0.0) + n * frac
+        below = tl.where(v >= hi, total, tl.where(v < lo, 0.0, below))
+        # as torch.histc, a constant row lands in the middle bin: all of it above that bin's left edge
+        below = tl.where(lo == hi, tl.where(j > bins // 2, total, 0.0), below)
+        tl.store(out_ptr + row.to(tl.int64) * (bins + 1) + j, below, mask=ok)
+
     #: every float operation rounded on its own, as in the torch operations (no contraction
     #: into fused multiply-adds)
     _OPTIONS = {"enable_fp_fusion": False}
-    _COMPILED = {fn: triton.jit(fn) for fn in (_count_kernel, _move_kernel)}
+    _COMPILED = {fn: triton.jit(fn) for fn in (_count_kernel, _move_kernel, _edges_kernel)}
     _INTERPRETED: dict = {}
 
     def _on_device(t: torch.Tensor):
         # Triton launches on the current device's current stream; a model spread over several
         # GPUs hands over states of other devices than the current one
-        return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+        if t.device.type == "cuda":
+            return torch.cuda.device(t.device)
+        if t.device.type == "cpu":  # the interpreter's numpy: lanes the kernel masks or replaces may be 0/0
+            import numpy
+            return numpy.errstate(invalid="ignore", divide="ignore")
+        return contextlib.nullcontext()
 
     def _kernel(fn, t: torch.Tensor):
         if t.device.type != "cpu":
@@ -229,4 +278,20 @@ if AVAILABLE:
 
     @_move_op.register_fake
     def _(counts, offsets, level, origin, new_level, new_origin, width, new_width) -> None:
+        return None
+
+    @torch.library.custom_op("amct_hf::cumulative_at_edges", mutates_args=("out",))
+    def _edges_op(counts: torch.Tensor, prefix: torch.Tensor, width: torch.Tensor, inverse: torch.Tensor,
+                  origin: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, out: torch.Tensor) -> None:
+        c, edges = out.shape
+        if c == 0:
+            return
+        block = min(1024, triton.next_power_of_2(edges))
+        with _on_device(out):
+            _kernel(_edges_kernel, out)[(c, triton.cdiv(edges, block))](
+                counts, prefix, width, inverse, origin, lo, hi, out, counts.shape[1], edges - 1, BLOCK=block,
+                **_OPTIONS)
+
+    @_edges_op.register_fake
+    def _(counts, prefix, width, inverse, origin, lo, hi, out) -> None:
         return None

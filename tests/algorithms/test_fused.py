@@ -73,7 +73,6 @@ def test_a_strided_batch_is_read_where_it_lies(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside the interpreter
 def test_nan_and_infinities_land_in_an_end_bin(device):
     """Only data the NaN/Inf check rejects holds these; they must still land inside the table
     (an index outside it would abort a GPU kernel), in an end bin, whichever path counts."""
@@ -156,6 +155,34 @@ def test_the_fused_path_serves_cuda_only_unless_asked():
             assert not fused.use_fused(torch.empty(1))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fine_bins,bins", [(2048, 4096), (65536, 4096), (64, 100), (2048, 7)])
+def test_fused_resample_is_the_compiled_kernels_bit_for_bit(device, fine_bins, bins):
+    """HFMG's histogram on its own bins, from the fine one: rows of several scales and
+    offsets, one constant (its middle bin takes everything), one with a single value."""
+    g = torch.Generator().manual_seed(fine_bins + bins)
+    x = torch.randn(3000, 6, generator=g) * torch.tensor([1, 10, 1e-3, 1, 5, 0.0]) + torch.tensor([0, 3, 0, -2, 0, 1.5])
+    x[1:, 3] = x[0, 3]
+    results = {}
+    for mode in ("cpu kernels", "torch", "fused"):
+        with kernels.torch_path(mode != "cpu kernels"), fused.fused_path(mode == "fused"):
+            h = AlignedHistogram.empty(6, fine_bins, torch.device(device if mode != "cpu kernels" else "cpu"))
+            h.update(x.to(device) if mode != "cpu kernels" else x)
+            results[mode] = h.resample(bins).cpu()
+    if kernels.AVAILABLE:
+        assert torch.equal(results["fused"], results["cpu kernels"])
+    assert torch.equal(results["fused"], results["torch"])
+    torch.testing.assert_close(results["fused"].sum(1), torch.full((6,), 3000.0, dtype=torch.float64))
+    assert results["fused"][5, bins // 2] == 3000 and results["fused"][3, bins // 2] == 3000
+
+
+def test_the_fused_solve_step_is_one_operation():
+    with kernels.torch_path(), fused.fused_path(), OpLog() as log:
+        h = AlignedHistogram.empty(4, 2048, torch.device("meta"))
+        h.resample(4096)
+    assert log.kernels.count("cumulative_at_edges") == 1 and "gather" not in log.kernels
+
+
 def _compile(kernel, signature, constexprs, capability):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -182,6 +209,11 @@ def test_the_kernels_compile_for_a_gpu_with_64_bit_relaxed_atomics(capability):
         assert "red.global.gpu.relaxed.add.u64" in ptx and "red.global.gpu.relaxed.add.f64" in ptx
         assert "acq_rel" not in ptx
     assert "bar.sync" in move
+    edges = _compile(fused._edges_kernel, {
+        "counts_ptr": "*fp64", "prefix_ptr": "*fp64", "width_ptr": "*fp64", "inverse_ptr": "*fp64",
+        "origin_ptr": "*i64", "lo_ptr": "*fp64", "hi_ptr": "*fp64", "out_ptr": "*fp64", "fine_bins": "i32",
+        "bins": "i32"}, {"BLOCK": 1024}, capability).asm["ptx"]
+    assert "div.rn.f64" in edges and "fma.rn.f64" not in edges  # IEEE division, no contraction
 
 
 def test_a_table_the_kernels_cannot_address_is_refused_before_any_launch():

@@ -33,7 +33,8 @@ import os
 
 import torch
 
-__all__ = ["AVAILABLE", "use_fused", "fused_path", "count_on_grid", "move_rows", "resample", "MOVE_MAX_BINS"]
+__all__ = ["AVAILABLE", "use_fused", "fused_path", "count_on_grid", "move_rows", "resample", "ifmr_losses",
+           "MOVE_MAX_BINS"]
 
 try:
     if os.environ.get("AMCT_HF_DISABLE_FUSED"):
@@ -110,6 +111,30 @@ def resample(counts: torch.Tensor, width: torch.Tensor, inverse: torch.Tensor, o
     below = torch.empty(counts.shape[0], bins + 1, dtype=torch.float64, device=counts.device)
     torch.ops.amct_hf.cumulative_at_edges(counts, prefix, width, inverse, origin, lo.double(), hi.double(), below)
     return below.diff(dim=1)
+
+
+def ifmr_losses(points: torch.Tensor, weights: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor,
+                scales: torch.Tensor, inverse: torch.Tensor, origin: torch.Tensor):
+    """IFMR's loss of every candidate on an aligned histogram, one program per channel and
+    candidate: ``points`` are the bin means ([C, n] float64, non-decreasing), ``weights`` the
+    counts, ``hi``/``lo``/``scales`` the candidates ([C, R] float32), ``inverse`` = 2**-level
+    (float64) and ``origin`` the grid ([C]). Returns ([C, R] losses, [C] sum of squares, [C, R]
+    values in the bins a rounding threshold crosses -- the tolerance's count), with the
+    compiled CPU kernel's per-bucket arithmetic; the buckets' sum is a tree instead of a
+    running sum (the losses agree to rounding, the counts exactly)."""
+    from .ifmr import prefix_sums
+    prefix = prefix_sums(points, weights)
+    c, r = scales.shape
+    losses = torch.empty(c, r, dtype=torch.float64, device=points.device)
+    crossed = torch.empty_like(losses)
+    if c and r:
+        # buckets per candidate: the clip ends' rounded quotients (one read for the solve)
+        j_lo, j_hi = torch.round(lo / scales), torch.round(hi / scales)
+        buckets = int((j_hi - j_lo).max().item()) + 1
+        torch.ops.amct_hf.ifmr_bucket_losses(points.contiguous(), weights.double().contiguous(), *prefix,
+                                             hi.contiguous(), lo.contiguous(), scales.contiguous(), inverse,
+                                             origin, losses, crossed, max(1, buckets))
+    return losses, prefix[2][:, -1], crossed
 
 
 def _check_tables(counts: torch.Tensor, offsets: torch.Tensor, rows: int) -> None:
@@ -217,10 +242,57 @@ if AVAILABLE:
         below = tl.where(lo == hi, tl.where(j > bins // 2, total, 0.0), below)
         tl.store(out_ptr + row.to(tl.int64) * (bins + 1) + j, below, mask=ok)
 
+    @triton.jit
+    def _add(a, b):
+        return a + b
+
+    def _ifmr_kernel(points_ptr, weights_ptr, p0_ptr, p1_ptr, p2_ptr, hi_ptr, lo_ptr, scales_ptr, inverse_ptr,
+                     origin_ptr, losses_ptr, crossed_ptr, n, candidates, BUCKETS: tl.constexpr):
+        row = tl.program_id(0)
+        at = row.to(tl.int64) * candidates + tl.program_id(1)
+        s = tl.load(scales_ptr + at)
+        # the clip ends' quotients rounded half to even (np.rint, exact for these few hundreds)
+        pair = tl.arange(0, 2)
+        x = tl.div_rn(tl.load(tl.where(pair == 0, lo_ptr, hi_ptr) + at), s)
+        y = tl.floor(x + 0.5)
+        y = tl.where((y - x == 0.5) & ((y - 2.0 * tl.floor(y * 0.5)) == 1.0), y - 1.0, y)
+        j_lo = tl.reduce(tl.where(pair == 0, y, 0.0), 0, _add)
+        j_hi = tl.reduce(tl.where(pair == 1, y, 0.0), 0, _add)
+        inv_w = tl.load(inverse_ptr + row)
+        origin = tl.load(origin_ptr + row)
+        base = row.to(tl.int64) * n
+        b = tl.arange(0, BUCKETS)
+        # row 0: where the bucket before ends (its start), row 1: where the bucket ends
+        j2 = j_lo + (b[None, :] + pair[:, None] - 1).to(tl.float32)
+        t = (j2 + 0.5) * s  # the bucket's upper rounding threshold, float32
+        k = tl.floor(t.to(tl.float64) * inv_w).to(tl.int64) - origin
+        inside = (k >= 0) & (k < n)
+        kc = tl.minimum(tl.maximum(k, 0), n - 1)
+        # bin means lie inside their aligned bins: only the bin holding t needs a comparison
+        mean = tl.load(points_ptr + base + kc)
+        end2 = tl.where(k < 0, 0, tl.where(k >= n, n, kc + (mean < t.to(tl.float64)).to(tl.int64)))
+        end2 = tl.where(j2 < j_hi, end2, n)
+        first = (pair[:, None] == 0) & (b[None, :] == 0)
+        end2 = tl.where(first, 0, end2)  # the first bucket starts at 0
+        start = tl.reduce(tl.where(pair[:, None] == 0, end2, 0), 0, _add)
+        end = tl.reduce(tl.where(pair[:, None] == 1, end2, 0), 0, _add)
+        w_k = tl.load(weights_ptr + base + kc)
+        crossing = tl.reduce(tl.where((pair[:, None] == 1) & inside & (j2 < j_hi), w_k, 0.0), 0, _add)
+        j = j_lo + b.to(tl.float32)
+        active = (j <= j_hi) & (start < n)  # the walk stops after the bucket that reaches n
+        pb = base + row  # the prefix rows are n + 1 long
+        e0 = tl.load(p0_ptr + pb + end) - tl.load(p0_ptr + pb + start)
+        e1 = tl.load(p1_ptr + pb + end) - tl.load(p1_ptr + pb + start)
+        e2 = tl.load(p2_ptr + pb + end) - tl.load(p2_ptr + pb + start)
+        q = (j * s).to(tl.float64)
+        loss = tl.maximum(e0 * q * q - 2.0 * q * e1 + e2, 0.0)  # rounding can leave an exact zero negative
+        tl.store(losses_ptr + at, tl.reduce(tl.where(active, loss, 0.0), 0, _add))
+        tl.store(crossed_ptr + at, tl.reduce(tl.where(active, crossing, 0.0), 0, _add))
+
     #: every float operation rounded on its own, as in the torch operations (no contraction
     #: into fused multiply-adds)
     _OPTIONS = {"enable_fp_fusion": False}
-    _COMPILED = {fn: triton.jit(fn) for fn in (_count_kernel, _move_kernel, _edges_kernel)}
+    _COMPILED = {fn: triton.jit(fn) for fn in (_count_kernel, _move_kernel, _edges_kernel, _ifmr_kernel)}
     _INTERPRETED: dict = {}
 
     def _on_device(t: torch.Tensor):
@@ -294,4 +366,18 @@ if AVAILABLE:
 
     @_edges_op.register_fake
     def _(counts, prefix, width, inverse, origin, lo, hi, out) -> None:
+        return None
+
+    @torch.library.custom_op("amct_hf::ifmr_bucket_losses", mutates_args=("losses", "crossed"))
+    def _ifmr_op(points: torch.Tensor, weights: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
+                 hi: torch.Tensor, lo: torch.Tensor, scales: torch.Tensor, inverse: torch.Tensor,
+                 origin: torch.Tensor, losses: torch.Tensor, crossed: torch.Tensor, buckets: int) -> None:
+        c, r = losses.shape
+        with _on_device(losses):
+            _kernel(_ifmr_kernel, losses)[(c, r)](
+                points, weights, p0, p1, p2, hi, lo, scales, inverse, origin, losses, crossed, points.shape[1], r,
+                BUCKETS=triton.next_power_of_2(buckets), **_OPTIONS)
+
+    @_ifmr_op.register_fake
+    def _(points, weights, p0, p1, p2, hi, lo, scales, inverse, origin, losses, crossed, buckets) -> None:
         return None

@@ -176,6 +176,35 @@ def test_fused_resample_is_the_compiled_kernels_bit_for_bit(device, fine_bins, b
     assert results["fused"][5, bins // 2] == 3000 and results["fused"][3, bins // 2] == 3000
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("asymmetric", [True, False])
+def test_fused_ifmr_losses_are_the_compiled_kernels(device, asymmetric):
+    """Every candidate's loss on the streaming histogram (to rounding: the buckets are summed
+    as a tree), the tolerance's count of crossed bins exactly, and the same candidate chosen;
+    rows of different scales, a clipped range and one whose range holds a single bin."""
+    from amct_hf.algorithms.ifmr import first_min, ifmr_candidates
+    g = torch.Generator().manual_seed(int(asymmetric))
+    x = torch.randn(3000, 3, generator=g) * torch.tensor([1.0, 7.0, 1e-3]) + torch.tensor([0.0, 2.0, 0.0])
+    with kernels.torch_path(False):
+        h = AlignedHistogram.empty(3, 2048)
+        h.update(x)
+    top = torch.quantile(x, 0.99, dim=0).clamp(min=0)  # a clipped upper end
+    hi, lo, scales = ifmr_candidates(top, x.min(0).values.clamp(max=0), asymmetric, (0.7, 1.3), 0.01)
+    points = h.means()
+    inverse = torch.ldexp(torch.ones(3, dtype=torch.float64), -h.level.double())
+    with fused.fused_path():
+        losses, sum_sq, crossed = (t.cpu() for t in fused.ifmr_losses(
+            *(t.to(device) for t in (points, h.counts, hi, lo, scales, inverse, h.origin))))
+    if not kernels.AVAILABLE:
+        pytest.skip("the compiled CPU kernels are the reference")
+    ref, ref_sq, ref_tol = (torch.from_numpy(a) for a in kernels.ifmr_losses(
+        points.numpy(), hi.numpy(), lo.numpy(), scales.numpy(), h.counts.numpy(), (h.level.numpy(), h.origin.numpy())))
+    torch.testing.assert_close(losses, ref, rtol=1e-12, atol=1e-12 * float(ref_sq.max()))
+    torch.testing.assert_close(sum_sq, ref_sq, rtol=1e-13, atol=0)
+    assert torch.equal((2.0 * (2.0 * scales.double() * h.width[:, None] * crossed)).max(1).values, ref_tol)
+    assert torch.equal(first_min(losses, sum_sq), first_min(ref, ref_sq))
+
+
 def test_the_fused_solve_step_is_one_operation():
     with kernels.torch_path(), fused.fused_path(), OpLog() as log:
         h = AlignedHistogram.empty(4, 2048, torch.device("meta"))
@@ -214,6 +243,13 @@ def test_the_kernels_compile_for_a_gpu_with_64_bit_relaxed_atomics(capability):
         "origin_ptr": "*i64", "lo_ptr": "*fp64", "hi_ptr": "*fp64", "out_ptr": "*fp64", "fine_bins": "i32",
         "bins": "i32"}, {"BLOCK": 1024}, capability).asm["ptx"]
     assert "div.rn.f64" in edges and "fma.rn.f64" not in edges  # IEEE division, no contraction
+    ifmr = _compile(fused._ifmr_kernel, {
+        "points_ptr": "*fp64", "weights_ptr": "*fp64", "p0_ptr": "*fp64", "p1_ptr": "*fp64", "p2_ptr": "*fp64",
+        "hi_ptr": "*fp32", "lo_ptr": "*fp32", "scales_ptr": "*fp32", "inverse_ptr": "*fp64", "origin_ptr": "*i64",
+        "losses_ptr": "*fp64", "crossed_ptr": "*fp64", "n": "i32", "candidates": "i32"}, {"BUCKETS": 512},
+        capability).asm["ptx"]
+    # the clip ends' quotients rounded as the CPU rounds them: IEEE float32 division
+    assert "div.rn.f32" in ifmr and "div.full.f32" not in ifmr and "div.approx" not in ifmr
 
 
 def test_a_table_the_kernels_cannot_address_is_refused_before_any_launch():

@@ -127,6 +127,11 @@ class AlignedHistogram:
     def width(self) -> torch.Tensor:
         return _width(self.level)
 
+    @property
+    def inverse_width(self) -> torch.Tensor:
+        """2**-level as float64 (exact)."""
+        return _width(-self.level)
+
     def _compiled(self, t: torch.Tensor) -> bool:
         return kernels.use_kernels(t) and self.counts.dtype == torch.float64
 
@@ -251,7 +256,7 @@ class AlignedHistogram:
         bin spread uniformly over its data span; as torch.histc, a constant channel lands in
         the middle bin."""
         if fused.use_fused(self.counts):  # one kernel instead of [C, bins + 1] temporaries
-            return fused.resample(self.counts, self.width, _width(-self.level), self.origin, self.lo, self.hi, bins)
+            return fused.resample(self.counts, self.width, self.inverse_width, self.origin, self.lo, self.hi, bins)
         if self._compiled(self.counts):  # one pass per channel, bit for bit the same
             return torch.from_numpy(kernels.aligned_resample(
                 self.counts.contiguous().numpy(), self.level.numpy(), self.origin.numpy(),

@@ -243,51 +243,61 @@ if AVAILABLE:
         tl.store(out_ptr + row.to(tl.int64) * (bins + 1) + j, below, mask=ok)
 
     @triton.jit
-    def _add(a, b):
+    def _plus(a, b):
         return a + b
 
+    # tl.sum's own combine where it exists: Triton's interpreter sums it with numpy, any other
+    # combine element by element in Python
+    _add = getattr(tl.standard, "_sum_combine", _plus)
+
     def _ifmr_kernel(points_ptr, weights_ptr, p0_ptr, p1_ptr, p2_ptr, hi_ptr, lo_ptr, scales_ptr, inverse_ptr,
-                     origin_ptr, losses_ptr, crossed_ptr, n, candidates, BUCKETS: tl.constexpr):
+                     origin_ptr, losses_ptr, crossed_ptr, n, candidates, CANDIDATES: tl.constexpr,
+                     BUCKETS: tl.constexpr):
+        # one channel, CANDIDATES of its candidates ([CANDIDATES, 2, BUCKETS] lanes: the
+        # candidate, where a bucket starts (0) or ends (1), the bucket)
         row = tl.program_id(0)
-        at = row.to(tl.int64) * candidates + tl.program_id(1)
-        s = tl.load(scales_ptr + at)
-        # the clip ends' quotients rounded half to even (np.rint, exact for these few hundreds)
+        cand = tl.program_id(1) * CANDIDATES + tl.arange(0, CANDIDATES)
+        cand_ok = cand < candidates
+        at = row.to(tl.int64) * candidates + cand
+        s = tl.load(scales_ptr + at, mask=cand_ok, other=1.0)
         pair = tl.arange(0, 2)
-        x = tl.div_rn(tl.load(tl.where(pair == 0, lo_ptr, hi_ptr) + at), s)
+        # the clip ends' quotients rounded half to even (np.rint; exact for these few hundreds)
+        x = tl.div_rn(tl.load(tl.where(pair[None, :] == 0, lo_ptr, hi_ptr) + at[:, None], mask=cand_ok[:, None],
+                              other=0.0), s[:, None])
         y = tl.floor(x + 0.5)
         y = tl.where((y - x == 0.5) & ((y - 2.0 * tl.floor(y * 0.5)) == 1.0), y - 1.0, y)
-        j_lo = tl.reduce(tl.where(pair == 0, y, 0.0), 0, _add)
-        j_hi = tl.reduce(tl.where(pair == 1, y, 0.0), 0, _add)
+        j_lo = tl.reduce(tl.where(pair[None, :] == 0, y, 0.0), 1, _add)
+        j_hi = tl.reduce(tl.where(pair[None, :] == 1, y, 0.0), 1, _add)
         inv_w = tl.load(inverse_ptr + row)
         origin = tl.load(origin_ptr + row)
         base = row.to(tl.int64) * n
         b = tl.arange(0, BUCKETS)
-        # row 0: where the bucket before ends (its start), row 1: where the bucket ends
-        j2 = j_lo + (b[None, :] + pair[:, None] - 1).to(tl.float32)
-        t = (j2 + 0.5) * s  # the bucket's upper rounding threshold, float32
+        starts = pair[None, :, None] == 0
+        j3 = j_lo[:, None, None] + (b[None, None, :] + pair[None, :, None] - 1).to(tl.float32)
+        t = (j3 + 0.5) * s[:, None, None]  # a bucket's upper rounding threshold, float32
         k = tl.floor(t.to(tl.float64) * inv_w).to(tl.int64) - origin
         inside = (k >= 0) & (k < n)
         kc = tl.minimum(tl.maximum(k, 0), n - 1)
         # bin means lie inside their aligned bins: only the bin holding t needs a comparison
         mean = tl.load(points_ptr + base + kc)
-        end2 = tl.where(k < 0, 0, tl.where(k >= n, n, kc + (mean < t.to(tl.float64)).to(tl.int64)))
-        end2 = tl.where(j2 < j_hi, end2, n)
-        first = (pair[:, None] == 0) & (b[None, :] == 0)
-        end2 = tl.where(first, 0, end2)  # the first bucket starts at 0
-        start = tl.reduce(tl.where(pair[:, None] == 0, end2, 0), 0, _add)
-        end = tl.reduce(tl.where(pair[:, None] == 1, end2, 0), 0, _add)
+        end3 = tl.where(k < 0, 0, tl.where(k >= n, n, kc + (mean < t.to(tl.float64)).to(tl.int64)))
+        below_hi = j3 < j_hi[:, None, None]
+        end3 = tl.where(below_hi, end3, n)
+        end3 = tl.where(starts & (b[None, None, :] == 0), 0, end3)  # the first bucket starts at 0
+        start = tl.reduce(tl.where(starts, end3, 0), 1, _add)
+        end = tl.reduce(tl.where(starts, 0, end3), 1, _add)
         w_k = tl.load(weights_ptr + base + kc)
-        crossing = tl.reduce(tl.where((pair[:, None] == 1) & inside & (j2 < j_hi), w_k, 0.0), 0, _add)
-        j = j_lo + b.to(tl.float32)
-        active = (j <= j_hi) & (start < n)  # the walk stops after the bucket that reaches n
+        crossing = tl.reduce(tl.where(~starts & inside & below_hi, w_k, 0.0), 1, _add)
+        j = j_lo[:, None] + b[None, :].to(tl.float32)
+        active = (j <= j_hi[:, None]) & (start < n)  # the walk stops after the bucket that reaches n
         pb = base + row  # the prefix rows are n + 1 long
         e0 = tl.load(p0_ptr + pb + end) - tl.load(p0_ptr + pb + start)
         e1 = tl.load(p1_ptr + pb + end) - tl.load(p1_ptr + pb + start)
         e2 = tl.load(p2_ptr + pb + end) - tl.load(p2_ptr + pb + start)
-        q = (j * s).to(tl.float64)
+        q = (j * s[:, None]).to(tl.float64)
         loss = tl.maximum(e0 * q * q - 2.0 * q * e1 + e2, 0.0)  # rounding can leave an exact zero negative
-        tl.store(losses_ptr + at, tl.reduce(tl.where(active, loss, 0.0), 0, _add))
-        tl.store(crossed_ptr + at, tl.reduce(tl.where(active, crossing, 0.0), 0, _add))
+        tl.store(losses_ptr + at, tl.reduce(tl.where(active, loss, 0.0), 1, _add), mask=cand_ok)
+        tl.store(crossed_ptr + at, tl.reduce(tl.where(active, crossing, 0.0), 1, _add), mask=cand_ok)
 
     #: every float operation rounded on its own, as in the torch operations (no contraction
     #: into fused multiply-adds)
@@ -373,10 +383,13 @@ if AVAILABLE:
                  hi: torch.Tensor, lo: torch.Tensor, scales: torch.Tensor, inverse: torch.Tensor,
                  origin: torch.Tensor, losses: torch.Tensor, crossed: torch.Tensor, buckets: int) -> None:
         c, r = losses.shape
+        # a GPU runs a program per candidate; the interpreter's cost is per program, so there
+        # one program takes all of a channel's candidates
+        per_program = 1 if losses.device.type != "cpu" else triton.next_power_of_2(r)
         with _on_device(losses):
-            _kernel(_ifmr_kernel, losses)[(c, r)](
+            _kernel(_ifmr_kernel, losses)[(c, triton.cdiv(r, per_program))](
                 points, weights, p0, p1, p2, hi, lo, scales, inverse, origin, losses, crossed, points.shape[1], r,
-                BUCKETS=triton.next_power_of_2(buckets), **_OPTIONS)
+                CANDIDATES=per_program, BUCKETS=triton.next_power_of_2(buckets), **_OPTIONS)
 
     @_ifmr_op.register_fake
     def _(points, weights, p0, p1, p2, hi, lo, scales, inverse, origin, losses, crossed, buckets) -> None:

@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from . import kernels
+from . import fused, kernels
 from .aligned import AlignedHistogram
 from .convention import order_statistic_k
 from .hfmg import HistogramState, check_binnable, hfmg_factors
@@ -82,6 +82,11 @@ def streaming_ifmr_factors(h: AlignedHistogram, top: torch.Tensor, bottom: torch
         best = first_min(torch.from_numpy(losses), torch.from_numpy(sum_sq))
         scale = scales.gather(1, best[:, None])[:, 0]
         tolerance = torch.from_numpy(tol)
+    elif fused.use_fused(points):  # one program per channel and candidate, no [C, R, buckets] temporaries
+        losses, sum_sq, crossed = fused.ifmr_losses(points, h.counts, hi, lo, scales, h.inverse_width, h.origin)
+        scale = scales.gather(1, first_min(losses, sum_sq)[:, None])[:, 0]
+        # as the compiled kernel: 2 * max over candidates of 2 * scale * bin width * values crossed
+        tolerance = (2.0 * (2.0 * scales.double() * h.width[:, None] * crossed)).max(1).values
     else:
         scale, _ = choose_scale(points, prefix_sums(points, h.counts), hi, lo, scales)
         tolerance = _tolerance(h, hi, lo, scales)

@@ -246,8 +246,8 @@ def test_the_kernels_compile_for_a_gpu_with_64_bit_relaxed_atomics(capability):
     ifmr = _compile(fused._ifmr_kernel, {
         "points_ptr": "*fp64", "weights_ptr": "*fp64", "p0_ptr": "*fp64", "p1_ptr": "*fp64", "p2_ptr": "*fp64",
         "hi_ptr": "*fp32", "lo_ptr": "*fp32", "scales_ptr": "*fp32", "inverse_ptr": "*fp64", "origin_ptr": "*i64",
-        "losses_ptr": "*fp64", "crossed_ptr": "*fp64", "n": "i32", "candidates": "i32"}, {"BUCKETS": 512},
-        capability).asm["ptx"]
+        "losses_ptr": "*fp64", "crossed_ptr": "*fp64", "n": "i32", "candidates": "i32"},
+        {"CANDIDATES": 1, "BUCKETS": 512}, capability).asm["ptx"]
     # the clip ends' quotients rounded as the CPU rounds them: IEEE float32 division
     assert "div.rn.f32" in ifmr and "div.full.f32" not in ifmr and "div.approx" not in ifmr
 

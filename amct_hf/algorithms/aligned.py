@@ -12,8 +12,8 @@ path (any device, see :func:`~amct_hf.algorithms.kernels.torch_path`). The torch
 written for accelerators: an update is a fixed sequence of tensor operations whatever the
 channel count, never reads a value back to the host, and runs the per-value work in
 float32/int64 (the bin index of ``x`` is exact in float32, see :func:`_floor_quotient`;
-counts are int64). Only the per-bin offsets, whose sums have no exact float32 form, are
-accumulated in float64.
+counts are int64, or int32 while no row can overflow them). Only the per-bin offsets,
+whose sums have no exact float32 form, are accumulated in float64.
 """
 from __future__ import annotations
 
@@ -24,10 +24,12 @@ import torch
 
 from . import fused, kernels
 
-__all__ = ["AlignedHistogram", "fit_level", "MIN_LEVEL"]
+__all__ = ["AlignedHistogram", "fit_level", "MIN_LEVEL", "COUNT_LIMIT"]
 
 # 2**-32: fine enough for any activation range, and floor(x * 2**32) stays in int64
 MIN_LEVEL = -32
+#: values per row that int32 counts hold without overflow
+COUNT_LIMIT = (1 << 31) - 1
 
 
 def _floor_index(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
@@ -90,16 +92,25 @@ class AlignedHistogram:
     hi: torch.Tensor       # [C] float32 exact maximum
 
     @classmethod
-    def empty(cls, channels: int, bins: int, device=None, with_offsets: bool = True) -> AlignedHistogram:
-        """No values yet. Counts are float64 for the compiled kernels, int64 on the torch path."""
+    def empty(cls, channels: int, bins: int, device=None, with_offsets: bool = True,
+              narrow: bool = False) -> AlignedHistogram:
+        """No values yet. Counts are float64 for the compiled kernels, int64 on the torch path
+        (``narrow``: int32, half the table's memory traffic; its owner calls :meth:`widen`
+        before any row could pass :data:`COUNT_LIMIT` values)."""
         f64 = dict(dtype=torch.float64, device=device)
         compiled = kernels.use_kernels(torch.empty(0, device=device))
-        counts = torch.zeros(channels, bins, dtype=torch.float64 if compiled else torch.int64, device=device)
+        dtype = torch.float64 if compiled else torch.int32 if narrow else torch.int64
+        counts = torch.zeros(channels, bins, dtype=dtype, device=device)
         return cls(counts, torch.zeros(channels, bins if with_offsets else 0, **f64),
                    torch.full((channels,), MIN_LEVEL, dtype=torch.int64, device=device),
                    torch.zeros(channels, dtype=torch.int64, device=device),
                    torch.full((channels,), float("inf"), device=device),
                    torch.full((channels,), float("-inf"), device=device))
+
+    def widen(self) -> None:
+        """int64 counts from here on (a no-op unless they are int32)."""
+        if self.counts.dtype == torch.int32:
+            self.counts = self.counts.long()
 
     def rows(self, start: int, stop: int) -> AlignedHistogram:
         """Channels ``start:stop`` (views: a channel's statistics depend on its own values only)."""
@@ -115,7 +126,9 @@ class AlignedHistogram:
         lo, hi = torch.minimum(self.lo, other.lo), torch.maximum(self.hi, other.hi)
         self.regrid(lo, hi)
         other.regrid(lo, hi)
-        self.counts = self.counts + other.counts.to(self.counts.dtype)
+        integers = not (self.counts.is_floating_point() or other.counts.is_floating_point())
+        # integer counts add in the wider of the two types (int32 + int64 -> int64)
+        self.counts = self.counts + (other.counts if integers else other.counts.to(self.counts.dtype))
         if self.offsets.numel():
             self.offsets = self.offsets + other.offsets
 
@@ -154,7 +167,7 @@ class AlignedHistogram:
                                    self.counts.numpy(), self.offsets.numpy())
             self.level, self.origin, self.lo, self.hi = level, origin, lo, hi
             return
-        if fused.use_fused(self.counts) and self.bins <= fused.MOVE_MAX_BINS and self.counts.dtype == torch.int64:
+        if fused.use_fused(self.counts) and self.bins <= fused.MOVE_MAX_BINS and not self.counts.is_floating_point():
             # in place, rows whose grid is unchanged untouched (the tables are this histogram's own)
             fused.move_rows(self.counts, self.offsets, self.level, self.origin, level, origin, self.width,
                             _width(level))
@@ -205,7 +218,7 @@ class AlignedHistogram:
     def add_on_grid(self, x: torch.Tensor) -> None:
         """Count a [tokens, C] batch (any float dtype) that the current grid already covers
         (after :meth:`regrid` to a range holding it; torch path)."""
-        if fused.use_fused(x) and self.counts.dtype == torch.int64:
+        if fused.use_fused(x) and not self.counts.is_floating_point():
             fused.count_on_grid(x, _pow2_float32(-self.level), self.origin.to(torch.float32), self.width,
                                 self.counts, self.offsets)
             return

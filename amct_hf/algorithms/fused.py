@@ -79,7 +79,7 @@ def fused_path(enabled: bool = True):
 
 def count_on_grid(x: torch.Tensor, inverse: torch.Tensor, origin: torch.Tensor, width: torch.Tensor,
                   counts: torch.Tensor, offsets: torch.Tensor) -> None:
-    """Add a [N, C] batch to ``counts`` ([C, bins] int64; and its offsets from the bin
+    """Add a [N, C] batch to ``counts`` ([C, bins] int32 or int64; and its offsets from the bin
     centres to ``offsets`` [C, bins] float64 unless that has no columns), on the grid of
     every column: ``inverse`` = 2**-level (float32, exact), ``origin`` (float32 integers) and
     ``width`` = 2**level (float64), each [C]. The grid must cover the batch's range."""
@@ -139,8 +139,8 @@ def ifmr_losses(points: torch.Tensor, weights: torch.Tensor, hi: torch.Tensor, l
 
 def _check_tables(counts: torch.Tensor, offsets: torch.Tensor, rows: int) -> None:
     # the kernels address row r, bin b at r * bins + b
-    if counts.dtype != torch.int64 or counts.shape[0] != rows or not counts.is_contiguous():
-        raise ValueError(f"counts must be a contiguous int64 [{rows}, bins] table, not {counts.dtype} "
+    if counts.dtype not in (torch.int32, torch.int64) or counts.shape[0] != rows or not counts.is_contiguous():
+        raise ValueError(f"counts must be a contiguous int32/int64 [{rows}, bins] table, not {counts.dtype} "
                          f"{list(counts.shape)} (contiguous: {counts.is_contiguous()})")
     if offsets.numel() and (offsets.shape != counts.shape or not offsets.is_contiguous()
                             or offsets.dtype != torch.float64):
@@ -176,7 +176,8 @@ if AVAILABLE:
         rel = tl.where(rel == rel, rel, 0.0)
         rel = tl.minimum(tl.maximum(rel, 0.0), bins - 1.0)
         slot = cols[None, :].to(tl.int64) * bins + rel.to(tl.int64)
-        tl.atomic_add(counts_ptr + slot, tl.full((BLOCK_N, BLOCK_C), 1, tl.int64), mask=ok, sem="relaxed")
+        one = tl.full((BLOCK_N, BLOCK_C), 1, counts_ptr.dtype.element_ty)
+        tl.atomic_add(counts_ptr + slot, one, mask=ok, sem="relaxed")
         if WITH_OFFSETS:
             width = tl.load(width_ptr + cols, mask=col_ok, other=1.0)[None, :]
             shift = raw.to(tl.float64) - q.to(tl.float64) * width
@@ -199,7 +200,7 @@ if AVAILABLE:
             old_abs = origin + k.to(tl.int64)
             new_abs = old_abs >> shift  # arithmetic: floor division by 2**shift
             new_k = tl.minimum(tl.maximum(new_abs - new_origin, 0), bins - 1)
-            tl.store(counts_ptr + base + k, tl.full((BLOCK,), 0, tl.int64), mask=ok)
+            tl.store(counts_ptr + base + k, n * 0, mask=ok)
             if WITH_OFFSETS:
                 off = tl.load(offsets_ptr + base + k, mask=ok, other=0.0)
                 old_w = tl.load(width_ptr + row)

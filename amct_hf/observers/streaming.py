@@ -12,7 +12,7 @@ import copy
 import torch
 
 from ..algorithms import fused, kernels
-from ..algorithms.aligned import AlignedHistogram
+from ..algorithms.aligned import COUNT_LIMIT, AlignedHistogram
 from ..algorithms.hfmg import HistogramState, check_binnable, hfmg_factors
 from ..algorithms.streaming import extreme_ranks, streaming_hfmg_factors, streaming_ifmr_factors
 from ..errors import InvalidArgumentError
@@ -97,7 +97,8 @@ class _Streaming(Observer):
     def __init__(self, params, channels, device=None, bins: int | None = None):
         super().__init__(params, channels, device)
         self.bins = check_grid_bins(bins) or default_grid_bins(params.per_channel)
-        self._hist = AlignedHistogram.empty(channels, self.bins, device, self.with_offsets)
+        # int32 counts on a device (half the table traffic), widened before a row could overflow them
+        self._hist = AlignedHistogram.empty(channels, self.bins, device, self.with_offsets, narrow=True)
         self._stage: torch.Tensor | None = None  # [C, S] float32, channel-major
         self._staged = 0
         self.count = 0  # values per channel
@@ -105,7 +106,13 @@ class _Streaming(Observer):
     # the statistics of every value seen so far: reading them adds the staged values first
     hist = _Flushed("_hist")
 
+    def _room_for(self, values: int) -> None:
+        """Counts wide enough for ``values`` more per channel (a bin holds at most all of them)."""
+        if self.count + values > COUNT_LIMIT:
+            self._hist.widen()
+
     def update(self, x):
+        self._room_for(x.shape[0])
         self._add(x)
         self.count += x.shape[0]
         self.batches += 1
@@ -141,6 +148,7 @@ class _Streaming(Observer):
         h = self.hist
         h.regrid(torch.minimum(h.lo, lo), torch.maximum(h.hi, hi))
         for part in parts:
+            self._room_for(part.shape[0])
             # the fused kernels hold no per-value temporaries: a part is one launch
             rows = part.shape[0] if fused.use_fused(part) else max(1, CHUNK_VALUES // max(1, part.shape[1]))
             for chunk in part.split(max(1, rows)):
@@ -160,6 +168,9 @@ class _Streaming(Observer):
 
     def merge(self, other: _Streaming) -> None:
         """Add the statistics another observer of the same channels gathered."""
+        if self.count + other.count > COUNT_LIMIT:
+            self.hist.widen()
+            other.hist.widen()
         self.hist.merge(other.hist)
         self.count += other.count
         self.batches += other.batches

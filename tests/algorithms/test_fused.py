@@ -31,9 +31,9 @@ def _stream(channels, dtype, seed, batches=4, tokens=300):
     return out
 
 
-def _fill(stream, channels, bins, with_offsets, use_fused, device):
+def _fill(stream, channels, bins, with_offsets, use_fused, device, narrow=False):
     with kernels.torch_path(), fused.fused_path(use_fused):
-        h = AlignedHistogram.empty(channels, bins, torch.device(device), with_offsets)
+        h = AlignedHistogram.empty(channels, bins, torch.device(device), with_offsets, narrow=narrow)
         for x in stream:
             x = x.to(device)
             lo, hi = torch.aminmax(x.float(), dim=0)
@@ -44,7 +44,7 @@ def _fill(stream, channels, bins, with_offsets, use_fused, device):
 
 def _assert_same(a: AlignedHistogram, b: AlignedHistogram):
     assert torch.equal(a.level, b.level) and torch.equal(a.origin, b.origin)
-    assert torch.equal(a.counts, b.counts)
+    assert torch.equal(a.counts.long(), b.counts.long())
     assert a.offsets.shape == b.offsets.shape
     torch.testing.assert_close(a.offsets, b.offsets, rtol=1e-12, atol=1e-300)
 
@@ -54,11 +54,15 @@ def _assert_same(a: AlignedHistogram, b: AlignedHistogram):
 @pytest.mark.parametrize("channels,bins,with_offsets", [(1, 65536, True), (37, 2048, True), (70, 2048, False),
                                                         (5, 64, True)])
 def test_fused_count_and_move_equal_the_torch_operations(device, dtype, channels, bins, with_offsets):
+    """int64 tables, and the int32 ones the observers keep while no row can overflow them."""
     for seed in range(2):
         stream = _stream(channels, dtype, seed)
         eager = _fill(stream, channels, bins, with_offsets, False, device)
         assert eager.counts.sum() == sum(x.numel() for x in stream)
-        _assert_same(eager, _fill(stream, channels, bins, with_offsets, True, device))
+        for narrow in (False, True):
+            fast = _fill(stream, channels, bins, with_offsets, True, device, narrow=narrow)
+            assert fast.counts.dtype == (torch.int32 if narrow else torch.int64)
+            _assert_same(eager, fast)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -226,6 +230,11 @@ def test_the_kernels_compile_for_a_gpu_with_64_bit_relaxed_atomics(capability):
     """Triton's compiler and ptxas run without a GPU: the source the interpreter checks also
     builds for Ampere and Hopper, adding counts and offsets with 64-bit relaxed reductions
     (no fence per value) and moving a row behind one barrier."""
+    narrow = _compile(fused._count_kernel, {
+        "x_ptr": "*bf16", "stride_n": "i64", "stride_c": "i64", "n": "i32", "c": "i32", "inverse_ptr": "*fp32",
+        "origin_ptr": "*fp32", "width_ptr": "*fp64", "counts_ptr": "*i32", "offsets_ptr": "*fp64", "bins": "i32"},
+        {"WITH_OFFSETS": False, "BLOCK_N": 32, "BLOCK_C": 64}, capability).asm["ptx"]
+    assert "red.global.gpu.relaxed.add.s32" in narrow or "red.global.gpu.relaxed.add.u32" in narrow
     counts = _compile(fused._count_kernel, {
         "x_ptr": "*bf16", "stride_n": "i64", "stride_c": "i64", "n": "i32", "c": "i32", "inverse_ptr": "*fp32",
         "origin_ptr": "*fp32", "width_ptr": "*fp64", "counts_ptr": "*i64", "offsets_ptr": "*fp64", "bins": "i32"},
@@ -257,7 +266,7 @@ def test_a_table_the_kernels_cannot_address_is_refused_before_any_launch():
     grid = torch.ones(3), torch.zeros(3), torch.ones(3, dtype=torch.float64)
     level = torch.zeros(3, dtype=torch.int64)
     wide = torch.zeros(64, 3, dtype=torch.int64).t()  # [3, 64] with the wrong strides
-    with pytest.raises(ValueError, match="contiguous int64"):
+    with pytest.raises(ValueError, match="contiguous int32/int64"):
         fused.count_on_grid(x, *grid, wide, torch.zeros(3, 0, dtype=torch.float64))
     with pytest.raises(ValueError, match="offsets must be"):
         fused.move_rows(torch.zeros(3, 64, dtype=torch.int64), torch.zeros(3, 64), level, level, level, level,

@@ -127,3 +127,35 @@ def test_bounded_ifmr_on_real_smollm2_activations(smollm2_dir):
             worst = max(worst, rel)
             assert rel <= 1e-3, (name, gran, rel)
     print(f"worst relative MSE excess of bounded-memory IFMR: {worst:.2e}")
+
+
+@pytest.mark.parametrize("algo,gran", [("ifmr", 0), ("hfmg", 1)])
+def test_int32_counts_widen_before_a_row_could_overflow(monkeypatch, algo, gran):
+    """On a device the counts are int32 while no row can hold more values than int32 counts;
+    the observer widens them to int64 before the values it is handed (one update, a staged
+    group, or a merged part) could pass that. With the limit lowered to 300 values, the
+    counts widen on the way and every factor equals that of int64 counts throughout."""
+    import amct_hf.observers.streaming as streaming
+    from amct_hf.algorithms import kernels
+    params = parse_quant_algo_params({"act_algo": algo, "quant_granularity": gran})
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(128, 8, generator=g) * (1 + i) for i in range(4)]
+    cls = StreamingIFMRObserver if algo == "ifmr" else StreamingHFMGObserver
+    results, dtypes = [], []
+    for limit in (streaming.COUNT_LIMIT, 300):
+        monkeypatch.setattr(streaming, "COUNT_LIMIT", limit)
+        with kernels.torch_path():
+            obs = cls(params, 8, expected_count=512) if algo == "ifmr" else cls(params, 8)
+            seen = [obs.hist.counts.dtype]
+            obs.update(xs[0])
+            obs.update_parts(iter(xs[1:3]), torch.stack(xs[1:3]).amin((0, 1)), torch.stack(xs[1:3]).amax((0, 1)))
+            seen.append(obs.hist.counts.dtype)
+            other = cls(params, 8, expected_count=512) if algo == "ifmr" else cls(params, 8)
+            other.update(xs[3])
+            obs.merge(other)
+            seen.append(obs.hist.counts.dtype)
+            results.append(obs.compute())
+        dtypes.append(seen)
+    assert dtypes[0] == [torch.int32] * 3  # far from the limit: int32 throughout
+    assert dtypes[1] == [torch.int32, torch.int64, torch.int64]  # 128 + 256 > 300: widened
+    assert all(torch.equal(a, b) for a, b in zip(*results))

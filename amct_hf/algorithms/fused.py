@@ -1,4 +1,4 @@
-"""Fused device kernels (Triton) for the two per-value passes of the aligned histogram.
+"""Fused device kernels (Triton) for the aligned histogram's per-value passes and solves.
 
 Written as separate torch operations, counting a batch on the grid costs about 60 bytes of
 memory traffic per value (the quotient, the bin and its clamps, an int64 index, then the
@@ -8,23 +8,28 @@ centre) in registers and adds it to the table: about 2 bytes per bfloat16 value 
 the table entries hit. The same holds for the grid move of per-channel tables: the torch
 path rewrites every row of a [C, bins] table whenever the range may have moved (deciding
 would read device values back); the move kernel leaves a row untouched unless its level or
-origin changed, so once the ranges settle it reads only the [C] grids.
+origin changed, so once the ranges settle it reads only the [C] grids. Two solve steps
+that the torch path spells as [channels x candidates x buckets] temporaries run as one
+kernel each: the resample of the fine histogram onto HFMG's bins, and IFMR's loss of every
+candidate.
 
-Both are registered as torch operators (``amct_hf::count_on_grid``, ``amct_hf::move_rows``)
-with a shape-only implementation, so a ``TorchDispatchMode`` sees each as one operation
-and the ``meta`` device can count them. On CUDA they run the compiled Triton kernels; on CPU
-tensors (tests, :func:`fused_path`) the same kernel source runs in Triton's interpreter, so
-CI checks the code a GPU runs. Without Triton (or with ``AMCT_HF_DISABLE_FUSED=1``) the
-torch operations of :mod:`.aligned` serve every device; ``AMCT_HF_FORCE_FUSED=1`` makes
-every device take the fused kernels (CPU tensors: the interpreter), as :func:`fused_path` does.
+Each is a torch operator (``amct_hf::count_on_grid``, ``move_rows``, ``cumulative_at_edges``,
+``ifmr_bucket_losses``) with a shape-only implementation, so a ``TorchDispatchMode`` sees
+one operation and the ``meta`` device can count it. On CUDA they run the compiled Triton
+kernels; on CPU tensors (tests, :func:`fused_path`) the same kernel source runs in Triton's
+interpreter, so CI checks the code a GPU runs. Without Triton (or with
+``AMCT_HF_DISABLE_FUSED=1``) the torch operations serve every device;
+``AMCT_HF_FORCE_FUSED=1`` makes every device take the fused kernels (CPU tensors: the
+interpreter), as :func:`fused_path` does.
 
-The arithmetic is that of the torch path, value for value: ``x * 2**-level`` is exact
-(a power-of-two scaling; a quotient that underflows can only belong to ``floor`` 0 or -1,
-decided by the sign), the bin relative to the origin is a float32 integer difference below
-``bins`` (exact), NaN and infinities (data the NaN/Inf check rejects) go to an end bin, and the offset
-``x - (q + 1/2) * 2**level`` takes the same two float64 roundings. Counts are exact; the
-float64 offset sums may differ from the torch path's in the last bits (atomic addition
-order), as two runs on one GPU may.
+The arithmetic is that of the torch path and the CPU kernels, value for value: ``x *
+2**-level`` is exact (a power-of-two scaling; a quotient that underflows can only belong to
+``floor`` 0 or -1, decided by the sign bit), the bin relative to the origin is a float32
+integer difference below ``bins`` (exact), NaN and infinities (data the NaN/Inf check
+rejects) go to an end bin, the offset ``x - (q + 1/2) * 2**level`` takes the same two
+float64 roundings; no multiply-add is contracted and divisions are IEEE-rounded. Counts are
+exact; float64 sums may differ in the last bits (atomic addition order, a tree instead of a
+running sum), as two runs on one GPU may.
 """
 from __future__ import annotations
 

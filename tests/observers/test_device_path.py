@@ -95,7 +95,7 @@ def test_update_has_no_host_sync_and_a_channel_independent_op_count(algo, mode, 
         assert log.syncs == [], f"host syncs in the per-batch update: {log.syncs}"
     for a, b in zip(small, large):
         assert len(a.ops) == len(b.ops), (len(a.ops), len(b.ops))
-    # the solve may read back (once per entry, or every WALK_CHECK_EVERY walk steps), but
+    # the solve may read back (once per entry, or once per chunk of the HFMG walk), but
     # neither its reads nor its op count may depend on the channel count: no loop over channels
     assert len(small_solve.syncs) == len(large_solve.syncs)
     assert len(small_solve.ops) == len(large_solve.ops)

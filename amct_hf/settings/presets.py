@@ -98,21 +98,18 @@ FAMILY_TARGETS: dict[str, dict[str, dict]] = {
     # makes it worse, per-channel keys cut the cost most (keys alone cost +0.7% / +0.9%
     # perplexity per tensor)
     "gemma3": {
-        # values per tensor: per-channel asymmetric values cost more here
+        # the general settings with keys per channel; values per tensor: per-channel
+        # asymmetric values cost more here
         "transformers": {
+            **TARGETS["transformers"],
             "key": {"act_algo": "hfmg", "asymmetric": True, "quant_granularity": "per_channel"},
-            "value": {"act_algo": "hfmg", "asymmetric": True, "quant_granularity": "per_tensor"},
-            "channel_groups": {"key": "channel", "value": "channel"},
-            "range_margin": {"key": 0.0, "value": 0.0},
         },
-        # symmetric throughout (no attention biases to fold value centres into); values per
-        # channel widened by 25% as in the general symmetric setting: per-tensor symmetric
-        # values cost more here
+        # the general symmetric settings (no attention biases to fold value centres into:
+        # values per channel widened by 25%; per-tensor symmetric values cost more here) with
+        # keys per channel
         "ascend-c8": {
+            **WITHOUT_VALUE_CENTERING["ascend-c8"],
             "key": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": "per_channel"},
-            "value": {"act_algo": "hfmg", "asymmetric": False, "quant_granularity": "per_channel"},
-            "channel_groups": {"key": "channel", "value": "channel"},
-            "range_margin": {"key": 0.0, "value": 0.25},
         },
     },
 }

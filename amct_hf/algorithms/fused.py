@@ -38,6 +38,9 @@ import os
 
 import torch
 
+from .ifmr import clip_buckets, prefix_sums
+from .kernels import Override
+
 __all__ = ["AVAILABLE", "use_fused", "fused_path", "count_on_grid", "move_rows", "resample", "ifmr_losses",
            "MOVE_MAX_BINS"]
 
@@ -57,8 +60,8 @@ except ImportError:
 MOVE_MAX_BINS = 4096
 
 # Set by fused_path() (or AMCT_HF_FORCE_FUSED=1, for processes started by a test): every
-# device takes the fused kernels, CPU tensors through Triton's interpreter
-_FORCED: bool | None = True if os.environ.get("AMCT_HF_FORCE_FUSED") else None
+# device takes the fused kernels, CPU tensors through Triton's interpreter; None: CUDA only
+_FUSED = Override(True if os.environ.get("AMCT_HF_FORCE_FUSED") else None)
 
 
 def use_fused(t: torch.Tensor) -> bool:
@@ -66,20 +69,14 @@ def use_fused(t: torch.Tensor) -> bool:
     :func:`fused_path` (CPU: the interpreter; meta: counted, not run)."""
     if not AVAILABLE:
         return False
-    if _FORCED is not None:
-        return _FORCED
+    if _FUSED.value is not None:
+        return _FUSED.value
     return t.device.type == "cuda"
 
 
-@contextlib.contextmanager
 def fused_path(enabled: bool = True):
     """Within the block the fused kernels serve (``enabled``) or do not serve every device."""
-    global _FORCED
-    before, _FORCED = _FORCED, bool(enabled)
-    try:
-        yield
-    finally:
-        _FORCED = before
+    return _FUSED(enabled)
 
 
 def count_on_grid(x: torch.Tensor, inverse: torch.Tensor, origin: torch.Tensor, width: torch.Tensor,
@@ -127,15 +124,13 @@ def ifmr_losses(points: torch.Tensor, weights: torch.Tensor, hi: torch.Tensor, l
     values in the bins a rounding threshold crosses -- the tolerance's count), with the
     compiled CPU kernel's per-bucket arithmetic; the buckets' sum is a tree instead of a
     running sum (the losses agree to rounding, the counts exactly)."""
-    from .ifmr import prefix_sums
     prefix = prefix_sums(points, weights)
     c, r = scales.shape
     losses = torch.empty(c, r, dtype=torch.float64, device=points.device)
     crossed = torch.empty_like(losses)
     if c and r:
         # buckets per candidate: the clip ends' rounded quotients (one read for the solve)
-        j_lo, j_hi = torch.round(lo / scales), torch.round(hi / scales)
-        buckets = int((j_hi - j_lo).max().item()) + 1
+        buckets = clip_buckets(hi, lo, scales)[2]
         torch.ops.amct_hf.ifmr_bucket_losses(points.contiguous(), weights.double().contiguous(), *prefix,
                                              hi.contiguous(), lo.contiguous(), scales.contiguous(), inverse,
                                              origin, losses, crossed, max(1, buckets))

@@ -15,7 +15,7 @@ import torch
 from . import kernels
 from .convention import FLT_EPSILON, order_statistic_k
 
-__all__ = ["first_min", "ifmr_factors", "ifmr_initial_bounds", "ifmr_candidates", "ifmr_losses_sorted",
+__all__ = ["first_min", "ifmr_factors", "ifmr_initial_bounds", "ifmr_candidates", "clip_buckets", "ifmr_losses_sorted",
            "choose_scale", "asymmetric_offset", "prefix_sums", "TIE_RTOL", "CROSS_DEVICE_RTOL"]
 
 # Losses closer than this (relative to mean(x^2)) are ties: the first candidate
@@ -60,6 +60,14 @@ def ifmr_candidates(max0: torch.Tensor, min0: torch.Tensor, asymmetric: bool,
     return hi, lo, scales
 
 
+def clip_buckets(hi: torch.Tensor, lo: torch.Tensor, scales: torch.Tensor):
+    """(bucket index of every candidate's lower and upper clip end, rounded as the reference
+    rounds them ([C, R] float32 each), the most buckets any candidate spans: one host read,
+    <= ~257)."""
+    j_lo, j_hi = torch.round(lo / scales), torch.round(hi / scales)
+    return j_lo, j_hi, int((j_hi - j_lo).max().item()) + 1
+
+
 def ifmr_losses_sorted(sorted_data: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor,
                        scales: torch.Tensor, prefix=None) -> torch.Tensor:
     """Sum of squared quantization errors for every candidate ([C, R], float64).
@@ -71,10 +79,7 @@ def ifmr_losses_sorted(sorted_data: torch.Tensor, hi: torch.Tensor, lo: torch.Te
     if prefix is None:
         prefix = prefix_sums(sorted_data)
     p0, p1, p2 = prefix
-    # bucket indices of the clip ends, computed as the reference rounds them
-    j_lo = torch.round(lo / scales)
-    j_hi = torch.round(hi / scales)
-    nb = int((j_hi - j_lo).max().item()) + 1  # buckets per candidate, <= ~257
+    j_lo, j_hi, nb = clip_buckets(hi, lo, scales)
     k = torch.arange(nb, device=sorted_data.device, dtype=torch.float32)
     j = j_lo[..., None] + k  # [C, R, nb]
     valid_edge = j < j_hi[..., None]

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-__all__ = ["AVAILABLE", "use_kernels", "torch_path", "forced_torch_path", "histc_rows", "ifmr_losses",
+__all__ = ["AVAILABLE", "Override", "use_kernels", "torch_path", "forced_torch_path", "histc_rows", "ifmr_losses",
            "aligned_update", "aligned_update_columns", "row_ranges", "aligned_regrid", "aligned_cumulative",
            "aligned_resample", "aligned_means", "hfmg_walk", "hfmg_losses"]
 
@@ -28,29 +28,39 @@ except ImportError:  # pragma: no cover - exercised by the fallback tests via th
 
 
 
+class Override:
+    """A process-wide choice of code path, which a ``with override(enabled):`` block sets and
+    the block's end restores."""
+
+    def __init__(self, value: bool | None):
+        self.value = value
+
+    @contextlib.contextmanager
+    def __call__(self, enabled: bool = True):
+        before, self.value = self.value, bool(enabled)
+        try:
+            yield
+        finally:
+            self.value = before
+
+
 # Set by torch_path() (or AMCT_HF_FORCE_TORCH_PATH=1): CPU tensors take the device
 # (torch) code too, so that code is exercised and checked on machines without an accelerator.
-_FORCED = bool(os.environ.get("AMCT_HF_FORCE_TORCH_PATH"))
+_TORCH_PATH = Override(bool(os.environ.get("AMCT_HF_FORCE_TORCH_PATH")))
 
 
 def use_kernels(t) -> bool:
     """Whether the compiled kernels serve this tensor (CPU, numba present, torch path not forced)."""
-    return AVAILABLE and not _FORCED and t.device.type == "cpu"
+    return AVAILABLE and not _TORCH_PATH.value and t.device.type == "cpu"
 
 
 def forced_torch_path() -> bool:
-    return _FORCED
+    return _TORCH_PATH.value
 
 
-@contextlib.contextmanager
 def torch_path(enabled: bool = True):
     """Within the block, CPU tensors take the torch (accelerator) path instead of the kernels."""
-    global _FORCED
-    before, _FORCED = _FORCED, bool(enabled)
-    try:
-        yield
-    finally:
-        _FORCED = before
+    return _TORCH_PATH(enabled)
 
 
 if AVAILABLE:

@@ -23,7 +23,7 @@ from . import fused, kernels
 from .aligned import AlignedHistogram
 from .convention import order_statistic_k
 from .hfmg import HistogramState, check_binnable, hfmg_factors
-from .ifmr import asymmetric_offset, choose_scale, first_min, ifmr_candidates, prefix_sums
+from .ifmr import asymmetric_offset, choose_scale, clip_buckets, first_min, ifmr_candidates, prefix_sums
 
 __all__ = ["streaming_ifmr_factors", "streaming_ifmr_bounds", "streaming_hfmg_factors",
            "histogram_order_statistic", "extreme_ranks"]
@@ -97,8 +97,7 @@ def streaming_ifmr_factors(h: AlignedHistogram, top: torch.Tensor, bottom: torch
 
 def _tolerance(h: AlignedHistogram, hi, lo, scales) -> torch.Tensor:
     """2 * max over candidates of the bound on |streaming - exact| loss, per channel."""
-    j_lo, j_hi = torch.round(lo / scales), torch.round(hi / scales)
-    nb = int((j_hi - j_lo).max().item()) + 1
+    j_lo, j_hi, nb = clip_buckets(hi, lo, scales)
     j = j_lo[..., None] + torch.arange(nb, device=scales.device, dtype=torch.float32)
     t = ((j + 0.5) * scales[..., None]).double()
     c = t.shape[0]
